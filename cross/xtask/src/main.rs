@@ -1,0 +1,115 @@
+//! `cargo xtask`: the project's task runner (the alias lives in
+//! `.cargo/config.toml`).
+//!
+//! - `cargo xtask demo`: builds the example functions and runs the gateway
+//!   with `examples/demo.toml` and a simulated sensor.
+//! - `cargo xtask test`: builds every guest (examples and test guests), then
+//!   runs the whole test suite.
+//! - `cargo xtask functions`: builds the guests only.
+//!
+//! Guests are built with `--profile guest --target wasm32-wasip2` into the
+//! workspace's one target dir (`target/wasm32-wasip2/guest/*.wasm`).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+
+/// Every guest package: the examples and the test guests.
+const GUESTS: &[&str] = &["threshold", "enrich", "cbor-decode", "edgefn-test-guests"];
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    let (task, rest) = args
+        .split_first()
+        .map_or(("help", &[][..]), |(t, r)| (t.as_str(), r));
+    match task {
+        "functions" => build_functions(),
+        "demo" => {
+            build_functions()?;
+            let mut cmd = cargo();
+            cmd.args(["run", "--package", "edgefn", "--", "run", "--config"])
+                .arg(root().join("examples/demo.toml"))
+                .arg("--simulate")
+                .args(rest);
+            exec(cmd)
+        }
+        "test" => {
+            build_functions()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--exclude", "xtask"])
+                .args(rest);
+            exec(cmd)
+        }
+        "help" | "--help" | "-h" => {
+            println!("cargo xtask <demo | test | functions>");
+            Ok(())
+        }
+        other => bail!("unknown task `{other}` (try `cargo xtask help`)"),
+    }
+}
+
+fn root() -> PathBuf {
+    // cross/xtask -> workspace root
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn exec(mut cmd: Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Adds the wasm target if rustup lacks it (this machine sets
+/// `RUSTUP_AUTO_INSTALL=0`, so rust-toolchain.toml alone does not).
+fn ensure_wasm_target() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(root())
+        .output();
+    match installed {
+        Ok(out)
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET) =>
+        {
+            Ok(())
+        }
+        Ok(_) => {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["target", "add", WASM_TARGET]).current_dir(root());
+            exec(cmd)
+        }
+        // No rustup: assume the toolchain already has the target.
+        Err(_) => Ok(()),
+    }
+}
+
+fn build_functions() -> anyhow::Result<()> {
+    ensure_wasm_target()?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--profile", "guest", "--target", WASM_TARGET]);
+    for g in GUESTS {
+        cmd.args(["--package", g]);
+    }
+    exec(cmd)
+}

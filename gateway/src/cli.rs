@@ -1,0 +1,295 @@
+//! The command line: `run`, `check`, `invoke`.
+//!
+//! This is the binary's edge: errors are `anyhow` with context, and each
+//! command returns the process exit code.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ValidConfig};
+use crate::event::{Event, SourceKind};
+use crate::runtime::Runtime;
+use crate::supervisor::{Gateway, load_functions};
+
+/// edgefn: sensor events in, sandboxed WebAssembly functions, results out.
+#[derive(Debug, Parser)]
+#[command(name = "edgefn", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EDGEFN_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (journald-friendly: no colours when not a tty).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway until SIGTERM or Ctrl-C.
+    Run {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also run a simulated temperature sensor (for the demo) that
+        /// publishes to the local broker.
+        #[arg(long)]
+        simulate: bool,
+        /// Milliseconds between simulated readings.
+        #[arg(long, default_value_t = 1000)]
+        simulate_interval_ms: u64,
+        /// Seconds to wait for in-flight events when stopping.
+        #[arg(long, default_value_t = 10)]
+        shutdown_timeout_s: u64,
+    },
+    /// Validate the configuration and load every function; list every problem.
+    Check {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run one event through one function and print what it published and
+    /// forwarded (nothing is sent anywhere).
+    Invoke {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The function's name.
+        function: String,
+        /// The event's topic.
+        #[arg(long)]
+        topic: String,
+        /// The payload, as text.
+        #[arg(
+            long,
+            conflicts_with = "payload_file",
+            required_unless_present = "payload_file"
+        )]
+        payload: Option<String>,
+        /// Read the payload (any bytes) from this file instead.
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+    },
+}
+
+/// Runs the CLI: parses arguments, sets up logging, dispatches.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match execute(cli.command, &mut std::io::stdout()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Executes one command, writing its report to `out`.
+pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run {
+            config,
+            simulate,
+            simulate_interval_ms,
+            shutdown_timeout_s,
+        } => {
+            let config = load_config(&config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(run(
+                config,
+                simulate.then(|| Duration::from_millis(simulate_interval_ms.max(10))),
+                Duration::from_secs(shutdown_timeout_s),
+            ))
+        }
+        Command::Check { config } => check(&config, out),
+        Command::Invoke {
+            config,
+            function,
+            topic,
+            payload,
+            payload_file,
+        } => {
+            let payload = match (payload, payload_file) {
+                (Some(p), _) => p.into_bytes(),
+                (None, Some(path)) => std::fs::read(&path)
+                    .with_context(|| format!("reading the payload from `{}`", path.display()))?,
+                (None, None) => anyhow::bail!("give --payload or --payload-file"),
+            };
+            invoke(&config, &function, &topic, payload, out)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> anyhow::Result<ValidConfig> {
+    Ok(config::load(path)?)
+}
+
+async fn run(
+    config: ValidConfig,
+    simulate: Option<Duration>,
+    shutdown_timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let gateway = Gateway::start(&config)
+        .await
+        .with_context(|| format!("starting the gateway from `{}`", config.path.display()))?;
+    let sim_cancel = CancellationToken::new();
+    if let Some(interval) = simulate {
+        let (host, port) = gateway.local_broker();
+        tokio::spawn(crate::simulate::run(
+            host.to_owned(),
+            port,
+            vec!["sim-1".into(), "sim-2".into()],
+            interval,
+            sim_cancel.clone(),
+        ));
+    }
+    wait_for_signal().await?;
+    tracing::info!("Stopping: draining in-flight events.");
+    sim_cancel.cancel();
+    let clean = gateway.shutdown(shutdown_timeout).await;
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn check(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            writeln!(out, "{errors}")?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let runtime = Runtime::new()?;
+    match load_functions(&runtime, &config) {
+        Ok(functions) => {
+            writeln!(
+                out,
+                "{}: ok ({} function{}, {} sink{})",
+                path.display(),
+                functions.len(),
+                if functions.len() == 1 { "" } else { "s" },
+                config.sinks.len(),
+                if config.sinks.len() == 1 { "" } else { "s" },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            writeln!(out, "{} function(s) could not be loaded", errors.len())?;
+            for e in errors {
+                writeln!(out, "  - {}: {e}", path.display())?;
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn invoke(
+    path: &Path,
+    function: &str,
+    topic: &str,
+    payload: Vec<u8>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let config = load_config(path)?;
+    let Some(spec) = config.functions.iter().find(|f| f.name == function) else {
+        let names: Vec<&str> = config.functions.iter().map(|f| f.name.as_str()).collect();
+        anyhow::bail!(
+            "{}: no function named `{function}` (configured: {})",
+            path.display(),
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    crate::topic::validate_topic_name(topic).with_context(|| format!("--topic `{topic}`"))?;
+    let runtime = Runtime::new()?;
+    let loaded = runtime.load(spec, &config.gateway_id)?;
+    let event = Event::new(SourceKind::Manual, topic, payload);
+    let invocation = loaded.invoke(&event);
+    let elapsed_us = invocation.elapsed.as_micros();
+    match invocation.outcome {
+        Ok(outputs) => {
+            for p in &outputs.publishes {
+                writeln!(
+                    out,
+                    "publish {} qos={} {}",
+                    p.topic,
+                    p.qos,
+                    show(&p.payload)
+                )?;
+            }
+            for f in &outputs.forwards {
+                writeln!(out, "forward {} {}", f.sink, show(&f.payload))?;
+            }
+            writeln!(
+                out,
+                "ok: {} published, {} forwarded, {elapsed_us} µs",
+                outputs.publishes.len(),
+                outputs.forwards.len()
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failure) => {
+            writeln!(out, "failed ({}): {failure}", failure.kind())?;
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Payload for humans: text as is, anything else as hex.
+fn show(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) if !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => s.to_owned(),
+        _ => {
+            let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}

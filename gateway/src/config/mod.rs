@@ -1,0 +1,705 @@
+//! Configuration: the TOML schema ([`schema`]), `${VAR}` interpolation
+//! ([`interpolate`]) and validation into a [`ValidConfig`] that nothing else
+//! re-checks.
+//!
+//! Loading goes: read the file, parse TOML, interpolate every string value,
+//! deserialize into the schema (unknown keys are errors), then validate every
+//! setting and collect *all* problems. Each problem names the file, the key
+//! path (e.g. `functions[1].limits.timeout_ms`) and the reason.
+
+pub mod interpolate;
+pub mod schema;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use schema::EnvelopeFormat;
+use schema::{BrokerConfig, Config, FunctionConfig, SinkConfig, TlsConfig};
+
+use crate::topic::{FilterSet, TopicFilter, validate_topic_name};
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// The key path, such as `functions[0].triggers[1]`; empty for problems
+    /// with the file as a whole.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "{n} problem{} in the configuration",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            write!(f, "\n  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A validated configuration: addresses parsed, paths resolved, filters
+/// compiled, TLS material read.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// `gateway.id`.
+    pub gateway_id: String,
+    /// `gateway.data_dir`, resolved.
+    pub data_dir: PathBuf,
+    /// The local broker.
+    pub broker: Broker,
+    /// The functions, in file order.
+    pub functions: Vec<FunctionSpec>,
+    /// The sinks, in file order.
+    pub sinks: Vec<SinkSpec>,
+}
+
+/// The local broker, validated.
+#[derive(Debug, Clone)]
+pub enum Broker {
+    /// rumqttd inside the gateway, listening on this address.
+    Embedded {
+        /// TCP address for MQTT 3.1.1 clients.
+        listen: SocketAddr,
+    },
+    /// A broker elsewhere.
+    External(MqttEndpoint),
+}
+
+/// Where and how to connect as an MQTT client.
+#[derive(Debug, Clone)]
+pub struct MqttEndpoint {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// MQTT client id.
+    pub client_id: String,
+    /// User name and password.
+    pub credentials: Option<(String, String)>,
+    /// TLS material, when the URL is `mqtts://`.
+    pub tls: Option<TlsMaterial>,
+}
+
+/// TLS files, read and checked at validation time.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// PEM CA certificates.
+    pub ca: Vec<u8>,
+    /// PEM client certificate chain and key, for mutual TLS.
+    pub client_auth: Option<(Vec<u8>, Vec<u8>)>,
+    /// ALPN protocol names.
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key material.
+        f.debug_struct("TlsMaterial")
+            .field("ca_bytes", &self.ca.len())
+            .field("client_auth", &self.client_auth.is_some())
+            .field("alpn", &self.alpn.len())
+            .finish()
+    }
+}
+
+/// A validated function.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    /// Unique name.
+    pub name: String,
+    /// Absolute (or config-relative resolved) path of the component.
+    pub component: PathBuf,
+    /// Filters that trigger it.
+    pub triggers: FilterSet,
+    /// Filters it may publish on.
+    pub publish: FilterSet,
+    /// Sinks it may forward to.
+    pub sinks: BTreeSet<String>,
+    /// Its `config(key)` values.
+    pub config: BTreeMap<String, String>,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// Validated per-function limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget of one invocation.
+    pub timeout: Duration,
+    /// Linear memory cap, in bytes.
+    pub memory_bytes: usize,
+    /// publish + forward calls per invocation.
+    pub max_calls: u32,
+    /// Bytes per published or forwarded payload.
+    pub max_payload_bytes: usize,
+    /// Queue length in front of the function.
+    pub queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::from(&schema::LimitsConfig::default())
+    }
+}
+
+impl From<&schema::LimitsConfig> for Limits {
+    fn from(c: &schema::LimitsConfig) -> Self {
+        Self {
+            timeout: Duration::from_millis(c.timeout_ms),
+            memory_bytes: usize::try_from(c.memory_mib.saturating_mul(1024 * 1024))
+                .unwrap_or(usize::MAX),
+            max_calls: c.max_calls,
+            max_payload_bytes: c.max_payload_bytes,
+            queue: c.queue,
+        }
+    }
+}
+
+/// A validated sink.
+#[derive(Debug, Clone)]
+pub struct SinkSpec {
+    /// Unique name.
+    pub name: String,
+    /// The broker to deliver to.
+    pub endpoint: MqttEndpoint,
+    /// Topic template with `{gateway}`, `{function}`, `{sink}`, `{topic}`.
+    pub topic_template: String,
+    /// Envelope encoding.
+    pub format: EnvelopeFormat,
+    /// In-flight window.
+    pub max_inflight: u16,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+}
+
+/// Loads, interpolates and validates a configuration file, using the
+/// process environment for `${VAR}`.
+pub fn load(path: &Path) -> Result<ValidConfig, ConfigErrors> {
+    load_with_env(path, &|name| std::env::var(name).ok())
+}
+
+/// [`load`] with an explicit variable lookup (for tests).
+pub fn load_with_env(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ValidConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            reason: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    parse(path, &text, env)
+}
+
+/// Parses and validates configuration text; `path` names the file in errors
+/// and anchors relative paths.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ValidConfig, ConfigErrors> {
+    let err = |key: String, reason: String| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            key,
+            reason,
+        }])
+    };
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+        err(
+            String::new(),
+            format!("invalid TOML: {}", e.to_string().trim_end()),
+        )
+    })?;
+    let mut problems = Vec::new();
+    for (key, value) in table.iter_mut() {
+        interpolate_value(key.clone(), value, env, &mut problems);
+    }
+    if !problems.is_empty() {
+        return Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|(key, reason)| ConfigError {
+                    file: path.to_owned(),
+                    key,
+                    reason,
+                })
+                .collect(),
+        ));
+    }
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            err(key, e.into_inner().to_string().trim_end().to_owned())
+        })?;
+    validate(path, config)
+}
+
+fn interpolate_value(
+    key: String,
+    value: &mut toml::Value,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<(String, String)>,
+) {
+    match value {
+        toml::Value::String(s) => match interpolate::interpolate(s, env) {
+            Ok(new) => *s = new,
+            Err(e) => problems.push((key, e.to_string())),
+        },
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate_value(format!("{key}[{i}]"), item, env, problems);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                interpolate_value(format!("{key}.{k}"), v, env, problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Collects problems while validating.
+struct Problems<'a> {
+    file: &'a Path,
+    list: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.to_owned(),
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Characters allowed in gateway ids, function names and sink names: they
+/// end up in MQTT topics, metric labels and file names.
+fn check_name(p: &mut Problems<'_>, key: &str, name: &str) {
+    if name.is_empty() {
+        p.add(key, "must not be empty");
+    } else if name.len() > 64 {
+        p.add(key, "must be at most 64 characters long");
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        p.add(
+            key,
+            format!("`{name}` may only contain letters, digits, `-`, `_` and `.`"),
+        );
+    }
+}
+
+fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
+    let mut p = Problems {
+        file: path,
+        list: Vec::new(),
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |rel: &Path| {
+        if rel.is_absolute() {
+            rel.to_owned()
+        } else {
+            base.join(rel)
+        }
+    };
+
+    let gateway_id = config.gateway.id.clone();
+    check_name(&mut p, "gateway.id", &gateway_id);
+
+    let broker = match &config.broker {
+        BrokerConfig::Embedded { listen } => match listen.parse::<SocketAddr>() {
+            Ok(listen) => Some(Broker::Embedded { listen }),
+            Err(_) => {
+                p.add(
+                    "broker.listen",
+                    format!("`{listen}` is not an IP address and port such as `127.0.0.1:1883`"),
+                );
+                None
+            }
+        },
+        BrokerConfig::External(ext) => endpoint(
+            &mut p,
+            "broker",
+            &resolve,
+            &ext.url,
+            ext.client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgefn-{gateway_id}")),
+            ext.username.as_deref(),
+            ext.password.as_deref(),
+            ext.tls.as_ref(),
+        )
+        .map(Broker::External),
+    };
+
+    let mut sinks = Vec::new();
+    let mut sink_names = BTreeSet::new();
+    for (i, sink) in config.sinks.iter().enumerate() {
+        let key = format!("sinks[{i}]");
+        check_name(&mut p, &format!("{key}.name"), sink.name());
+        if !sink_names.insert(sink.name().to_owned()) {
+            p.add(
+                format!("{key}.name"),
+                format!("duplicate sink name `{}`", sink.name()),
+            );
+        }
+        match sink {
+            SinkConfig::Mqtt(c) => {
+                check_topic_template(&mut p, &format!("{key}.topic"), &c.topic);
+                if c.max_inflight == 0 {
+                    p.add(format!("{key}.max_inflight"), "must be at least 1");
+                }
+                if c.keep_alive_s < 5 {
+                    p.add(format!("{key}.keep_alive_s"), "must be at least 5 seconds");
+                }
+                let ep = endpoint(
+                    &mut p,
+                    &key,
+                    &resolve,
+                    &c.url,
+                    c.client_id
+                        .clone()
+                        .unwrap_or_else(|| format!("edgefn-{gateway_id}-{}", c.name)),
+                    c.username.as_deref(),
+                    c.password.as_deref(),
+                    c.tls.as_ref(),
+                );
+                if let Some(endpoint) = ep {
+                    sinks.push(SinkSpec {
+                        name: c.name.clone(),
+                        endpoint,
+                        topic_template: c.topic.clone(),
+                        format: c.format,
+                        max_inflight: c.max_inflight,
+                        keep_alive: Duration::from_secs(c.keep_alive_s),
+                    });
+                }
+            }
+        }
+    }
+
+    let mut functions = Vec::new();
+    let mut function_names = BTreeSet::new();
+    for (i, f) in config.functions.iter().enumerate() {
+        let key = format!("functions[{i}]");
+        check_name(&mut p, &format!("{key}.name"), &f.name);
+        if !function_names.insert(f.name.clone()) {
+            p.add(
+                format!("{key}.name"),
+                format!("duplicate function name `{}`", f.name),
+            );
+        }
+        if let Some(spec) = function(&mut p, &key, f, &sink_names, &resolve) {
+            functions.push(spec);
+        }
+    }
+
+    match (p.list.is_empty(), broker) {
+        (true, Some(broker)) => Ok(ValidConfig {
+            path: path.to_owned(),
+            gateway_id,
+            data_dir: resolve(&config.gateway.data_dir),
+            broker,
+            functions,
+            sinks,
+        }),
+        _ => Err(ConfigErrors(p.list)),
+    }
+}
+
+fn filters(p: &mut Problems<'_>, key: &str, raw: &[String]) -> FilterSet {
+    let mut out = Vec::new();
+    for (i, f) in raw.iter().enumerate() {
+        match TopicFilter::parse(f) {
+            Ok(f) => out.push(f),
+            Err(e) => p.add(format!("{key}[{i}]"), format!("`{f}`: {e}")),
+        }
+    }
+    FilterSet::new(out)
+}
+
+fn function(
+    p: &mut Problems<'_>,
+    key: &str,
+    f: &FunctionConfig,
+    sink_names: &BTreeSet<String>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Option<FunctionSpec> {
+    if f.triggers.is_empty() {
+        p.add(format!("{key}.triggers"), "needs at least one topic filter");
+    }
+    let triggers = filters(p, &format!("{key}.triggers"), &f.triggers);
+    let publish = filters(p, &format!("{key}.publish"), &f.publish);
+    for (i, s) in f.sinks.iter().enumerate() {
+        if !sink_names.contains(s) {
+            p.add(
+                format!("{key}.sinks[{i}]"),
+                format!("no sink named `{s}` is configured under [[sinks]]"),
+            );
+        }
+    }
+    let l = &f.limits;
+    let lkey = format!("{key}.limits");
+    if !(1..=60_000).contains(&l.timeout_ms) {
+        p.add(
+            format!("{lkey}.timeout_ms"),
+            "must be between 1 and 60000 milliseconds",
+        );
+    }
+    if !(1..=4096).contains(&l.memory_mib) {
+        p.add(
+            format!("{lkey}.memory_mib"),
+            "must be between 1 and 4096 MiB",
+        );
+    }
+    if l.max_payload_bytes == 0 || l.max_payload_bytes > 16 * 1024 * 1024 {
+        p.add(
+            format!("{lkey}.max_payload_bytes"),
+            "must be between 1 and 16777216",
+        );
+    }
+    if !(1..=1_000_000).contains(&l.queue) {
+        p.add(format!("{lkey}.queue"), "must be between 1 and 1000000");
+    }
+    Some(FunctionSpec {
+        name: f.name.clone(),
+        component: resolve(&f.component),
+        triggers,
+        publish,
+        sinks: f.sinks.iter().cloned().collect(),
+        config: f.config.clone(),
+        limits: Limits::from(l),
+    })
+}
+
+fn check_topic_template(p: &mut Problems<'_>, key: &str, template: &str) {
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else {
+            p.add(key, "unterminated `{` in topic template");
+            return;
+        };
+        let name = &rest[start + 1..start + len];
+        if !matches!(name, "gateway" | "function" | "sink" | "topic") {
+            p.add(
+                key,
+                format!("unknown placeholder `{{{name}}}` (use {{gateway}}, {{function}}, {{sink}} or {{topic}})"),
+            );
+        }
+        rest = &rest[start + len + 1..];
+    }
+    let sample = render_topic(template, "gw", "fn", "sink", "a/b");
+    if let Err(e) = validate_topic_name(&sample) {
+        p.add(
+            key,
+            format!("`{template}` does not make a valid topic: {e}"),
+        );
+    }
+}
+
+/// Fills a sink topic template.
+pub fn render_topic(
+    template: &str,
+    gateway: &str,
+    function: &str,
+    sink: &str,
+    topic: &str,
+) -> String {
+    template
+        .replace("{gateway}", gateway)
+        .replace("{function}", function)
+        .replace("{sink}", sink)
+        .replace("{topic}", topic)
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call per connection kind; a struct would only rename the arguments"
+)]
+fn endpoint(
+    p: &mut Problems<'_>,
+    key: &str,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    url: &str,
+    client_id: String,
+    username: Option<&str>,
+    password: Option<&str>,
+    tls: Option<&TlsConfig>,
+) -> Option<MqttEndpoint> {
+    let url_key = format!("{key}.url");
+    let (secure, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        p.add(
+            url_key,
+            format!("`{url}` must start with `mqtt://` or `mqtts://`"),
+        );
+        return None;
+    };
+    let rest = rest.trim_end_matches('/');
+    let default_port = if secure { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        // `[::1]:1883` or `[::1]`
+        match v6.split_once(']') {
+            Some((host, "")) => (host, Some(default_port)),
+            Some((host, port)) => (
+                host,
+                port.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()),
+            ),
+            None => ("", None),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse::<u16>().ok()),
+            None => (rest, Some(default_port)),
+        }
+    };
+    let Some(port) = port.filter(|p| *p != 0) else {
+        p.add(url_key, format!("`{url}` has an invalid port"));
+        return None;
+    };
+    if host.is_empty() || host.contains(['/', '@', '?']) {
+        p.add(
+            url_key,
+            format!("`{url}` must be `mqtt://host:port` (credentials go in `username`/`password`)"),
+        );
+        return None;
+    }
+    if client_id.is_empty() {
+        p.add(format!("{key}.client_id"), "must not be empty");
+    }
+    let credentials = match (username, password) {
+        (Some(u), Some(pw)) => Some((u.to_owned(), pw.to_owned())),
+        (Some(u), None) => Some((u.to_owned(), String::new())),
+        (None, Some(_)) => {
+            p.add(format!("{key}.password"), "is set but `username` is not");
+            None
+        }
+        (None, None) => None,
+    };
+    let tls = match (secure, tls) {
+        (true, Some(t)) => tls_material(p, &format!("{key}.tls"), t, resolve),
+        (true, None) => {
+            p.add(
+                format!("{key}.tls"),
+                format!("`{url}` uses TLS: add a `tls` table with at least `ca`"),
+            );
+            None
+        }
+        (false, Some(_)) => {
+            p.add(
+                format!("{key}.tls"),
+                format!("is set but `{url}` is not `mqtts://`"),
+            );
+            None
+        }
+        (false, None) => None,
+    };
+    Some(MqttEndpoint {
+        host: host.to_owned(),
+        port,
+        client_id,
+        credentials,
+        tls,
+    })
+}
+
+fn tls_material(
+    p: &mut Problems<'_>,
+    key: &str,
+    t: &TlsConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Option<TlsMaterial> {
+    let mut read = |field: &str, rel: &Path| -> Option<Vec<u8>> {
+        let path = resolve(rel);
+        match std::fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                p.add(
+                    format!("{key}.{field}"),
+                    format!("cannot read `{}`: {e}", path.display()),
+                );
+                None
+            }
+        }
+    };
+    let ca = read("ca", &t.ca);
+    let cert = t.cert.as_ref().map(|c| read("cert", c));
+    let pkey = t.key.as_ref().map(|k| read("key", k));
+    if let Some(ca) = &ca {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut ca.as_slice()).collect();
+        if certs.is_empty() || certs.iter().any(Result::is_err) {
+            p.add(format!("{key}.ca"), "contains no valid PEM certificate");
+        }
+    }
+    if let Some(Some(cert)) = &cert {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut cert.as_slice()).collect();
+        if certs.is_empty() || certs.iter().any(Result::is_err) {
+            p.add(format!("{key}.cert"), "contains no valid PEM certificate");
+        }
+    }
+    if let Some(Some(k)) = &pkey
+        && !matches!(rustls_pemfile::private_key(&mut k.as_slice()), Ok(Some(_)))
+    {
+        p.add(format!("{key}.key"), "contains no valid PEM private key");
+    }
+    let client_auth = match (cert, pkey) {
+        (Some(Some(c)), Some(Some(k))) => Some((c, k)),
+        (Some(_), None) => {
+            p.add(format!("{key}.key"), "is required when `cert` is set");
+            None
+        }
+        (None, Some(_)) => {
+            p.add(format!("{key}.cert"), "is required when `key` is set");
+            None
+        }
+        _ => None,
+    };
+    Some(TlsMaterial {
+        ca: ca?,
+        client_auth,
+        alpn: t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The configuration file's schema, as written by users (TOML).
+//!
+//! Every struct denies unknown fields so that a typo is an error rather than a
+//! silently ignored setting. Defaults are functions so that the documented
+//! default and the applied default are the same value.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity and storage of this gateway.
+    pub gateway: GatewayConfig,
+    /// The MQTT broker that sensors publish to and functions publish on.
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// The Wasm functions to run.
+    #[serde(default)]
+    pub functions: Vec<FunctionConfig>,
+    /// Where forwarded records go (the cloud).
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// `[gateway]`: who this gateway is and where it keeps its files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// A stable id for this gateway; it appears in forwarded envelopes and
+    /// sink topics so the cloud can tell gateways apart.
+    pub id: String,
+    /// Directory for the gateway's own files (created if missing). Relative
+    /// paths are resolved against the configuration file's directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+/// `[broker]`: the local MQTT broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BrokerConfig {
+    /// Run the broker inside the gateway (rumqttd), so sensors can connect to
+    /// the gateway directly without any other service.
+    Embedded {
+        /// Address the embedded broker listens on (MQTT 3.1.1 over TCP).
+        #[serde(default = "default_listen")]
+        listen: String,
+    },
+    /// Use a broker that runs elsewhere (e.g. Mosquitto on the same board).
+    External(ExternalBrokerConfig),
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self::Embedded {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:1883".to_owned()
+}
+
+/// `[broker]` with `kind = "external"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalBrokerConfig {
+    /// `mqtt://host:port`, or `mqtts://host:port` together with `tls`.
+    pub url: String,
+    /// MQTT client id; defaults to `edgefn-<gateway id>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name, if the broker requires authentication.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password, if the broker requires authentication (use `${VAR}` to keep
+    /// it out of the file).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// TLS settings, required for `mqtts://`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings for an MQTT connection (rustls).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) that sign the server's certificate.
+    pub ca: PathBuf,
+    /// PEM client certificate chain, for mutual TLS (AWS IoT Core, Azure IoT
+    /// Hub). Requires `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the client certificate. Requires `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// ALPN protocols to offer, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT on
+    /// port 443.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+}
+
+/// `[[functions]]`: one Wasm function.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    /// Unique name; used in logs, metrics, sink topics and `edgefn invoke`.
+    pub name: String,
+    /// Path of the compiled component (`.wasm`), relative to the config file.
+    pub component: PathBuf,
+    /// MQTT topic filters whose messages trigger this function.
+    pub triggers: Vec<String>,
+    /// Topic filters the function may publish on; anything else is denied.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Sinks the function may forward to; anything else is denied.
+    #[serde(default)]
+    pub sinks: Vec<String>,
+    /// Free-form settings the function reads with `config(key)`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Resource limits enforced by the host.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[functions.limits]`: what one invocation may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Wall-clock budget of one invocation, in milliseconds; a guest still
+    /// running after it is interrupted (a runaway loop cannot stall the
+    /// gateway).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Cap on the guest's linear memory, in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Cap on publish + forward calls in one invocation.
+    #[serde(default = "default_max_calls")]
+    pub max_calls: u32,
+    /// Cap on the size of one published or forwarded payload, in bytes.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// Events waiting for this function; when full, the source waits
+    /// (back-pressure) rather than dropping events.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: default_timeout_ms(),
+            memory_mib: default_memory_mib(),
+            max_calls: default_max_calls(),
+            max_payload_bytes: default_max_payload_bytes(),
+            queue: default_queue(),
+        }
+    }
+}
+
+fn default_timeout_ms() -> u64 {
+    50
+}
+fn default_memory_mib() -> u64 {
+    32
+}
+fn default_max_calls() -> u32 {
+    64
+}
+fn default_max_payload_bytes() -> usize {
+    256 * 1024
+}
+fn default_queue() -> usize {
+    1024
+}
+
+/// `[[sinks]]`: a destination for forwarded records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// An MQTT broker in the cloud (or anywhere else).
+    Mqtt(MqttSinkConfig),
+}
+
+impl SinkConfig {
+    /// The sink's name, as functions refer to it.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Mqtt(c) => &c.name,
+        }
+    }
+}
+
+/// `[[sinks]]` with `kind = "mqtt"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    /// Unique name that functions use in `forward(sink, ...)`.
+    pub name: String,
+    /// `mqtt://host:port`, or `mqtts://host:port` together with `tls`.
+    pub url: String,
+    /// MQTT client id; defaults to `edgefn-<gateway id>-<sink name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name, if the broker requires authentication.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password, if the broker requires authentication.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Topic of each forwarded record. `{gateway}`, `{function}`, `{sink}`
+    /// and `{topic}` (the topic of the event the function handled) are
+    /// replaced.
+    #[serde(default = "default_sink_topic")]
+    pub topic: String,
+    /// Envelope encoding: `json` (readable) or `cbor` (compact).
+    #[serde(default)]
+    pub format: EnvelopeFormat,
+    /// TLS settings, required for `mqtts://`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Records in flight (sent, not yet acknowledged) at most.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// MQTT keep-alive, in seconds.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+}
+
+fn default_sink_topic() -> String {
+    "edgefn/{gateway}/{function}".to_owned()
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+
+/// How a forwarded record is encoded on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvelopeFormat {
+    /// A JSON object; a JSON payload is embedded as JSON, any other payload
+    /// as base64 under `payload_base64`.
+    #[default]
+    Json,
+    /// A CBOR map with the payload as a byte string.
+    Cbor,
+}

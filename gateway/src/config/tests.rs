@@ -1,0 +1,215 @@
+use std::path::Path;
+
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse_str(text: &str) -> Result<ValidConfig, ConfigErrors> {
+    parse(Path::new("/etc/edgefn/test.toml"), text, &no_env)
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match parse_str(text) {
+        Ok(_) => panic!("config should be rejected:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+const MINIMAL: &str = r#"
+[gateway]
+id = "gw1"
+
+[[functions]]
+name = "f"
+component = "f.wasm"
+triggers = ["sensors/+/temperature"]
+"#;
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse_str(MINIMAL).expect("valid");
+    assert_eq!(c.gateway_id, "gw1");
+    assert_eq!(c.data_dir, Path::new("/etc/edgefn/data"));
+    assert!(
+        matches!(c.broker, Broker::Embedded { listen } if listen.to_string() == "127.0.0.1:1883")
+    );
+    let f = &c.functions[0];
+    assert_eq!(f.component, Path::new("/etc/edgefn/f.wasm"));
+    assert_eq!(f.limits, Limits::default());
+    assert_eq!(f.limits.timeout, Duration::from_millis(50));
+    assert_eq!(f.limits.memory_bytes, 32 * 1024 * 1024);
+    assert!(f.triggers.matches("sensors/a/temperature"));
+}
+
+#[test]
+fn demo_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
+    let c = load_with_env(&path, &no_env).expect("demo config is valid");
+    assert_eq!(c.gateway_id, "demo-gw");
+    assert!(
+        matches!(c.broker, Broker::Embedded { listen } if listen.to_string() == "127.0.0.1:1883")
+    );
+    let names: Vec<&str> = c.functions.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["threshold", "enrich", "cbor-decode"]);
+    assert_eq!(c.sinks[0].name, "cloud");
+    assert_eq!(
+        (c.sinks[0].endpoint.host.as_str(), c.sinks[0].endpoint.port),
+        ("127.0.0.1", 1883)
+    );
+    assert_eq!(c.sinks[0].topic_template, "cloud/{gateway}/{topic}");
+}
+
+#[test]
+fn demo_listen_address_follows_the_environment() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
+    let env = |name: &str| (name == "EDGEFN_MQTT_LISTEN").then(|| "127.0.0.1:2883".to_owned());
+    let c = load_with_env(&path, &env).expect("valid");
+    assert!(matches!(c.broker, Broker::Embedded { listen } if listen.port() == 2883));
+    assert_eq!(c.sinks[0].endpoint.port, 2883);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = errors(&MINIMAL.replace("triggers =", "trigers = [\"x\"]\ntriggers ="));
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].key, "functions[0].trigers");
+    assert!(
+        e[0].reason.contains("unknown field `trigers`"),
+        "{}",
+        e[0].reason
+    );
+    assert!(
+        e[0].to_string()
+            .starts_with("/etc/edgefn/test.toml: functions[0].trigers: ")
+    );
+}
+
+#[test]
+fn wrong_type_names_the_full_key_path() {
+    let e = errors(&format!(
+        "{MINIMAL}\n[functions.limits]\ntimeout_ms = \"fast\"\n"
+    ));
+    assert_eq!(e[0].key, "functions[0].limits.timeout_ms");
+    assert!(e[0].reason.contains("invalid type"), "{}", e[0].reason);
+}
+
+#[test]
+fn toml_syntax_error_gives_the_line() {
+    let e = errors("[gateway\nid = 1");
+    assert_eq!(e[0].key, "");
+    assert!(e[0].reason.contains("invalid TOML"), "{}", e[0].reason);
+    assert!(e[0].reason.contains('1'), "{}", e[0].reason);
+}
+
+#[test]
+fn every_problem_is_listed() {
+    let text = r#"
+[gateway]
+id = "gw/1"
+
+[broker]
+kind = "embedded"
+listen = "localhost"
+
+[[functions]]
+name = "f"
+component = "f.wasm"
+triggers = ["a/#/b", "ok/+"]
+publish = ["x+"]
+sinks = ["nowhere"]
+[functions.limits]
+timeout_ms = 0
+
+[[functions]]
+name = "f"
+component = "g.wasm"
+triggers = []
+"#;
+    let e = errors(text);
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    for expected in [
+        "gateway.id",
+        "broker.listen",
+        "functions[0].triggers[0]",
+        "functions[0].publish[0]",
+        "functions[0].sinks[0]",
+        "functions[0].limits.timeout_ms",
+        "functions[1].name",
+        "functions[1].triggers",
+    ] {
+        assert!(keys.contains(&expected), "missing {expected} in {keys:?}");
+    }
+    assert!(!keys.contains(&"functions[0].triggers[1]"));
+}
+
+#[test]
+fn environment_interpolation_and_missing_variables() {
+    let text = MINIMAL.replace("\"gw1\"", "\"${GW_ID}\"");
+    let env = |name: &str| (name == "GW_ID").then(|| "from-env".to_owned());
+    let c = parse(Path::new("c.toml"), &text, &env).expect("valid");
+    assert_eq!(c.gateway_id, "from-env");
+    let e = errors(&text);
+    assert_eq!(e[0].key, "gateway.id");
+    assert!(
+        e[0].reason.contains("`GW_ID` is not set"),
+        "{}",
+        e[0].reason
+    );
+}
+
+#[test]
+fn sink_urls_and_tls_are_checked() {
+    let sink =
+        |extra: &str| format!("{MINIMAL}\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\n{extra}\n");
+    let c = parse_str(&sink("url = \"mqtt://broker.example:1884\"")).expect("valid");
+    let ep = &c.sinks[0].endpoint;
+    assert_eq!((ep.host.as_str(), ep.port), ("broker.example", 1884));
+    assert_eq!(ep.client_id, "edgefn-gw1-cloud");
+    let c = parse_str(&sink("url = \"mqtt://[::1]:1885\"")).expect("valid");
+    assert_eq!(
+        (c.sinks[0].endpoint.host.as_str(), c.sinks[0].endpoint.port),
+        ("::1", 1885)
+    );
+    let c = parse_str(&sink("url = \"mqtt://host\"")).expect("valid");
+    assert_eq!(c.sinks[0].endpoint.port, 1883);
+
+    let e = errors(&sink("url = \"http://x\""));
+    assert_eq!(e[0].key, "sinks[0].url");
+    let e = errors(&sink("url = \"mqtts://x\""));
+    assert_eq!(e[0].key, "sinks[0].tls");
+    let e = errors(&sink(
+        "url = \"mqtts://x\"\ntls = { ca = \"/nonexistent/ca.pem\" }",
+    ));
+    assert_eq!(e[0].key, "sinks[0].tls.ca");
+    assert!(e[0].reason.contains("cannot read"), "{}", e[0].reason);
+    let e = errors(&sink("url = \"mqtt://x\"\ntopic = \"cloud/{gw}\""));
+    assert_eq!(e[0].key, "sinks[0].topic");
+    let e = errors(&sink("url = \"mqtt://x\"\ntopic = \"cloud/#\""));
+    assert_eq!(e[0].key, "sinks[0].topic");
+}
+
+#[test]
+fn tls_files_must_hold_pem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate").expect("write");
+    let text = format!(
+        "{MINIMAL}\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\nurl = \"mqtts://x\"\ntls = {{ ca = \"{}\", cert = \"{}\" }}\n",
+        ca.display(),
+        ca.display()
+    );
+    let e = errors(&text);
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"sinks[0].tls.ca"), "{keys:?}");
+    assert!(keys.contains(&"sinks[0].tls.cert"), "{keys:?}");
+    assert!(keys.contains(&"sinks[0].tls.key"), "{keys:?}");
+}
+
+#[test]
+fn unknown_broker_kind_is_rejected() {
+    let e = errors(&format!("{MINIMAL}\n[broker]\nkind = \"cloud\"\n"));
+    assert_eq!(e[0].key, "broker.kind");
+    assert!(e[0].reason.contains("unknown variant"), "{}", e[0].reason);
+}

@@ -1,0 +1,42 @@
+//! edgefn: a gateway daemon that takes sensor events (MQTT now; serial ports
+//! and I2C sensors next), runs them through sandboxed WebAssembly functions
+//! (wasmtime components) and forwards what they produce to the cloud.
+//!
+//! # Layout
+//! - [`cli`]: the `edgefn` command line (`run`, `check`, `invoke`).
+//! - [`config`]: the TOML schema, `${VAR}` interpolation, validation into a
+//!   [`config::ValidConfig`] that nothing else re-checks.
+//! - [`supervisor`]: builds everything from the config, drains on shutdown.
+//! - [`broker`]: the embedded rumqttd broker.
+//! - [`sources`]: where events come from ([`sources::mqtt`]).
+//! - [`router`]: topic-filter dispatch to per-function bounded queues.
+//! - [`runtime`]: wasmtime engine, component loading, limits, the host side
+//!   of the WIT imports.
+//! - [`output`]: sends a successful invocation's publishes and forwards.
+//! - [`sinks`]: cloud destinations ([`sinks::mqtt`]) and the envelope.
+//! - [`topic`]: MQTT topic names and filters.
+//! - [`event`], [`metrics`], [`mqtt`], [`simulate`]: shared pieces.
+
+pub mod bindings {
+    //! Host-side bindings of the `edgefn:function` WIT package
+    //! (`functions/wit/`). `bindgen!` runs here and nowhere else.
+    wasmtime::component::bindgen!({
+        path: "../functions/wit",
+        world: "function",
+    });
+}
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod metrics;
+pub mod mqtt;
+pub mod output;
+pub mod router;
+pub mod runtime;
+pub mod simulate;
+pub mod sinks;
+pub mod sources;
+pub mod supervisor;
+pub mod topic;

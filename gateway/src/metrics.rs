@@ -1,0 +1,126 @@
+//! Counters kept by the gateway, readable while it runs (tests, logs, and
+//! later the admin endpoint).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why an invocation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The handler returned `Err(message)`.
+    Error(String),
+    /// The handler ran past its time budget and was interrupted.
+    Timeout,
+    /// The guest tried to grow memory or tables past its cap.
+    Memory(String),
+    /// The guest trapped (panic, unreachable, out-of-bounds access…).
+    Trap(String),
+}
+
+impl Failure {
+    /// A short, stable name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Error(_) => "error",
+            Self::Timeout => "timeout",
+            Self::Memory(_) => "memory",
+            Self::Trap(_) => "trap",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Error(m) => write!(f, "the function returned an error: {m}"),
+            Self::Timeout => f.write_str("the function ran past its timeout and was interrupted"),
+            Self::Memory(m) => write!(f, "the function went over its memory limit: {m}"),
+            Self::Trap(m) => write!(f, "the function trapped: {m}"),
+        }
+    }
+}
+
+/// Per-function counters.
+#[derive(Debug, Default)]
+pub struct FunctionMetrics {
+    /// Invocations started.
+    pub invocations: AtomicU64,
+    /// Invocations that returned `Ok`.
+    pub ok: AtomicU64,
+    /// Invocations whose handler returned `Err`.
+    pub errors: AtomicU64,
+    /// Invocations that trapped.
+    pub traps: AtomicU64,
+    /// Invocations interrupted by the deadline.
+    pub timeouts: AtomicU64,
+    /// Invocations stopped at the memory cap.
+    pub memory: AtomicU64,
+    /// publish/forward calls refused by the allowlists.
+    pub denied: AtomicU64,
+    /// publish/forward calls refused by a limit.
+    pub over_limit: AtomicU64,
+    /// Messages published on the local broker.
+    pub published: AtomicU64,
+    /// Records handed to sinks.
+    pub forwarded: AtomicU64,
+}
+
+impl FunctionMetrics {
+    /// Counts a failure under its kind.
+    pub fn count_failure(&self, failure: &Failure) {
+        let counter = match failure {
+            Failure::Error(_) => &self.errors,
+            Failure::Timeout => &self.timeouts,
+            Failure::Memory(_) => &self.memory,
+            Failure::Trap(_) => &self.traps,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough copy for display and tests.
+    pub fn snapshot(&self) -> FunctionCounts {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FunctionCounts {
+            invocations: r(&self.invocations),
+            ok: r(&self.ok),
+            errors: r(&self.errors),
+            traps: r(&self.traps),
+            timeouts: r(&self.timeouts),
+            memory: r(&self.memory),
+            denied: r(&self.denied),
+            over_limit: r(&self.over_limit),
+            published: r(&self.published),
+            forwarded: r(&self.forwarded),
+        }
+    }
+}
+
+/// A copy of [`FunctionMetrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs, reason = "same fields as FunctionMetrics")]
+pub struct FunctionCounts {
+    pub invocations: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub traps: u64,
+    pub timeouts: u64,
+    pub memory: u64,
+    pub denied: u64,
+    pub over_limit: u64,
+    pub published: u64,
+    pub forwarded: u64,
+}
+
+/// Gateway-wide counters.
+#[derive(Debug, Default)]
+pub struct GatewayMetrics {
+    /// MQTT messages received by the source.
+    pub events_in: AtomicU64,
+    /// Events that matched no function.
+    pub unmatched: AtomicU64,
+    /// Records published to a sink and acknowledged (PUBACK).
+    pub sink_acked: AtomicU64,
+    /// Records a sink could not encode or send.
+    pub sink_failed: AtomicU64,
+    /// Reconnects of MQTT connections.
+    pub reconnects: AtomicU64,
+}

@@ -1,0 +1,129 @@
+//! Where a successful invocation's outputs go: publishes to the local broker
+//! (through a connection of their own), forwards to their sink's queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, EventLoop, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttEndpoint;
+use crate::event::{Event, now_ms};
+use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::runtime::Outputs;
+use crate::sinks::SinkRecord;
+
+/// Hands outputs to the local broker and the sinks. Cloned into every
+/// function worker; the sinks' queues close when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct OutputPort {
+    local: AsyncClient,
+    sinks: HashMap<String, mpsc::Sender<SinkRecord>>,
+}
+
+impl OutputPort {
+    /// A port publishing through `local` and forwarding into `sinks`.
+    pub fn new(local: AsyncClient, sinks: HashMap<String, mpsc::Sender<SinkRecord>>) -> Self {
+        Self { local, sinks }
+    }
+
+    /// Sends `outputs` of `function`, produced while handling `event`. Waits
+    /// while a queue is full (back-pressure to the function's worker).
+    pub async fn deliver(
+        &self,
+        function: &str,
+        event: &Event,
+        outputs: Outputs,
+        metrics: &FunctionMetrics,
+    ) {
+        for p in outputs.publishes {
+            let qos = match p.qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            };
+            match self
+                .local
+                .publish(p.topic.clone(), qos, false, p.payload.to_vec())
+                .await
+            {
+                Ok(()) => {
+                    metrics.published.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(function, topic = %p.topic, error = %e, "Publish could not be queued.")
+                }
+            }
+        }
+        let ts_ms = now_ms();
+        for f in outputs.forwards {
+            let Some(queue) = self.sinks.get(&f.sink) else {
+                // Unreachable by construction: the allowlist only holds
+                // configured sinks.
+                tracing::error!(function, sink = %f.sink, "Forward to an unknown sink dropped.");
+                continue;
+            };
+            let record = SinkRecord {
+                function: function.to_owned(),
+                source_topic: event.topic.clone(),
+                payload: f.payload,
+                ts_ms,
+            };
+            if queue.send(record).await.is_ok() {
+                metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+            } else {
+                tracing::error!(function, sink = %f.sink, "Sink has stopped; forward dropped.");
+            }
+        }
+    }
+}
+
+/// Connects the local publisher: returns the client and the task that polls
+/// its event loop until the client disconnects (or, unconnected, until `stop`).
+pub fn local_publisher(
+    endpoint: &MqttEndpoint,
+    stop: CancellationToken,
+    metrics: Arc<GatewayMetrics>,
+) -> (
+    AsyncClient,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let mut opts = crate::mqtt::options(endpoint, "out", Duration::from_secs(30));
+    opts.set_clean_session(true);
+    let (client, eventloop) = AsyncClient::new(opts, 1024);
+    (client, poll_publisher(eventloop, stop, metrics))
+}
+
+async fn poll_publisher(
+    mut eventloop: EventLoop,
+    stop: CancellationToken,
+    metrics: Arc<GatewayMetrics>,
+) {
+    // Runs until the supervisor, after the last worker has finished, asks the
+    // client to disconnect: requests are handled in order, so every publish
+    // queued before that goes out first.
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => failures = 0,
+            Ok(_) => {}
+            Err(_) if stop.is_cancelled() => break,
+            Err(e) => {
+                metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                if failures == 0 {
+                    tracing::warn!(error = %e, "Local publisher lost its connection; reconnecting.");
+                }
+                let wait = crate::mqtt::backoff(failures);
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Routing: each event goes to every function whose trigger filters match its
+//! topic, through that function's bounded queue.
+//!
+//! A full queue makes the source wait (back-pressure) instead of dropping the
+//! event. Events for one function are handled in arrival order; different
+//! functions run in parallel.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::mpsc;
+
+use crate::event::Event;
+use crate::metrics::GatewayMetrics;
+use crate::topic::FilterSet;
+
+/// One function's entry in the routing table.
+#[derive(Debug)]
+pub struct Route {
+    /// The function's name.
+    pub function: String,
+    /// Its trigger filters.
+    pub triggers: FilterSet,
+    /// Its queue.
+    pub queue: mpsc::Sender<Arc<Event>>,
+}
+
+/// The routing table. Dropping it closes every function's queue, which lets
+/// the workers drain and stop.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl Router {
+    /// A router over `routes`.
+    pub fn new(routes: Vec<Route>, metrics: Arc<GatewayMetrics>) -> Self {
+        Self { routes, metrics }
+    }
+
+    /// Queues `event` for every matching function, waiting while a queue is
+    /// full. Returns how many functions it was queued for.
+    pub async fn dispatch(&self, event: Event) -> usize {
+        let event = Arc::new(event);
+        let mut matched = 0;
+        for route in &self.routes {
+            if route.triggers.matches(&event.topic) {
+                matched += 1;
+                if route.queue.send(event.clone()).await.is_err() {
+                    tracing::warn!(function = %route.function, topic = %event.topic, "Function worker has stopped; event not queued.");
+                }
+            }
+        }
+        if matched == 0 {
+            self.metrics.unmatched.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(topic = %event.topic, "No function matches the topic.");
+        }
+        matched
+    }
+
+    /// Every trigger filter of every function, without duplicates.
+    pub fn subscriptions(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .routes
+            .iter()
+            .flat_map(|r| r.triggers.filters().iter().map(|f| f.as_str().to_owned()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}

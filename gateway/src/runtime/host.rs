@@ -1,0 +1,286 @@
+//! The host side of the WIT imports: what a function may do, checked against
+//! its [`Capabilities`] on every call.
+//!
+//! Nothing a guest calls reaches a connection from here: `publish` and
+//! `forward` only record [`Outputs`]; the caller releases them after the
+//! handler has returned `Ok`. A failed or trapped invocation therefore never
+//! emits half of its results.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::edgefn::function::host::Host;
+use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
+use crate::topic::{FilterSet, validate_topic_name};
+
+/// Longest log message kept from a guest; the rest is cut.
+const MAX_LOG_BYTES: usize = 2048;
+/// Log lines kept per invocation; further lines are counted, not written.
+const MAX_LOG_LINES: u32 = 100;
+
+/// What one function is allowed to do, resolved from its configuration.
+#[derive(Debug)]
+pub struct Capabilities {
+    /// The function's name (for logs).
+    pub function: String,
+    /// The gateway's id, returned by `gateway-id`.
+    pub gateway_id: String,
+    /// Filters a published topic must match.
+    pub publish: FilterSet,
+    /// Sinks it may forward to.
+    pub sinks: BTreeSet<String>,
+    /// `config(key)` values.
+    pub config: BTreeMap<String, String>,
+    /// publish + forward calls per invocation.
+    pub max_calls: u32,
+    /// Bytes per published or forwarded payload.
+    pub max_payload_bytes: usize,
+}
+
+/// A message the function asked to publish on the local broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Topic name.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// MQTT QoS level (0, 1 or 2).
+    pub qos: u8,
+}
+
+/// A payload the function asked to forward to a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Sink name.
+    pub sink: String,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// Everything one successful invocation produced, in call order per kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outputs {
+    /// Local publishes.
+    pub publishes: Vec<Publish>,
+    /// Forwards to sinks.
+    pub forwards: Vec<Forward>,
+}
+
+/// Caps linear memory and tables, and remembers whether a cap was hit so a
+/// resulting trap can be reported as "memory".
+#[derive(Debug)]
+pub struct Limiter {
+    memory_bytes: usize,
+    /// Set when a grow was refused.
+    pub exceeded: bool,
+}
+
+impl Limiter {
+    /// A limiter allowing `memory_bytes` of linear memory per memory.
+    pub fn new(memory_bytes: usize) -> Self {
+        Self {
+            memory_bytes,
+            exceeded: false,
+        }
+    }
+}
+
+/// Elements one table may hold; generous for Rust guests, small enough that a
+/// guest cannot use tables to get around the memory cap.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.exceeded = true;
+            return Err(wasmtime::Error::msg(format!(
+                "linear memory limit of {} bytes exceeded (asked for {desired})",
+                self.memory_bytes
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            self.exceeded = true;
+            return Err(wasmtime::Error::msg(format!(
+                "table limit of {MAX_TABLE_ELEMENTS} elements exceeded (asked for {desired})"
+            )));
+        }
+        Ok(true)
+    }
+}
+
+/// The state of one store: one invocation (or one warm instance).
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Memory and table caps.
+    pub limiter: Limiter,
+    caps: Arc<Capabilities>,
+    /// What the guest asked to publish and forward so far.
+    pub outputs: Outputs,
+    calls: u32,
+    log_lines: u32,
+    /// Calls refused because of the allowlists.
+    pub denied: u32,
+    /// Calls refused because of a limit.
+    pub over_limit: u32,
+}
+
+impl HostState {
+    /// Fresh state: a WASI context that grants nothing (no files, no
+    /// environment, no network, no stdio), and empty outputs.
+    pub fn new(caps: Arc<Capabilities>, memory_bytes: usize) -> Self {
+        Self {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limiter: Limiter::new(memory_bytes),
+            caps,
+            outputs: Outputs::default(),
+            calls: 0,
+            log_lines: 0,
+            denied: 0,
+            over_limit: 0,
+        }
+    }
+
+    fn deny(&mut self, reason: String) -> CallError {
+        self.denied += 1;
+        tracing::warn!(function = %self.caps.function, %reason, "Call denied.");
+        CallError::Denied(reason)
+    }
+
+    fn over(&mut self, reason: String) -> CallError {
+        self.over_limit += 1;
+        tracing::warn!(function = %self.caps.function, %reason, "Call over limit.");
+        CallError::OverLimit(reason)
+    }
+
+    /// Checks the per-invocation call budget and the payload size.
+    fn charge(&mut self, payload_len: usize) -> Result<(), CallError> {
+        if self.calls >= self.caps.max_calls {
+            let max = self.caps.max_calls;
+            return Err(self.over(format!(
+                "at most {max} publish/forward calls per invocation"
+            )));
+        }
+        if payload_len > self.caps.max_payload_bytes {
+            let max = self.caps.max_payload_bytes;
+            return Err(self.over(format!(
+                "payload of {payload_len} bytes is over the limit of {max}"
+            )));
+        }
+        self.calls += 1;
+        Ok(())
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl Host for HostState {
+    fn publish(&mut self, topic: String, payload: Vec<u8>, qos: Qos) -> Result<(), CallError> {
+        if let Err(e) = validate_topic_name(&topic) {
+            return Err(CallError::Invalid(format!("topic `{topic}`: {e}")));
+        }
+        if !self.caps.publish.matches(&topic) {
+            return Err(self.deny(format!(
+                "publishing on `{topic}` is not allowed (allowed: {})",
+                list(self.caps.publish.filters().iter().map(|f| f.as_str()))
+            )));
+        }
+        self.charge(payload.len())?;
+        let qos = match qos {
+            Qos::AtMostOnce => 0,
+            Qos::AtLeastOnce => 1,
+            Qos::ExactlyOnce => 2,
+        };
+        self.outputs.publishes.push(Publish {
+            topic,
+            payload: Bytes::from(payload),
+            qos,
+        });
+        Ok(())
+    }
+
+    fn forward(&mut self, sink: String, payload: Vec<u8>) -> Result<(), CallError> {
+        if !self.caps.sinks.contains(&sink) {
+            return Err(self.deny(format!(
+                "forwarding to sink `{sink}` is not allowed (allowed: {})",
+                list(self.caps.sinks.iter().map(String::as_str))
+            )));
+        }
+        self.charge(payload.len())?;
+        self.outputs.forwards.push(Forward {
+            sink,
+            payload: Bytes::from(payload),
+        });
+        Ok(())
+    }
+
+    fn log(&mut self, level: Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            return;
+        }
+        let mut message = message;
+        if message.len() > MAX_LOG_BYTES {
+            let mut cut = MAX_LOG_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let function = self.caps.function.as_str();
+        match level {
+            Level::Trace => tracing::trace!(function, guest = true, "{message}"),
+            Level::Debug => tracing::debug!(function, guest = true, "{message}"),
+            Level::Info => tracing::info!(function, guest = true, "{message}"),
+            Level::Warn => tracing::warn!(function, guest = true, "{message}"),
+            Level::Error => tracing::error!(function, guest = true, "{message}"),
+        }
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.caps.config.get(&key).cloned()
+    }
+
+    fn gateway_id(&mut self) -> String {
+        self.caps.gateway_id.clone()
+    }
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = items.collect();
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
+}

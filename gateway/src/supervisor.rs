@@ -1,0 +1,305 @@
+//! Builds the whole gateway from a [`ValidConfig`] and shuts it down.
+//!
+//! Start order: data dir, engine and every function (all load errors are
+//! collected), broker, sinks, local publisher, function workers, sources. No
+//! task starts before everything that can fail has been checked.
+//!
+//! Shutdown is a drain, not an abort: cancelling stops the sources; dropping
+//! the router closes each function's queue, so the workers finish what is
+//! queued; the last worker's end closes the sinks' queues and disconnects the
+//! local publisher after its queued publishes; sinks wait briefly for
+//! acknowledgements. The caller bounds the whole with a timeout.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::config::{Broker, MqttEndpoint, ValidConfig};
+use crate::event::Event;
+use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::output::{OutputPort, local_publisher};
+use crate::router::{Route, Router};
+use crate::runtime::{EngineError, LoadError, LoadedFunction, Runtime};
+use crate::sinks::mqtt::MqttSink;
+use crate::sinks::{Sink, SinkContext};
+use crate::sources::mqtt::{MqttSource, MqttSourceConfig};
+use crate::sources::{Source, SourceContext, SourceError};
+
+/// How long start-up waits for the MQTT source's subscription.
+const START_READY_WAIT: Duration = Duration::from_secs(5);
+
+/// Capacity of each sink's in-memory queue.
+const SINK_QUEUE: usize = 1024;
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be created.
+    #[error("gateway.data_dir: cannot create `{path}`: {reason}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// The Wasm engine could not be created.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// One or more functions could not be loaded.
+    #[error("{} function(s) could not be loaded:\n  - {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
+    Functions(Vec<LoadError>),
+    /// The embedded broker did not start.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// A source could not be built.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// Loads every function of `config`, collecting all errors.
+pub fn load_functions(
+    runtime: &Runtime,
+    config: &ValidConfig,
+) -> Result<Vec<LoadedFunction>, Vec<LoadError>> {
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for spec in &config.functions {
+        match runtime.load(spec, &config.gateway_id) {
+            Ok(f) => loaded.push(f),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    functions: Vec<(String, Arc<FunctionMetrics>)>,
+    metrics: Arc<GatewayMetrics>,
+    local: MqttEndpoint,
+    ready: tokio::sync::watch::Receiver<bool>,
+    _runtime: Arc<Runtime>,
+}
+
+impl Gateway {
+    /// Starts everything `config` describes.
+    pub async fn start(config: &ValidConfig) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+            path: config.data_dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let runtime = Arc::new(Runtime::new()?);
+        let loaded = {
+            let runtime = runtime.clone();
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || load_functions(&runtime, &config))
+                .await
+                .map_err(|e| StartError::Engine(EngineError::from_join(&e)))?
+                .map_err(StartError::Functions)?
+        };
+        let local = match &config.broker {
+            Broker::Embedded { listen } => {
+                let listen = *listen;
+                let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen))
+                    .await
+                    .map_err(|e| StartError::Engine(EngineError::from_join(&e)))??;
+                MqttEndpoint {
+                    host: loopback_for(broker.addr()).to_string(),
+                    port: broker.addr().port(),
+                    client_id: format!("edgefn-{}", config.gateway_id),
+                    credentials: None,
+                    tls: None,
+                }
+            }
+            Broker::External(endpoint) => endpoint.clone(),
+        };
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(GatewayMetrics::default());
+
+        let mut sink_queues = HashMap::new();
+        for spec in &config.sinks {
+            let (tx, rx) = mpsc::channel(SINK_QUEUE);
+            sink_queues.insert(spec.name.clone(), tx);
+            let ctx = SinkContext {
+                records: rx,
+                gateway_id: config.gateway_id.clone(),
+                cancel: cancel.clone(),
+                metrics: metrics.clone(),
+            };
+            tracker.spawn(MqttSink::build(spec).run(ctx));
+        }
+
+        let publisher_stop = CancellationToken::new();
+        let (publisher, poll) = local_publisher(&local, publisher_stop.clone(), metrics.clone());
+        tracker.spawn(poll);
+        let port = OutputPort::new(publisher.clone(), sink_queues);
+
+        let workers = TaskTracker::new();
+        let mut routes = Vec::new();
+        let mut functions = Vec::new();
+        for function in loaded {
+            let function = Arc::new(function);
+            let (tx, rx) = mpsc::channel(function.limits().queue);
+            routes.push(Route {
+                function: function.name().to_owned(),
+                triggers: config
+                    .functions
+                    .iter()
+                    .find(|s| s.name == function.name())
+                    .map(|s| s.triggers.clone())
+                    .unwrap_or_default(),
+                queue: tx,
+            });
+            functions.push((function.name().to_owned(), function.metrics().clone()));
+            workers.spawn(run_worker(function, rx, port.clone()));
+        }
+        drop(port);
+        workers.close();
+        // When the last worker is done, nothing can publish any more: let the
+        // publisher flush and disconnect.
+        tracker.spawn(async move {
+            workers.wait().await;
+            let _ = publisher.try_disconnect();
+            publisher_stop.cancel();
+        });
+
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        let ctx = SourceContext {
+            cancel: cancel.clone(),
+            router: Arc::new(Router::new(routes, metrics.clone())),
+            metrics: metrics.clone(),
+            ready: Arc::new(ready_tx),
+        };
+        let source = MqttSource::build(
+            &MqttSourceConfig {
+                endpoint: local.clone(),
+            },
+            &ctx,
+        )?;
+        tracker.spawn(source.run(ctx));
+        tracker.close();
+        let gateway = Self {
+            cancel,
+            tracker,
+            functions,
+            metrics,
+            local,
+            ready,
+            _runtime: runtime,
+        };
+        // Events published before the source has subscribed would be missed:
+        // wait for the subscription, but do not fail start-up over an
+        // unreachable external broker (the source keeps retrying).
+        if !gateway.wait_ready(START_READY_WAIT).await {
+            tracing::warn!(
+                broker = %format!("{}:{}", gateway.local.host, gateway.local.port),
+                "MQTT source not subscribed yet; events will flow once the broker is reachable."
+            );
+        }
+        tracing::info!(
+            gateway = %config.gateway_id,
+            functions = gateway.functions.len(),
+            sinks = config.sinks.len(),
+            broker = %format!("{}:{}", gateway.local.host, gateway.local.port),
+            "Gateway started."
+        );
+        Ok(gateway)
+    }
+
+    /// Waits up to `timeout` until the MQTT source is connected and
+    /// subscribed; returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut ready = self.ready.clone();
+        matches!(
+            tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// The local broker's host and port (for clients and tests).
+    pub fn local_broker(&self) -> (&str, u16) {
+        (&self.local.host, self.local.port)
+    }
+
+    /// A function's counters.
+    pub fn function_metrics(&self, name: &str) -> Option<&Arc<FunctionMetrics>> {
+        self.functions
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m)
+    }
+
+    /// Gateway-wide counters.
+    pub fn metrics(&self) -> &Arc<GatewayMetrics> {
+        &self.metrics
+    }
+
+    /// Stops intake, drains what is in flight, and waits up to `timeout`.
+    /// Returns `false` if the timeout ran out first.
+    pub async fn shutdown(self, timeout: Duration) -> bool {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!("Gateway stopped.");
+        } else {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "Gateway shutdown timed out; in-flight work abandoned."
+            );
+        }
+        drained
+    }
+}
+
+/// Where a local client connects to reach a broker listening on `addr`.
+fn loopback_for(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    }
+}
+
+async fn run_worker(
+    function: Arc<LoadedFunction>,
+    mut queue: mpsc::Receiver<Arc<Event>>,
+    port: OutputPort,
+) {
+    while let Some(event) = queue.recv().await {
+        let f = function.clone();
+        let ev = event.clone();
+        match tokio::task::spawn_blocking(move || f.invoke(&ev)).await {
+            Ok(invocation) => {
+                if let Ok(outputs) = invocation.outcome {
+                    port.deliver(function.name(), &event, outputs, function.metrics())
+                        .await;
+                }
+            }
+            Err(e) => {
+                function
+                    .metrics()
+                    .traps
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(function = %function.name(), error = %e, "Invocation failed in the host; event dropped.");
+            }
+        }
+    }
+    tracing::debug!(function = %function.name(), "Function worker stopped.");
+}

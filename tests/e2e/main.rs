@@ -1,0 +1,17 @@
+//! edgefn's end-to-end tests: one binary, a module per topic.
+//!
+//! Everything is real: the gateway runs in-process with the embedded rumqttd
+//! broker on a free port, Mosquitto is started where installed (required when
+//! `CI` is set), and the functions are the Wasm components built from
+//! `functions/` by `cargo xtask test` (or `cargo xtask functions`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic in a test is a failed test"
+)]
+
+mod bad_input;
+mod cli;
+mod pipeline;
+mod support;

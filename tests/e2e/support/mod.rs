@@ -1,0 +1,310 @@
+//! Shared helpers: guest paths, free ports, gateways from TOML, MQTT
+//! subscribers and publishers, and a Mosquitto process.
+
+#![allow(dead_code, reason = "not every test module uses every helper")]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgefn::config::{self, ValidConfig};
+use edgefn::supervisor::Gateway;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long any test waits for an expected message.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The built component of a guest (`threshold`, `enrich`, `cbor_decode`,
+/// `misbehave`, `not-a-function`).
+pub fn guest(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let path = dir.join("wasm32-wasip2/guest").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the guests first with `cargo xtask functions` (or run the suite with `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `toml` into a fresh directory and loads it.
+pub fn config(toml: &str) -> (ValidConfig, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+    (config, dir)
+}
+
+/// A TOML string literal for a path.
+pub fn lit(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+/// Starts a gateway from `toml` (which should use an embedded broker on port
+/// 0 or an external one).
+pub async fn gateway(toml: &str) -> (Gateway, tempfile::TempDir) {
+    let (config, dir) = config(toml);
+    let gw = Gateway::start(&config)
+        .await
+        .unwrap_or_else(|e| panic!("gateway did not start: {e}"));
+    (gw, dir)
+}
+
+/// A connected MQTT subscriber collecting messages.
+pub struct Subscriber {
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    client: AsyncClient,
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn client_id(kind: &str) -> String {
+    let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test-{kind}-{}-{n}", std::process::id())
+}
+
+impl Subscriber {
+    /// Connects and subscribes to `filters`; returns once the broker has
+    /// acknowledged the subscription.
+    pub async fn connect(host: &str, port: u16, filters: &[&str]) -> Self {
+        let mut opts = MqttOptions::new(client_id("sub"), host, port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        for f in filters {
+            client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let mut pending = filters.len();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        pending -= 1;
+                        if pending == 0
+                            && let Some(r) = ready_tx.take()
+                        {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic, p.payload.to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, ready_rx)
+            .await
+            .expect("subscription acknowledged in time")
+            .expect("subscriber task alive");
+        Self { rx, client }
+    }
+
+    /// The next message, or a panic after [`WAIT`].
+    pub async fn next(&mut self) -> (String, Vec<u8>) {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("a message arrives in time")
+            .expect("subscriber alive")
+    }
+
+    /// The next message as JSON.
+    pub async fn next_json(&mut self) -> (String, serde_json::Value) {
+        let (topic, payload) = self.next().await;
+        let v = serde_json::from_slice(&payload).unwrap_or_else(|e| {
+            panic!(
+                "payload on {topic} is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&payload)
+            )
+        });
+        (topic, v)
+    }
+
+    /// Whether a message is already waiting (does not wait).
+    pub fn try_next(&mut self) -> Option<(String, Vec<u8>)> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// A connected publisher.
+pub struct Publisher {
+    client: AsyncClient,
+    acks: mpsc::UnboundedReceiver<()>,
+}
+
+impl Publisher {
+    /// Connects to `host:port`.
+    pub async fn connect(host: &str, port: u16) -> Self {
+        let opts = MqttOptions::new(client_id("pub"), host, port);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let (tx, acks) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        if tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Self { client, acks }
+    }
+
+    /// Publishes at QoS 1 and waits for the broker's PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, self.acks.recv())
+            .await
+            .expect("PUBACK in time")
+            .expect("publisher alive");
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+    }
+}
+
+/// Polls `cond` until it holds or [`WAIT`] passes; for counters, which have
+/// no event to wait on.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A Mosquitto broker on a free loopback port, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn find_mosquitto() -> Option<PathBuf> {
+    [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Whether `mosquitto_pub` is installed.
+pub fn has_mosquitto_clients() -> bool {
+    Command::new("mosquitto_pub")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Whether tests that need Mosquitto must run (they must in CI).
+pub fn mosquitto_required() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto, or returns `None` when it is not installed (a panic
+    /// in CI, where it must be).
+    pub fn start() -> Option<Self> {
+        let Some(bin) = find_mosquitto() else {
+            assert!(
+                !mosquitto_required(),
+                "Mosquitto is required in CI: apt-get install mosquitto mosquitto-clients"
+            );
+            eprintln!("note: mosquitto is not installed; skipping the Mosquitto part of this test");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Self {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A "cloud" broker for sinks: Mosquitto where installed, else a second
+/// embedded broker. Returns its port and a guard to keep alive.
+pub fn cloud_broker() -> (u16, Option<Mosquitto>) {
+    match Mosquitto::start() {
+        Some(m) => (m.port, Some(m)),
+        None => {
+            let b = edgefn::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into()).unwrap();
+            (b.addr().port(), None)
+        }
+    }
+}
