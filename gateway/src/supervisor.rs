@@ -91,7 +91,6 @@ pub struct Gateway {
     metrics: Arc<GatewayMetrics>,
     local: MqttEndpoint,
     ready: tokio::sync::watch::Receiver<bool>,
-    _runtime: Arc<Runtime>,
 }
 
 impl Gateway {
@@ -200,7 +199,6 @@ impl Gateway {
             metrics,
             local,
             ready,
-            _runtime: runtime,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an

@@ -7,14 +7,7 @@ use crate::support::*;
 fn misbehave_config(extra_limits: &str) -> String {
     format!(
         r#"
-[gateway]
-id = "gw-bad"
-data_dir = "data"
-
-[broker]
-kind = "embedded"
-listen = "127.0.0.1:0"
-
+{header}
 [[functions]]
 name = "threshold"
 component = {threshold}
@@ -32,6 +25,7 @@ timeout_ms = 100
 memory_mib = 16
 {extra_limits}
 "#,
+        header = gateway_header("gw-bad"),
         threshold = lit(&guest("threshold")),
         misbehave = lit(&guest("misbehave")),
     )

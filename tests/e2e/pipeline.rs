@@ -8,14 +8,7 @@ use crate::support::*;
 fn demo_like(cloud_port: u16, format: &str) -> String {
     format!(
         r#"
-[gateway]
-id = "gw-test"
-data_dir = "data"
-
-[broker]
-kind = "embedded"
-listen = "127.0.0.1:0"
-
+{header}
 [[functions]]
 name = "threshold"
 component = {threshold}
@@ -42,6 +35,7 @@ url = "mqtt://127.0.0.1:{cloud_port}"
 topic = "cloud/{{gateway}}/{{topic}}"
 format = "{format}"
 "#,
+        header = gateway_header("gw-test"),
         threshold = lit(&guest("threshold")),
         enrich = lit(&guest("enrich")),
         cbor = lit(&guest("cbor_decode")),

@@ -50,7 +50,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "xtask"])
                 .args(rest);
-            exec(cmd)
+            exec_tests(cmd)
         }
         "help" | "--help" | "-h" => {
             println!("cargo xtask <demo | test | functions>");
@@ -73,6 +73,41 @@ fn cargo() -> Command {
 
 fn exec(mut cmd: Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one
+/// summary line over all test binaries: `tests: N passed, N failed`.
+fn exec_tests(mut cmd: Command) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }

@@ -79,11 +79,24 @@ pub enum LoadError {
 #[error("cannot create the WebAssembly engine: {0}")]
 pub struct EngineError(String);
 
+/// Keeps the epoch ticker thread running while any holder lives: the
+/// [`Runtime`] and every [`LoadedFunction`] hold one, so a function's
+/// deadline keeps working even if the runtime that loaded it is gone.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The shared engine, linker and epoch ticker.
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 impl Runtime {
@@ -115,7 +128,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
-            ticker_stop,
+            ticker: Arc::new(Ticker { stop: ticker_stop }),
         })
     }
 
@@ -143,6 +156,7 @@ impl Runtime {
             name: spec.name.clone(),
             pre,
             engine: self.engine.clone(),
+            _ticker: self.ticker.clone(),
             caps: Arc::new(Capabilities {
                 function: spec.name.clone(),
                 gateway_id: gateway_id.to_owned(),
@@ -172,12 +186,6 @@ impl Runtime {
     }
 }
 
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
-    }
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum WasmKind {
     CoreModule,
@@ -202,6 +210,7 @@ pub struct LoadedFunction {
     name: String,
     pre: FunctionPre<HostState>,
     engine: Engine,
+    _ticker: Arc<Ticker>,
     caps: Arc<Capabilities>,
     limits: Limits,
     metrics: Arc<FunctionMetrics>,

@@ -54,6 +54,14 @@ pub fn config(toml: &str) -> (ValidConfig, tempfile::TempDir) {
     (config, dir)
 }
 
+/// The `[gateway]` and `[broker]` tables of a test gateway: embedded broker
+/// on a free port.
+pub fn gateway_header(id: &str) -> String {
+    format!(
+        "[gateway]\nid = \"{id}\"\ndata_dir = \"data\"\n\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:0\"\n"
+    )
+}
+
 /// A TOML string literal for a path.
 pub fn lit(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -77,7 +85,8 @@ pub struct Subscriber {
 
 static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-fn client_id(kind: &str) -> String {
+/// A client id unique within this test run.
+pub fn client_id(kind: &str) -> String {
     let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("test-{kind}-{}-{n}", std::process::id())
 }
@@ -86,7 +95,11 @@ impl Subscriber {
     /// Connects and subscribes to `filters`; returns once the broker has
     /// acknowledged the subscription.
     pub async fn connect(host: &str, port: u16, filters: &[&str]) -> Self {
-        let mut opts = MqttOptions::new(client_id("sub"), host, port);
+        Self::connect_with(MqttOptions::new(client_id("sub"), host, port), filters).await
+    }
+
+    /// [`Subscriber::connect`] with options of the caller's (e.g. TLS).
+    pub async fn connect_with(mut opts: MqttOptions, filters: &[&str]) -> Self {
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         for f in filters {
@@ -250,6 +263,11 @@ impl Mosquitto {
     /// Starts Mosquitto, or returns `None` when it is not installed (a panic
     /// in CI, where it must be).
     pub fn start() -> Option<Self> {
+        Self::start_with("")
+    }
+
+    /// [`Mosquitto::start`] with extra lines for the listener (e.g. TLS).
+    pub fn start_with(listener_extra: &str) -> Option<Self> {
         let Some(bin) = find_mosquitto() else {
             assert!(
                 !mosquitto_required(),
@@ -263,7 +281,12 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"),
+            // `user root`: as root, Mosquitto would otherwise switch to the
+            // `mosquitto` user, who cannot read the test's private files.
+            format!(
+                "{user}listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n",
+                user = if is_root() { "user root\n" } else { "" },
+            ),
         )
         .unwrap();
         let child = Command::new(bin)
@@ -307,4 +330,11 @@ pub fn cloud_broker() -> (u16, Option<Mosquitto>) {
             (b.addr().port(), None)
         }
     }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
