@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ValidConfig};
@@ -161,9 +162,14 @@ async fn run(
     simulate: Option<Duration>,
     shutdown_timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let gateway = Gateway::start(&config)
-        .await
-        .with_context(|| format!("starting the gateway from `{}`", config.path.display()))?;
+    // Handlers first: a SIGTERM during start-up is a clean stop too.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let gateway = tokio::select! {
+        g = Gateway::start(&config) => g.with_context(|| format!("starting the gateway from `{}`", config.path.display()))?,
+        _ = term.recv() => return Ok(ExitCode::SUCCESS),
+        _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
+    };
     let sim_cancel = CancellationToken::new();
     if let Some(interval) = simulate {
         let (host, port) = gateway.local_broker();
@@ -175,7 +181,10 @@ async fn run(
             sim_cancel.clone(),
         ));
     }
-    wait_for_signal().await?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = interrupt.recv() => {}
+    }
     tracing::info!("Stopping: draining in-flight events.");
     sim_cancel.cancel();
     let clean = gateway.shutdown(shutdown_timeout).await;
@@ -184,16 +193,6 @@ async fn run(
     } else {
         ExitCode::FAILURE
     })
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
-    Ok(())
 }
 
 fn check(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {

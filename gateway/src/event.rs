@@ -1,5 +1,6 @@
 //! The event: one input to the functions, whatever source it came from.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -32,6 +33,37 @@ pub struct Event {
     pub received_at_ms: u64,
     /// Source-specific details.
     pub attributes: Vec<(String, String)>,
+    /// Acknowledges the input when the last holder lets go: the event's
+    /// function workers and the outbox commit holding its forwards. `None`
+    /// for inputs that need no acknowledgement.
+    pub ack: Option<Arc<AckGuard>>,
+}
+
+/// Calls its closure once, when dropped: "this input is fully handled".
+///
+/// The acknowledgement rides on ownership, so there is no counter to keep in
+/// step by hand: whoever still holds a clone of the event owes work.
+pub struct AckGuard(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl AckGuard {
+    /// A guard that runs `done` when dropped.
+    pub fn new(done: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(done)))
+    }
+}
+
+impl Drop for AckGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done();
+        }
+    }
+}
+
+impl std::fmt::Debug for AckGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckGuard")
+    }
 }
 
 impl Event {
@@ -43,6 +75,7 @@ impl Event {
             payload: payload.into(),
             received_at_ms: now_ms(),
             attributes: Vec::new(),
+            ack: None,
         }
     }
 }

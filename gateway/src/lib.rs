@@ -13,6 +13,7 @@
 //! - [`runtime`]: wasmtime engine, component loading, limits, the host side
 //!   of the WIT imports.
 //! - [`output`]: sends a successful invocation's publishes and forwards.
+//! - [`outbox`]: the durable SQLite store-and-forward queue (group commit).
 //! - [`sinks`]: cloud destinations ([`sinks::mqtt`]) and the envelope.
 //! - [`topic`]: MQTT topic names and filters.
 //! - [`event`], [`metrics`], [`mqtt`], [`simulate`]: shared pieces.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod event;
 pub mod metrics;
 pub mod mqtt;
+pub mod outbox;
 pub mod output;
 pub mod router;
 pub mod runtime;

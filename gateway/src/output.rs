@@ -1,41 +1,41 @@
 //! Where a successful invocation's outputs go: publishes to the local broker
-//! (through a connection of their own), forwards to their sink's queue.
+//! (through a connection of their own), forwards into the durable outbox.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, EventLoop, QoS};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttEndpoint;
 use crate::event::{Event, now_ms};
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::outbox::{NewRecord, Outbox};
 use crate::runtime::Outputs;
-use crate::sinks::SinkRecord;
 
-/// Hands outputs to the local broker and the sinks. Cloned into every
-/// function worker; the sinks' queues close when the last clone is dropped.
+/// Hands outputs to the local broker and the outbox. Cloned into every
+/// function worker.
 #[derive(Debug, Clone)]
 pub struct OutputPort {
     local: AsyncClient,
-    sinks: HashMap<String, mpsc::Sender<SinkRecord>>,
+    outbox: Outbox,
 }
 
 impl OutputPort {
-    /// A port publishing through `local` and forwarding into `sinks`.
-    pub fn new(local: AsyncClient, sinks: HashMap<String, mpsc::Sender<SinkRecord>>) -> Self {
-        Self { local, sinks }
+    /// A port publishing through `local` and forwarding into `outbox`.
+    pub fn new(local: AsyncClient, outbox: Outbox) -> Self {
+        Self { local, outbox }
     }
 
-    /// Sends `outputs` of `function`, produced while handling `event`. Waits
+    /// Sends `outputs` of `function`, produced while handling `event`. The
+    /// forwards are appended to the outbox holding a reference to the event,
+    /// so the event is acknowledged only after they are committed. Waits
     /// while a queue is full (back-pressure to the function's worker).
     pub async fn deliver(
         &self,
         function: &str,
-        event: &Event,
+        event: &Arc<Event>,
         outputs: Outputs,
         metrics: &FunctionMetrics,
     ) {
@@ -58,24 +58,32 @@ impl OutputPort {
                 }
             }
         }
+        if outputs.forwards.is_empty() {
+            return;
+        }
         let ts_ms = now_ms();
-        for f in outputs.forwards {
-            let Some(queue) = self.sinks.get(&f.sink) else {
-                // Unreachable by construction: the allowlist only holds
-                // configured sinks.
-                tracing::error!(function, sink = %f.sink, "Forward to an unknown sink dropped.");
-                continue;
-            };
-            let record = SinkRecord {
+        let n = outputs.forwards.len() as u64;
+        let records = outputs
+            .forwards
+            .into_iter()
+            .map(|f| NewRecord {
+                sink: f.sink,
                 function: function.to_owned(),
-                source_topic: event.topic.clone(),
+                topic: event.topic.clone(),
                 payload: f.payload,
                 ts_ms,
-            };
-            if queue.send(record).await.is_ok() {
-                metrics.forwarded.fetch_add(1, Ordering::Relaxed);
-            } else {
-                tracing::error!(function, sink = %f.sink, "Sink has stopped; forward dropped.");
+            })
+            .collect();
+        match self
+            .outbox
+            .append(records, Some(Box::new(event.clone())))
+            .await
+        {
+            Ok(()) => {
+                metrics.forwarded.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(function, error = %e, "Forwards not stored; the input stays unacknowledged.")
             }
         }
     }

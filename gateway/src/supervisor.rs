@@ -10,7 +10,6 @@
 //! local publisher after its queued publishes; sinks wait briefly for
 //! acknowledgements. The caller bounds the whole with a timeout.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,22 +20,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::config::SinkKind;
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
 use crate::event::Event;
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::outbox::{Outbox, OutboxConfig, OutboxError};
 use crate::output::{OutputPort, local_publisher};
 use crate::router::{Route, Router};
 use crate::runtime::{EngineError, LoadError, LoadedFunction, Runtime};
+use crate::sinks::http::HttpSink;
 use crate::sinks::mqtt::MqttSink;
-use crate::sinks::{Sink, SinkContext};
+use crate::sinks::{DeliveryStats, Sink, SinkCommon, SinkContext};
 use crate::sources::mqtt::{MqttSource, MqttSourceConfig};
 use crate::sources::{Source, SourceContext, SourceError};
 
 /// How long start-up waits for the MQTT source's subscription.
 const START_READY_WAIT: Duration = Duration::from_secs(5);
-
-/// Capacity of each sink's in-memory queue.
-const SINK_QUEUE: usize = 1024;
 
 /// Why the gateway did not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +60,9 @@ pub enum StartError {
     /// A source could not be built.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The outbox could not be opened.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
 }
 
 /// Loads every function of `config`, collecting all errors.
@@ -91,6 +93,8 @@ pub struct Gateway {
     metrics: Arc<GatewayMetrics>,
     local: MqttEndpoint,
     ready: tokio::sync::watch::Receiver<bool>,
+    outbox: Outbox,
+    sinks: Vec<(String, Arc<DeliveryStats>)>,
 }
 
 impl Gateway {
@@ -130,23 +134,36 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let metrics = Arc::new(GatewayMetrics::default());
 
-        let mut sink_queues = HashMap::new();
-        for spec in &config.sinks {
-            let (tx, rx) = mpsc::channel(SINK_QUEUE);
-            sink_queues.insert(spec.name.clone(), tx);
-            let ctx = SinkContext {
-                records: rx,
-                gateway_id: config.gateway_id.clone(),
-                cancel: cancel.clone(),
-                metrics: metrics.clone(),
-            };
-            tracker.spawn(MqttSink::build(spec).run(ctx));
-        }
+        let outbox = Outbox::open(OutboxConfig {
+            path: config.data_dir.join("outbox.sqlite"),
+            max_commits_per_sec: config.outbox_commits_per_sec,
+            sinks: config.sinks.iter().map(|s| s.limits.clone()).collect(),
+        })?;
 
         let publisher_stop = CancellationToken::new();
         let (publisher, poll) = local_publisher(&local, publisher_stop.clone(), metrics.clone());
         tracker.spawn(poll);
-        let port = OutputPort::new(publisher.clone(), sink_queues);
+
+        let sinks_stop = CancellationToken::new();
+        let mut sinks = Vec::new();
+        for spec in &config.sinks {
+            let stats = Arc::new(DeliveryStats::default());
+            sinks.push((spec.name.clone(), stats.clone()));
+            let ctx = SinkContext {
+                outbox: outbox.clone(),
+                gateway_id: config.gateway_id.clone(),
+                stop: sinks_stop.clone(),
+                metrics: metrics.clone(),
+                stats,
+                local: publisher.clone(),
+            };
+            let common = SinkCommon::of(spec);
+            match &spec.kind {
+                SinkKind::Mqtt(m) => tracker.spawn(MqttSink::build(common, m).run(ctx)),
+                SinkKind::Http(h) => tracker.spawn(HttpSink::build(common, h).run(ctx)),
+            };
+        }
+        let port = OutputPort::new(publisher.clone(), outbox.clone());
 
         let workers = TaskTracker::new();
         let mut routes = Vec::new();
@@ -169,12 +186,17 @@ impl Gateway {
         }
         drop(port);
         workers.close();
-        // When the last worker is done, nothing can publish any more: let the
-        // publisher flush and disconnect.
+        // When the last worker is done, nothing can publish or forward any
+        // more: let the publisher flush and disconnect, commit what is left
+        // in the outbox, then stop the sinks (undelivered records stay in the
+        // outbox for the next start).
+        let flush_outbox = outbox.clone();
         tracker.spawn(async move {
             workers.wait().await;
             let _ = publisher.try_disconnect();
             publisher_stop.cancel();
+            flush_outbox.flush().await;
+            sinks_stop.cancel();
         });
 
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -199,6 +221,8 @@ impl Gateway {
             metrics,
             local,
             ready,
+            outbox,
+            sinks,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an
@@ -240,6 +264,16 @@ impl Gateway {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, m)| m)
+    }
+
+    /// The outbox (counters, flush).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// A sink's delivery counters.
+    pub fn sink_stats(&self, name: &str) -> Option<&Arc<DeliveryStats>> {
+        self.sinks.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
     /// Gateway-wide counters.

@@ -13,6 +13,8 @@
 
 mod bad_input;
 mod cli;
+mod durability;
 mod pipeline;
+mod sinks;
 mod support;
 mod tls;

@@ -19,7 +19,7 @@ struct Pki {
     client: (String, String),
 }
 
-fn pki() -> Pki {
+fn make_pki() -> Pki {
     let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -64,14 +64,18 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_sink_delivers_over_mutual_tls_and_is_refused_without_a_client_certificate() {
-    let pki = pki();
+async fn mqtt_sink_delivers_over_mutual_tls_and_is_refused_without_a_valid_client_certificate() {
+    let pki = make_pki();
     let dir = tempfile::tempdir().unwrap();
     let ca = write(dir.path(), "ca.pem", &pki.ca);
     let server_cert = write(dir.path(), "server.pem", &pki.server.0);
     let server_key = write(dir.path(), "server.key", &pki.server.1);
     let client_cert = write(dir.path(), "client.pem", &pki.client.0);
     let client_key = write(dir.path(), "client.key", &pki.client.1);
+    // A client certificate from another CA: the broker must refuse it.
+    let rogue = make_pki();
+    let rogue_cert = write(dir.path(), "rogue.pem", &rogue.client.0);
+    let rogue_key = write(dir.path(), "rogue.key", &rogue.client.1);
     let Some(cloud) = Mosquitto::start_with(&format!(
         "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
         ca.display(),
@@ -102,6 +106,12 @@ kind = "mqtt"
 name = "no-client-cert"
 url = "mqtts://localhost:{port}"
 tls = {{ ca = {ca} }}
+
+[[sinks]]
+kind = "mqtt"
+name = "wrong-client-cert"
+url = "mqtts://localhost:{port}"
+tls = {{ ca = {ca}, cert = {rogue_cert}, key = {rogue_key} }}
 "#,
         header = gateway_header("gw-tls"),
         enrich = lit(&guest("enrich")),
@@ -109,6 +119,8 @@ tls = {{ ca = {ca} }}
         ca = lit(&ca),
         cert = lit(&client_cert),
         key = lit(&client_key),
+        rogue_cert = lit(&rogue_cert),
+        rogue_key = lit(&rogue_key),
     );
     let (gw, _cfg_dir) = gateway(&toml).await;
 
@@ -132,12 +144,18 @@ tls = {{ ca = {ca} }}
     assert_eq!(topic, "devices/gw-tls/telemetry");
     assert_eq!(envelope["payload"]["celsius"], 22.5);
 
-    // The sink without a client certificate is refused by the broker and
-    // keeps retrying with back-off.
-    let metrics = gw.metrics().clone();
-    eventually("the sink without a client certificate is refused", || {
-        metrics.reconnects.load(Ordering::Relaxed) >= 1
-    })
-    .await;
+    // The sinks without a valid client certificate are refused by the
+    // broker and keep retrying with back-off; they never connect.
+    for sink in ["no-client-cert", "wrong-client-cert"] {
+        let stats = gw.sink_stats(sink).unwrap().clone();
+        eventually(sink, || stats.failures.load(Ordering::Relaxed) >= 1).await;
+        assert_eq!(
+            stats.connects.load(Ordering::Relaxed),
+            0,
+            "{sink} must not connect"
+        );
+    }
+    let good = gw.sink_stats("cloud").unwrap();
+    assert_eq!(good.connects.load(Ordering::Relaxed), 1);
     assert!(gw.shutdown(WAIT).await);
 }

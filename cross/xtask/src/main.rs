@@ -47,6 +47,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "test" => {
             build_functions()?;
+            // The durability tests run the real binary (kill -9 cycles).
+            let mut build = cargo();
+            build.args(["build", "--package", "edgefn"]);
+            exec(build)?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "xtask"])
                 .args(rest);

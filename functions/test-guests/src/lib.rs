@@ -2,7 +2,8 @@
 //! used by the gateway's tests to check isolation and limits.
 //!
 //! The mode is the payload's `mode:<name>` if it has one, else the `mode`
-//! config key. Modes: `echo` (publishes the payload on `echo/<topic>`), `error` (returns
+//! config key. Modes: `echo` (publishes the payload on `echo/<topic>`), `slow`
+//! (20 ms of work, then publishes on `slow/<topic>`), `error` (returns
 //! an error), `trap` (panics, which traps), `loop` (never returns), `alloc`
 //! (grows memory without bound), `publish-denied` (publishes outside its
 //! allowlist, then reports the refusal on `allowed/denied`), `forward-denied`
@@ -27,6 +28,15 @@ impl Function for Misbehave {
         match mode.as_str() {
             "echo" => publish(&format!("echo/{}", event.topic), &event.payload)?,
             "error" => return Err("this function always fails".into()),
+            "slow" => {
+                // Busy for 20 ms, then echo: finishes after events that
+                // arrived later at faster functions.
+                let start = std::time::Instant::now();
+                while start.elapsed() < std::time::Duration::from_millis(20) {
+                    std::hint::spin_loop();
+                }
+                publish(&format!("slow/{}", event.topic), &event.payload)?;
+            }
             "trap" => {
                 // A panic aborts, which is a trap for the host.
                 let v: Vec<u8> = Vec::new();

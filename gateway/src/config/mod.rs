@@ -80,6 +80,8 @@ pub struct ValidConfig {
     pub functions: Vec<FunctionSpec>,
     /// The sinks, in file order.
     pub sinks: Vec<SinkSpec>,
+    /// `outbox.max_commits_per_sec`.
+    pub outbox_commits_per_sec: u32,
 }
 
 /// The local broker, validated.
@@ -189,16 +191,57 @@ impl From<&schema::LimitsConfig> for Limits {
 pub struct SinkSpec {
     /// Unique name.
     pub name: String,
+    /// Envelope encoding.
+    pub format: EnvelopeFormat,
+    /// Records per message or request at most.
+    pub batch_max: usize,
+    /// How long a partial batch waits to fill.
+    pub batch_linger: Duration,
+    /// This sink's outbox limits.
+    pub limits: crate::outbox::SinkLimits,
+    /// Kind-specific settings.
+    pub kind: SinkKind,
+}
+
+/// Kind-specific sink settings.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    /// MQTT.
+    Mqtt(MqttSinkSpec),
+    /// HTTP(S).
+    Http(HttpSinkSpec),
+}
+
+/// A validated MQTT sink.
+#[derive(Debug, Clone)]
+pub struct MqttSinkSpec {
     /// The broker to deliver to.
     pub endpoint: MqttEndpoint,
     /// Topic template with `{gateway}`, `{function}`, `{sink}`, `{topic}`.
     pub topic_template: String,
-    /// Envelope encoding.
-    pub format: EnvelopeFormat,
-    /// In-flight window.
+    /// In-flight window (messages).
     pub max_inflight: u16,
     /// Keep-alive interval.
     pub keep_alive: Duration,
+    /// Protocol version.
+    pub protocol: schema::MqttProtocol,
+    /// Tear the connection down when a publish waits longer than this.
+    pub ack_timeout: Duration,
+}
+
+/// A validated HTTP sink.
+#[derive(Debug, Clone)]
+pub struct HttpSinkSpec {
+    /// The URL batches are POSTed to.
+    pub url: String,
+    /// Extra headers, including `Authorization` when a token is set.
+    pub headers: Vec<(String, String)>,
+    /// Request timeout.
+    pub timeout: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+    /// Custom CA and optional client identity.
+    pub tls: Option<TlsMaterial>,
 }
 
 /// Loads, interpolates and validates a configuration file, using the
@@ -261,8 +304,19 @@ pub fn parse(
     let config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            err(key, e.into_inner().to_string().trim_end().to_owned())
+            let mut key = if key == "." { String::new() } else { key };
+            let mut reason = e.into_inner().to_string().trim_end().to_owned();
+            // A nested path from a tagged table (see `schema::NESTED_PATH`).
+            let marker = schema::NESTED_PATH;
+            if let Some((before, rest)) = reason.split_once(marker)
+                && let Some((nested, message)) = rest.split_once(marker)
+            {
+                if nested != "." {
+                    key = format!("{key}.{nested}");
+                }
+                reason = format!("{before}{message}");
+            }
+            err(key, reason)
         })?;
     validate(path, config)
 }
@@ -380,7 +434,33 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                 format!("duplicate sink name `{}`", sink.name()),
             );
         }
-        match sink {
+        let (format, batch_max, batch_linger_ms, outbox) = match sink {
+            SinkConfig::Mqtt(c) => (c.format, c.batch_max, c.batch_linger_ms, &c.outbox),
+            SinkConfig::Http(c) => (c.format, c.batch_max, c.batch_linger_ms, &c.outbox),
+        };
+        if !(1..=10_000).contains(&batch_max) {
+            p.add(format!("{key}.batch_max"), "must be between 1 and 10000");
+        }
+        if batch_linger_ms > 60_000 {
+            p.add(format!("{key}.batch_linger_ms"), "must be at most 60000");
+        }
+        if outbox.max_rows == 0 {
+            p.add(format!("{key}.outbox.max_rows"), "must be at least 1");
+        }
+        if outbox.max_bytes < 1024 {
+            p.add(format!("{key}.outbox.max_bytes"), "must be at least 1024");
+        }
+        if outbox.ttl_s == 0 {
+            p.add(format!("{key}.outbox.ttl_s"), "must be at least 1 second");
+        }
+        let limits = crate::outbox::SinkLimits {
+            sink: sink.name().to_owned(),
+            max_rows: outbox.max_rows,
+            max_bytes: outbox.max_bytes,
+            ttl: Duration::from_secs(outbox.ttl_s),
+            policy: outbox.full_policy,
+        };
+        let kind = match sink {
             SinkConfig::Mqtt(c) => {
                 check_topic_template(&mut p, &format!("{key}.topic"), &c.topic);
                 if c.max_inflight == 0 {
@@ -389,7 +469,10 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                 if c.keep_alive_s < 5 {
                     p.add(format!("{key}.keep_alive_s"), "must be at least 5 seconds");
                 }
-                let ep = endpoint(
+                if c.ack_timeout_s == 0 {
+                    p.add(format!("{key}.ack_timeout_s"), "must be at least 1 second");
+                }
+                endpoint(
                     &mut p,
                     &key,
                     &resolve,
@@ -400,19 +483,34 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                     c.username.as_deref(),
                     c.password.as_deref(),
                     c.tls.as_ref(),
-                );
-                if let Some(endpoint) = ep {
-                    sinks.push(SinkSpec {
-                        name: c.name.clone(),
+                )
+                .map(|endpoint| {
+                    SinkKind::Mqtt(MqttSinkSpec {
                         endpoint,
                         topic_template: c.topic.clone(),
-                        format: c.format,
                         max_inflight: c.max_inflight,
                         keep_alive: Duration::from_secs(c.keep_alive_s),
-                    });
-                }
+                        protocol: c.protocol,
+                        ack_timeout: Duration::from_secs(c.ack_timeout_s),
+                    })
+                })
             }
+            SinkConfig::Http(c) => http_sink(&mut p, &key, &resolve, c),
+        };
+        if let Some(kind) = kind {
+            sinks.push(SinkSpec {
+                name: sink.name().to_owned(),
+                format,
+                batch_max,
+                batch_linger: Duration::from_millis(batch_linger_ms),
+                limits,
+                kind,
+            });
         }
+    }
+
+    if !(1..=1000).contains(&config.outbox.max_commits_per_sec) {
+        p.add("outbox.max_commits_per_sec", "must be between 1 and 1000");
     }
 
     let mut functions = Vec::new();
@@ -439,6 +537,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             broker,
             functions,
             sinks,
+            outbox_commits_per_sec: config.outbox.max_commits_per_sec,
         }),
         _ => Err(ConfigErrors(p.list)),
     }
@@ -641,6 +740,93 @@ fn endpoint(
         credentials,
         tls,
     })
+}
+
+fn http_sink(
+    p: &mut Problems<'_>,
+    key: &str,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    c: &schema::HttpSinkConfig,
+) -> Option<SinkKind> {
+    let secure = c.url.starts_with("https://");
+    if !secure && !c.url.starts_with("http://") {
+        p.add(
+            format!("{key}.url"),
+            format!("`{}` must start with `http://` or `https://`", c.url),
+        );
+        return None;
+    }
+    match reqwest::Url::parse(&c.url) {
+        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {}
+        Ok(_) => {
+            p.add(format!("{key}.url"), format!("`{}` has no host", c.url));
+            return None;
+        }
+        Err(e) => {
+            p.add(
+                format!("{key}.url"),
+                format!("`{}` is not a valid URL: {e}", c.url),
+            );
+            return None;
+        }
+    }
+    if !(100..=600_000).contains(&c.timeout_ms) {
+        p.add(
+            format!("{key}.timeout_ms"),
+            "must be between 100 and 600000",
+        );
+    }
+    if c.max_backoff_ms < 100 {
+        p.add(format!("{key}.max_backoff_ms"), "must be at least 100");
+    }
+    let mut headers = Vec::new();
+    for (name, value) in &c.headers {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            p.add(
+                format!("{key}.headers.{name}"),
+                "is not a valid header name",
+            );
+        } else if value.contains(['\r', '\n']) {
+            p.add(
+                format!("{key}.headers.{name}"),
+                "must not contain line breaks",
+            );
+        } else {
+            headers.push((name.clone(), value.clone()));
+        }
+    }
+    if let Some(token) = &c.bearer_token {
+        if token.is_empty() || token.contains(['\r', '\n']) {
+            p.add(
+                format!("{key}.bearer_token"),
+                "must be a non-empty single line",
+            );
+        } else {
+            headers.push(("Authorization".into(), format!("Bearer {token}")));
+        }
+    }
+    let tls = match (&c.tls, secure) {
+        (Some(_), false) => {
+            p.add(
+                format!("{key}.tls"),
+                format!("is set but `{}` is not `https://`", c.url),
+            );
+            None
+        }
+        (Some(t), true) => tls_material(p, &format!("{key}.tls"), t, resolve),
+        (None, _) => None,
+    };
+    Some(SinkKind::Http(HttpSinkSpec {
+        url: c.url.clone(),
+        headers,
+        timeout: Duration::from_millis(c.timeout_ms),
+        max_backoff: Duration::from_millis(c.max_backoff_ms),
+        tls,
+    }))
 }
 
 fn tls_material(

@@ -24,6 +24,31 @@ pub struct Config {
     /// Where forwarded records go (the cloud).
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+    /// The durable outbox between functions and sinks.
+    #[serde(default)]
+    pub outbox: OutboxSettings,
+}
+
+/// `[outbox]`: the SQLite store-and-forward queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Ceiling on commits per second; each commit is one fsync, so this
+    /// bounds the write load on an SD card. Records are grouped per commit.
+    #[serde(default = "default_max_commits_per_sec")]
+    pub max_commits_per_sec: u32,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            max_commits_per_sec: default_max_commits_per_sec(),
+        }
+    }
+}
+
+fn default_max_commits_per_sec() -> u32 {
+    20
 }
 
 /// `[gateway]`: who this gateway is and where it keeps its files.
@@ -186,12 +211,53 @@ fn default_queue() -> usize {
     1024
 }
 
-/// `[[sinks]]`: a destination for forwarded records.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+/// `[[sinks]]`: a destination for forwarded records, chosen by `kind`.
+#[derive(Debug, Clone)]
 pub enum SinkConfig {
     /// An MQTT broker in the cloud (or anywhere else).
     Mqtt(MqttSinkConfig),
+    /// An HTTP(S) endpoint that takes POSTed batches.
+    Http(HttpSinkConfig),
+}
+
+/// Marks a nested key path inside an error message, so the loader can append
+/// it to the key it reports (serde's internally tagged enums lose the path).
+pub(crate) const NESTED_PATH: char = '\u{1}';
+
+impl<'de> Deserialize<'de> for SinkConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        fn inner<T: serde::de::DeserializeOwned, E: Error>(table: toml::Table) -> Result<T, E> {
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                E::custom(format!(
+                    "{NESTED_PATH}{path}{NESTED_PATH}{}",
+                    e.into_inner()
+                ))
+            })
+        }
+        let mut table = toml::Table::deserialize(d)?;
+        let kind = match table.remove("kind") {
+            Some(toml::Value::String(k)) => k,
+            Some(_) => {
+                return Err(D::Error::custom(format!(
+                    "{NESTED_PATH}kind{NESTED_PATH}must be a string"
+                )));
+            }
+            None => {
+                return Err(D::Error::custom(
+                    "missing field `kind` (\"mqtt\" or \"http\")",
+                ));
+            }
+        };
+        match kind.as_str() {
+            "mqtt" => inner(table).map(Self::Mqtt),
+            "http" => inner(table).map(Self::Http),
+            other => Err(D::Error::custom(format!(
+                "{NESTED_PATH}kind{NESTED_PATH}unknown sink kind `{other}` (use \"mqtt\" or \"http\")"
+            ))),
+        }
+    }
 }
 
 impl SinkConfig {
@@ -199,8 +265,117 @@ impl SinkConfig {
     pub fn name(&self) -> &str {
         match self {
             Self::Mqtt(c) => &c.name,
+            Self::Http(c) => &c.name,
         }
     }
+}
+
+/// `[sinks.outbox]`: how much of the outbox one sink may hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkOutboxConfig {
+    /// Records held for this sink at most.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: u64,
+    /// Payload bytes held for this sink at most.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Records older than this many seconds are deleted undelivered
+    /// (counted and logged).
+    #[serde(default = "default_ttl_s")]
+    pub ttl_s: u64,
+    /// When full: `refuse` (hold new records back; the sources stop
+    /// acknowledging, nothing is dropped) or `drop_oldest`.
+    #[serde(default = "default_full_policy")]
+    pub full_policy: crate::outbox::FullPolicy,
+}
+
+impl Default for SinkOutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: default_max_rows(),
+            max_bytes: default_max_bytes(),
+            ttl_s: default_ttl_s(),
+            full_policy: default_full_policy(),
+        }
+    }
+}
+
+fn default_max_rows() -> u64 {
+    1_000_000
+}
+fn default_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_ttl_s() -> u64 {
+    7 * 24 * 3600
+}
+fn default_full_policy() -> crate::outbox::FullPolicy {
+    crate::outbox::FullPolicy::Refuse
+}
+
+/// MQTT protocol version of a sink connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1; the idempotency key travels in the envelope (`id`).
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5; the idempotency key also travels as the user property
+    /// `idempotency-key`.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// `[[sinks]]` with `kind = "http"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// Unique name that functions use in `forward(sink, ...)`.
+    pub name: String,
+    /// `http://` or `https://` URL that batches are POSTed to.
+    pub url: String,
+    /// Extra request headers (values may use `${VAR}`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Sent as `Authorization: Bearer <token>` (use `${VAR}`).
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Body encoding: a JSON array or a CBOR array of envelopes.
+    #[serde(default)]
+    pub format: EnvelopeFormat,
+    /// Records per request at most.
+    #[serde(default = "default_http_batch_max")]
+    pub batch_max: usize,
+    /// How long to wait for a batch to fill before sending a partial one.
+    #[serde(default = "default_http_linger_ms")]
+    pub batch_linger_ms: u64,
+    /// Request timeout (connect + response), in milliseconds.
+    #[serde(default = "default_http_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Longest wait between retries, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+    /// TLS: a custom CA and, for mutual TLS, a client certificate and key
+    /// (`alpn` is not used). Without it, `https://` trusts the system's CAs.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Outbox limits for this sink.
+    #[serde(default)]
+    pub outbox: SinkOutboxConfig,
+}
+
+fn default_http_batch_max() -> usize {
+    100
+}
+fn default_http_linger_ms() -> u64 {
+    100
+}
+fn default_http_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
 }
 
 /// `[[sinks]]` with `kind = "mqtt"`.
@@ -237,6 +412,30 @@ pub struct MqttSinkConfig {
     /// MQTT keep-alive, in seconds.
     #[serde(default = "default_keep_alive_s")]
     pub keep_alive_s: u64,
+    /// `"3.1.1"` (default) or `"5"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Records per MQTT message at most; above 1, a message carries an array
+    /// of envelopes (fewer publishes, e.g. for AWS IoT's 100 publishes/s).
+    #[serde(default = "default_mqtt_batch_max")]
+    pub batch_max: usize,
+    /// How long to wait for a batch to fill (only with `batch_max` > 1).
+    #[serde(default)]
+    pub batch_linger_ms: u64,
+    /// A connection with a publish unacknowledged this long is torn down and
+    /// rebuilt, and everything unconfirmed is sent again.
+    #[serde(default = "default_ack_timeout_s")]
+    pub ack_timeout_s: u64,
+    /// Outbox limits for this sink.
+    #[serde(default)]
+    pub outbox: SinkOutboxConfig,
+}
+
+fn default_mqtt_batch_max() -> usize {
+    1
+}
+fn default_ack_timeout_s() -> u64 {
+    30
 }
 
 fn default_sink_topic() -> String {

@@ -2,6 +2,13 @@ use std::path::Path;
 
 use super::*;
 
+fn mqtt(s: &SinkSpec) -> &MqttSinkSpec {
+    match &s.kind {
+        SinkKind::Mqtt(m) => m,
+        SinkKind::Http(_) => panic!("not an MQTT sink"),
+    }
+}
+
 fn no_env(_: &str) -> Option<String> {
     None
 }
@@ -55,10 +62,13 @@ fn demo_config_is_valid() {
     assert_eq!(names, ["threshold", "enrich", "cbor-decode"]);
     assert_eq!(c.sinks[0].name, "cloud");
     assert_eq!(
-        (c.sinks[0].endpoint.host.as_str(), c.sinks[0].endpoint.port),
+        (
+            mqtt(&c.sinks[0]).endpoint.host.as_str(),
+            mqtt(&c.sinks[0]).endpoint.port
+        ),
         ("127.0.0.1", 1883)
     );
-    assert_eq!(c.sinks[0].topic_template, "cloud/{gateway}/{topic}");
+    assert_eq!(mqtt(&c.sinks[0]).topic_template, "cloud/{gateway}/{topic}");
 }
 
 #[test]
@@ -67,7 +77,7 @@ fn demo_listen_address_follows_the_environment() {
     let env = |name: &str| (name == "EDGEFN_MQTT_LISTEN").then(|| "127.0.0.1:2883".to_owned());
     let c = load_with_env(&path, &env).expect("valid");
     assert!(matches!(c.broker, Broker::Embedded { listen } if listen.port() == 2883));
-    assert_eq!(c.sinks[0].endpoint.port, 2883);
+    assert_eq!(mqtt(&c.sinks[0]).endpoint.port, 2883);
 }
 
 #[test]
@@ -164,16 +174,19 @@ fn sink_urls_and_tls_are_checked() {
     let sink =
         |extra: &str| format!("{MINIMAL}\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\n{extra}\n");
     let c = parse_str(&sink("url = \"mqtt://broker.example:1884\"")).expect("valid");
-    let ep = &c.sinks[0].endpoint;
+    let ep = &mqtt(&c.sinks[0]).endpoint;
     assert_eq!((ep.host.as_str(), ep.port), ("broker.example", 1884));
     assert_eq!(ep.client_id, "edgefn-gw1-cloud");
     let c = parse_str(&sink("url = \"mqtt://[::1]:1885\"")).expect("valid");
     assert_eq!(
-        (c.sinks[0].endpoint.host.as_str(), c.sinks[0].endpoint.port),
+        (
+            mqtt(&c.sinks[0]).endpoint.host.as_str(),
+            mqtt(&c.sinks[0]).endpoint.port
+        ),
         ("::1", 1885)
     );
     let c = parse_str(&sink("url = \"mqtt://host\"")).expect("valid");
-    assert_eq!(c.sinks[0].endpoint.port, 1883);
+    assert_eq!(mqtt(&c.sinks[0]).endpoint.port, 1883);
 
     let e = errors(&sink("url = \"http://x\""));
     assert_eq!(e[0].key, "sinks[0].url");
@@ -212,4 +225,57 @@ fn unknown_broker_kind_is_rejected() {
     let e = errors(&format!("{MINIMAL}\n[broker]\nkind = \"cloud\"\n"));
     assert_eq!(e[0].key, "broker.kind");
     assert!(e[0].reason.contains("unknown variant"), "{}", e[0].reason);
+}
+
+#[test]
+fn http_sinks_and_outbox_limits_are_validated() {
+    let http =
+        |extra: &str| format!("{MINIMAL}\n[[sinks]]\nkind = \"http\"\nname = \"web\"\n{extra}\n");
+    let c = parse_str(&http(
+        "url = \"https://ingest.example/v1\"\nbearer_token = \"t0k\"\nheaders = { X-Tenant = \"barn\" }\n[sinks.outbox]\nmax_rows = 10\nfull_policy = \"drop_oldest\"",
+    ))
+    .expect("valid");
+    let s = &c.sinks[0];
+    assert_eq!(
+        (s.batch_max, s.batch_linger),
+        (100, Duration::from_millis(100))
+    );
+    assert_eq!(s.limits.max_rows, 10);
+    assert_eq!(s.limits.policy, crate::outbox::FullPolicy::DropOldest);
+    let SinkKind::Http(h) = &s.kind else {
+        panic!("http")
+    };
+    assert!(
+        h.headers
+            .contains(&("Authorization".into(), "Bearer t0k".into()))
+    );
+    assert!(h.headers.contains(&("X-Tenant".into(), "barn".into())));
+    assert_eq!(c.outbox_commits_per_sec, 20);
+
+    let e = errors(&http("url = \"ftp://x\""));
+    assert_eq!(e[0].key, "sinks[0].url");
+    let e = errors(&http("url = \"http://x\"\ntls = { ca = \"ca.pem\" }"));
+    assert_eq!(e[0].key, "sinks[0].tls");
+    let e = errors(&http(
+        "url = \"http://x\"\nbatch_max = 0\n[sinks.outbox]\nfull_policy = \"maybe\"",
+    ));
+    assert_eq!(e[0].key, "sinks[0].outbox.full_policy");
+    let e = errors(&http("url = \"http://x\"\nbatch_max = 0"));
+    assert_eq!(e[0].key, "sinks[0].batch_max");
+    let e = errors(&format!("{MINIMAL}\n[outbox]\nmax_commits_per_sec = 0\n"));
+    assert_eq!(e[0].key, "outbox.max_commits_per_sec");
+}
+
+#[test]
+fn mqtt_sink_protocol_and_batching() {
+    let c = parse_str(&format!(
+        "{MINIMAL}\n[[sinks]]\nkind = \"mqtt\"\nname = \"c\"\nurl = \"mqtt://x\"\nprotocol = \"5\"\nbatch_max = 10\nbatch_linger_ms = 50\n"
+    ))
+    .expect("valid");
+    assert_eq!(mqtt(&c.sinks[0]).protocol, schema::MqttProtocol::V5);
+    assert_eq!(c.sinks[0].batch_max, 10);
+    let e = errors(&format!(
+        "{MINIMAL}\n[[sinks]]\nkind = \"mqtt\"\nname = \"c\"\nurl = \"mqtt://x\"\nprotocol = \"4\"\n"
+    ));
+    assert_eq!(e[0].key, "sinks[0].protocol");
 }

@@ -1,64 +1,105 @@
 //! The envelope around a forwarded payload:
-//! `{gateway, function, topic, seq, ts, payload}` in JSON or CBOR.
+//! `{id, gateway, function, topic, seq, ts, payload}` in JSON or CBOR.
 //!
-//! `seq` increases by one per record and sink, so the cloud can spot gaps and
-//! duplicates; `ts` is the forward time in milliseconds since the Unix epoch.
-//! In JSON, a payload that is itself JSON is embedded as JSON; any other
-//! payload is carried as base64 under `payload_base64`. In CBOR the payload is
-//! always a byte string.
+//! `seq` is the record's outbox sequence number: unique per gateway,
+//! increasing in delivery order (per sink it has gaps where other sinks'
+//! records sit). `id` is `<gateway>-<seq>`, the idempotency key: a record
+//! sent twice (after a reconnect or a crash) carries the same `id`. `ts` is
+//! the forward time in milliseconds since the Unix epoch. In JSON, a payload
+//! that is itself JSON is embedded as JSON; any other payload is carried as
+//! base64 under `payload_base64`. In CBOR the payload is always a byte
+//! string. A batch is an array of envelopes.
 
 use base64::Engine as _;
 use ciborium::value::Value as Cbor;
 
-use super::SinkRecord;
 use crate::config::EnvelopeFormat;
+use crate::outbox::StoredRecord;
 
-/// Encodes `record` with sequence number `seq`.
-pub fn encode(format: EnvelopeFormat, gateway: &str, seq: u64, record: &SinkRecord) -> Vec<u8> {
+/// The idempotency key of a record.
+pub fn idempotency_key(gateway: &str, seq: u64) -> String {
+    format!("{gateway}-{seq}")
+}
+
+/// One envelope as a JSON value.
+pub fn json_value(gateway: &str, record: &StoredRecord) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("id".into(), idempotency_key(gateway, record.seq).into());
+    obj.insert("gateway".into(), gateway.into());
+    obj.insert("function".into(), record.function.as_str().into());
+    obj.insert("topic".into(), record.topic.as_str().into());
+    obj.insert("seq".into(), record.seq.into());
+    obj.insert("ts".into(), record.ts_ms.into());
+    match serde_json::from_slice::<serde_json::Value>(&record.payload) {
+        Ok(v) => obj.insert("payload".into(), v),
+        Err(_) => obj.insert(
+            "payload_base64".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(&record.payload)
+                .into(),
+        ),
+    };
+    serde_json::Value::Object(obj)
+}
+
+fn cbor_value(gateway: &str, record: &StoredRecord) -> Cbor {
+    Cbor::Map(vec![
+        (
+            Cbor::Text("id".into()),
+            Cbor::Text(idempotency_key(gateway, record.seq)),
+        ),
+        (Cbor::Text("gateway".into()), Cbor::Text(gateway.into())),
+        (
+            Cbor::Text("function".into()),
+            Cbor::Text(record.function.clone()),
+        ),
+        (Cbor::Text("topic".into()), Cbor::Text(record.topic.clone())),
+        (Cbor::Text("seq".into()), Cbor::Integer(record.seq.into())),
+        (Cbor::Text("ts".into()), Cbor::Integer(record.ts_ms.into())),
+        (
+            Cbor::Text("payload".into()),
+            Cbor::Bytes(record.payload.to_vec()),
+        ),
+    ])
+}
+
+fn cbor_bytes(value: &Cbor) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing a Value into a Vec cannot fail.
+    if let Err(e) = ciborium::into_writer(value, &mut out) {
+        tracing::error!(error = %e, "CBOR envelope encoding failed.");
+    }
+    out
+}
+
+/// Encodes one record.
+pub fn encode(format: EnvelopeFormat, gateway: &str, record: &StoredRecord) -> Vec<u8> {
+    match format {
+        EnvelopeFormat::Json => json_value(gateway, record).to_string().into_bytes(),
+        EnvelopeFormat::Cbor => cbor_bytes(&cbor_value(gateway, record)),
+    }
+}
+
+/// Encodes records as one message: a single envelope when `as_array` is
+/// false and there is one record, else an array of envelopes.
+pub fn encode_batch(
+    format: EnvelopeFormat,
+    gateway: &str,
+    records: &[StoredRecord],
+    as_array: bool,
+) -> Vec<u8> {
+    if let ([one], false) = (records, as_array) {
+        return encode(format, gateway, one);
+    }
     match format {
         EnvelopeFormat::Json => {
-            let mut obj = serde_json::Map::new();
-            obj.insert("gateway".into(), gateway.into());
-            obj.insert("function".into(), record.function.as_str().into());
-            obj.insert("topic".into(), record.source_topic.as_str().into());
-            obj.insert("seq".into(), seq.into());
-            obj.insert("ts".into(), record.ts_ms.into());
-            match serde_json::from_slice::<serde_json::Value>(&record.payload) {
-                Ok(v) => obj.insert("payload".into(), v),
-                Err(_) => obj.insert(
-                    "payload_base64".into(),
-                    base64::engine::general_purpose::STANDARD
-                        .encode(&record.payload)
-                        .into(),
-                ),
-            };
-            serde_json::Value::Object(obj).to_string().into_bytes()
+            serde_json::Value::Array(records.iter().map(|r| json_value(gateway, r)).collect())
+                .to_string()
+                .into_bytes()
         }
-        EnvelopeFormat::Cbor => {
-            let map = Cbor::Map(vec![
-                (Cbor::Text("gateway".into()), Cbor::Text(gateway.into())),
-                (
-                    Cbor::Text("function".into()),
-                    Cbor::Text(record.function.clone()),
-                ),
-                (
-                    Cbor::Text("topic".into()),
-                    Cbor::Text(record.source_topic.clone()),
-                ),
-                (Cbor::Text("seq".into()), Cbor::Integer(seq.into())),
-                (Cbor::Text("ts".into()), Cbor::Integer(record.ts_ms.into())),
-                (
-                    Cbor::Text("payload".into()),
-                    Cbor::Bytes(record.payload.to_vec()),
-                ),
-            ]);
-            let mut out = Vec::with_capacity(record.payload.len() + 96);
-            // Writing into a Vec cannot fail for a Value built above.
-            if let Err(e) = ciborium::into_writer(&map, &mut out) {
-                tracing::error!(error = %e, "CBOR envelope encoding failed.");
-            }
-            out
-        }
+        EnvelopeFormat::Cbor => cbor_bytes(&Cbor::Array(
+            records.iter().map(|r| cbor_value(gateway, r)).collect(),
+        )),
     }
 }
 
@@ -66,10 +107,11 @@ pub fn encode(format: EnvelopeFormat, gateway: &str, seq: u64, record: &SinkReco
 mod tests {
     use super::*;
 
-    fn record(payload: &[u8]) -> SinkRecord {
-        SinkRecord {
+    fn record(payload: &[u8]) -> StoredRecord {
+        StoredRecord {
+            seq: 7,
             function: "enrich".into(),
-            source_topic: "sensors/a/temperature".into(),
+            topic: "sensors/a/temperature".into(),
             payload: bytes::Bytes::copy_from_slice(payload),
             ts_ms: 1_700_000_000_000,
         }
@@ -77,8 +119,9 @@ mod tests {
 
     #[test]
     fn json_embeds_json_payloads() {
-        let out = encode(EnvelopeFormat::Json, "gw", 7, &record(br#"{"value":1.5}"#));
+        let out = encode(EnvelopeFormat::Json, "gw", &record(br#"{"value":1.5}"#));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["id"], "gw-7");
         assert_eq!(v["gateway"], "gw");
         assert_eq!(v["function"], "enrich");
         assert_eq!(v["topic"], "sensors/a/temperature");
@@ -89,7 +132,7 @@ mod tests {
 
     #[test]
     fn json_carries_binary_as_base64() {
-        let out = encode(EnvelopeFormat::Json, "gw", 1, &record(&[0xff, 0x00, 0x10]));
+        let out = encode(EnvelopeFormat::Json, "gw", &record(&[0xff, 0x00, 0x10]));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
         assert_eq!(v["payload_base64"], "/wAQ");
         assert!(v.get("payload").is_none());
@@ -97,7 +140,7 @@ mod tests {
 
     #[test]
     fn cbor_round_trips() {
-        let out = encode(EnvelopeFormat::Cbor, "gw", 3, &record(b"raw"));
+        let out = encode(EnvelopeFormat::Cbor, "gw", &record(b"raw"));
         let v: Cbor = ciborium::from_reader(out.as_slice()).unwrap_or(Cbor::Null);
         let map = v.as_map().cloned().unwrap_or_default();
         let get = |k: &str| {
@@ -105,8 +148,22 @@ mod tests {
                 .find(|(key, _)| key.as_text() == Some(k))
                 .map(|(_, v)| v.clone())
         };
-        assert_eq!(get("seq"), Some(Cbor::Integer(3.into())));
+        assert_eq!(get("seq"), Some(Cbor::Integer(7.into())));
+        assert_eq!(get("id"), Some(Cbor::Text("gw-7".into())));
         assert_eq!(get("payload"), Some(Cbor::Bytes(b"raw".to_vec())));
-        assert_eq!(get("gateway"), Some(Cbor::Text("gw".into())));
+    }
+
+    #[test]
+    fn batches_are_arrays() {
+        let records = [record(b"1"), record(b"2")];
+        let out = encode_batch(EnvelopeFormat::Json, "gw", &records, false);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v.as_array().map(Vec::len), Some(2));
+        let one = encode_batch(EnvelopeFormat::Json, "gw", &records[..1], true);
+        let v: serde_json::Value = serde_json::from_slice(&one).unwrap_or_default();
+        assert_eq!(v.as_array().map(Vec::len), Some(1));
+        let cbor = encode_batch(EnvelopeFormat::Cbor, "gw", &records, true);
+        let v: Cbor = ciborium::from_reader(cbor.as_slice()).unwrap_or(Cbor::Null);
+        assert_eq!(v.as_array().map(Vec::len), Some(2));
     }
 }

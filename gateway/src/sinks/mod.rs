@@ -1,58 +1,134 @@
-//! Sinks: where forwarded records go. Each kind lives in its own folder and
-//! implements [`Sink`]; each sink runs as one delivery task fed by a bounded
-//! queue of [`SinkRecord`]s.
+//! Sinks: delivery from the durable outbox to the cloud. Each kind lives in
+//! its own folder and implements [`Sink`]; each configured sink runs one
+//! delivery task that reads its records from the [`Outbox`] in sequence
+//! order, sends them, and confirms each record only when the other side has
+//! acknowledged *that* record (MQTT PUBACK for its packet id, HTTP 2xx).
+//! Confirmed rows are deleted; everything else is sent again after a
+//! reconnect or restart, so delivery is at-least-once and in order, and the
+//! envelope's `id` (`<gateway>-<seq>`) lets the cloud drop duplicates.
 //!
-//! Kinds: [`mqtt`] (a cloud MQTT broker, QoS 1, optional mutual TLS).
+//! Kinds: [`mqtt`] (3.1.1 or 5, QoS 1, TLS and mutual TLS) and [`http`]
+//! (POSTed batches, retries with back-off and jitter).
 //!
-//! Not yet crash-safe: records wait in memory until their broker acknowledges
-//! them. The durable SQLite outbox replaces that queue in its own issue.
+//! Records the other side *rejects* (HTTP 4xx, an MQTT 5 PUBACK with an
+//! error reason) are not retried forever: they go to the local dead-letter
+//! topic `edgefn/deadletter/sinks/<sink>` with the reason, then are removed.
 
 pub mod envelope;
+pub mod http;
 pub mod mqtt;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::SinkSpec;
 use crate::metrics::GatewayMetrics;
-
-/// One forwarded payload on its way to a sink.
-#[derive(Debug, Clone)]
-pub struct SinkRecord {
-    /// The function that forwarded it.
-    pub function: String,
-    /// The topic of the event the function handled.
-    pub source_topic: String,
-    /// What the function forwarded.
-    pub payload: Bytes,
-    /// When it was forwarded, in milliseconds since the Unix epoch.
-    pub ts_ms: u64,
-}
+use crate::outbox::{Outbox, StoredRecord};
 
 /// What a running sink needs.
-#[derive(Debug)]
+#[derive(Clone)]
 pub struct SinkContext {
-    /// Records to deliver; closed when every function worker has stopped.
-    pub records: mpsc::Receiver<SinkRecord>,
-    /// The gateway's id, for envelopes and topics.
+    /// The outbox it delivers from.
+    pub outbox: Outbox,
+    /// The gateway's id, for envelopes, topics and idempotency keys.
     pub gateway_id: String,
-    /// Fires when the gateway shuts down; a sink keeps delivering what is
-    /// queued until `records` closes, then gives outstanding acknowledgements
-    /// a short grace period.
-    pub cancel: CancellationToken,
+    /// Fires when the gateway stops, after the outbox has been flushed: the
+    /// sink stops sending (what is left stays in the outbox for the next
+    /// start) and gives outstanding acknowledgements a short grace.
+    pub stop: CancellationToken,
     /// Gateway-wide counters.
     pub metrics: Arc<GatewayMetrics>,
+    /// Per-sink delivery counters.
+    pub stats: Arc<DeliveryStats>,
+    /// The local broker, for dead letters.
+    pub local: rumqttc::AsyncClient,
+}
+
+/// Counters of one delivery task.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    /// Records confirmed by the other side.
+    pub delivered: AtomicU64,
+    /// Records sent more than once (after a reconnect or retry).
+    pub resent: AtomicU64,
+    /// Records rejected and dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Connections (re)established.
+    pub connects: AtomicU64,
+    /// Failed attempts: connection errors, timeouts, 5xx.
+    pub failures: AtomicU64,
+}
+
+/// Settings every sink kind has.
+#[derive(Debug, Clone)]
+pub struct SinkCommon {
+    /// The sink's name.
+    pub name: String,
+    /// Envelope encoding.
+    pub format: crate::config::EnvelopeFormat,
+    /// Records per message or request at most.
+    pub batch_max: usize,
+    /// How long a partial batch waits to fill.
+    pub batch_linger: Duration,
+}
+
+impl SinkCommon {
+    /// The common part of `spec`.
+    pub fn of(spec: &SinkSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            format: spec.format,
+            batch_max: spec.batch_max,
+            batch_linger: spec.batch_linger,
+        }
+    }
 }
 
 /// A kind of sink.
 pub trait Sink: Sized + Send + 'static {
-    /// The validated settings of this kind.
-    type Config;
+    /// The kind's own validated settings.
+    type Spec;
     /// Prepares the sink; starts no task.
-    fn build(config: &Self::Config) -> Self;
-    /// Delivers records until the queue closes.
+    fn build(common: SinkCommon, spec: &Self::Spec) -> Self;
+    /// Delivers records from the outbox until `ctx.stop` fires.
     fn run(self, ctx: SinkContext) -> impl Future<Output = ()> + Send;
+}
+
+/// How long a stopping sink waits for outstanding acknowledgements.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// The local dead-letter topic of a sink.
+pub fn dead_letter_topic(sink: &str) -> String {
+    format!("edgefn/deadletter/sinks/{sink}")
+}
+
+/// Publishes rejected records on the sink's dead-letter topic (QoS 1 on the
+/// local broker) with the reason, and counts them.
+pub async fn dead_letter(ctx: &SinkContext, sink: &str, reason: &str, records: &[StoredRecord]) {
+    let body = serde_json::json!({
+        "sink": sink,
+        "reason": reason,
+        "records": records.iter().map(|r| envelope::json_value(&ctx.gateway_id, r)).collect::<Vec<_>>(),
+    });
+    ctx.stats
+        .dead_lettered
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
+    tracing::error!(
+        sink,
+        reason,
+        records = records.len(),
+        "Records rejected by the sink; dead-lettered."
+    );
+    let topic = dead_letter_topic(sink);
+    if let Err(e) = ctx
+        .local
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+        .await
+    {
+        tracing::error!(sink, error = %e, "Dead letter could not be published.");
+    }
 }

@@ -230,6 +230,8 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub struct Mosquitto {
     child: Child,
     pub port: u16,
+    bin: PathBuf,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -268,6 +270,22 @@ impl Mosquitto {
 
     /// [`Mosquitto::start`] with extra lines for the listener (e.g. TLS).
     pub fn start_with(listener_extra: &str) -> Option<Self> {
+        Self::launch(free_port(), listener_extra, false)
+    }
+
+    /// A Mosquitto that keeps sessions and queued messages on disk across
+    /// its own restarts (`persistence true`, `autosave_on_changes true`,
+    /// unlimited queues), on `port`.
+    pub fn start_persistent(port: u16) -> Option<Self> {
+        Self::launch(port, "", true)
+    }
+
+    /// A plain Mosquitto on a port chosen by the caller.
+    pub fn start_on(port: u16) -> Option<Self> {
+        Self::launch(port, "", false)
+    }
+
+    fn launch(port: u16, listener_extra: &str, persistent: bool) -> Option<Self> {
         let Some(bin) = find_mosquitto() else {
             assert!(
                 !mosquitto_required(),
@@ -277,40 +295,76 @@ impl Mosquitto {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\nautosave_on_changes true\nautosave_interval 1\n",
+                dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
             // `user root`: as root, Mosquitto would otherwise switch to the
             // `mosquitto` user, who cannot read the test's private files.
             format!(
-                "{user}listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n",
+                "{user}listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 20\n",
                 user = if is_root() { "user root\n" } else { "" },
             ),
         )
         .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut m = Self {
+            child: spawn_mosquitto(&bin, &conf),
+            port,
+            bin,
+            conf,
+            _dir: dir,
+        };
+        m.wait_up();
+        Some(m)
+    }
+
+    fn wait_up(&mut self) {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let deadline = Instant::now() + WAIT;
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "mosquitto did not start on {addr}"
             );
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "mosquitto exited at start"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Some(Self {
-            child,
-            port,
-            _dir: dir,
-        })
     }
+
+    /// Stops it with SIGTERM (a persistent one saves its state) and waits.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same configuration and port.
+    pub fn restart(&mut self) {
+        self.child = spawn_mosquitto(&self.bin, &self.conf);
+        self.wait_up();
+    }
+}
+
+fn spawn_mosquitto(bin: &Path, conf: &Path) -> Child {
+    Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Mosquitto {
@@ -337,4 +391,37 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// The `edgefn` binary (built by `cargo xtask test`).
+pub fn edgefn_bin() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let bin = dir.join("debug/edgefn");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p edgefn` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A subscriber with a persistent session (`clean_session = false`) and a
+/// fixed client id, so that messages queued for it survive its broker's
+/// restart (with a persistent Mosquitto).
+pub async fn persistent_subscriber(port: u16, id: &str, filters: &[&str]) -> Subscriber {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_clean_session(false);
+    Subscriber::connect_with(opts, filters).await
+}
+
+impl Subscriber {
+    /// The next message, waiting up to `timeout`.
+    pub async fn next_within(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
 }

@@ -1,112 +1,364 @@
-//! The MQTT sink: delivers forwarded records to a (cloud) broker at QoS 1,
-//! over TCP or TLS (rustls, custom CA, optional client certificate for mutual
-//! TLS, optional ALPN), on a topic rendered from the sink's template.
+//! The MQTT sink: delivers outbox records to a (cloud) broker at QoS 1, over
+//! TCP or TLS (rustls, custom CA, optional client certificate for mutual TLS,
+//! optional ALPN), MQTT 3.1.1 or 5, on a topic rendered from the sink's
+//! template.
 //!
-//! One task feeds records into the rumqttc client; another polls its event
-//! loop (reconnecting with back-off) and counts PUBACKs. When the record
-//! queue closes at shutdown, the sink waits a short grace period for
-//! outstanding acknowledgements before disconnecting.
+//! # Delivery
+//! rumqttc is treated as volatile: it keeps unacknowledged publishes only in
+//! memory, has open loss bugs on reconnect, and drops its pending publishes
+//! when a reconnect comes back without a session. So each connection is a
+//! fresh client, and any connection error, or a publish left unacknowledged
+//! for `ack_timeout_s`, tears it down; the next connection starts again from
+//! the oldest unconfirmed record in the outbox.
+//!
+//! Acknowledgements are matched by packet id as the event loop assigns it:
+//! publishes are handed to the client in sequence order, each
+//! `Outgoing::Publish(pkid)` (emitted in that same order) binds the next
+//! queued batch to `pkid`, and `Incoming::PubAck(pkid)` confirms exactly that
+//! batch. Packet ids of a torn-down connection are forgotten with it, so an
+//! acknowledgement is never credited across a lost session.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS};
+use rumqttc::{Outgoing, QoS, Transport};
+use tokio::sync::mpsc;
 
-use super::{Sink, SinkContext, envelope};
-use crate::config::{SinkSpec, render_topic};
-
-/// How long a stopping sink waits for outstanding PUBACKs.
-const ACK_GRACE: Duration = Duration::from_secs(5);
+use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
+use crate::config::schema::MqttProtocol;
+use crate::config::{EnvelopeFormat, MqttSinkSpec, render_topic};
+use crate::outbox::StoredRecord;
 
 /// The MQTT sink.
 pub struct MqttSink {
-    spec: SinkSpec,
+    name: String,
+    format: EnvelopeFormat,
+    batch_max: usize,
+    batch_linger: Duration,
+    spec: MqttSinkSpec,
 }
 
-impl Sink for MqttSink {
-    type Config = SinkSpec;
+/// What the connection's event loop reported.
+#[derive(Debug)]
+enum Wire {
+    ConnAck,
+    Sent(u16),
+    Acked { pkid: u16, rejected: Option<String> },
+    Closed(String),
+}
 
-    fn build(config: &SinkSpec) -> Self {
-        Self {
-            spec: config.clone(),
+/// A client of either protocol version.
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    async fn publish(&self, topic: String, payload: Vec<u8>, key: String) -> Result<(), String> {
+        match self {
+            Self::V4(c) => c
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Self::V5(c) => {
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    user_properties: vec![("idempotency-key".into(), key)],
+                    ..Default::default()
+                };
+                c.publish_with_properties(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                    props,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }
         }
     }
 
-    async fn run(self, mut ctx: SinkContext) {
-        let spec = self.spec;
-        let mut opts = crate::mqtt::options(&spec.endpoint, "", spec.keep_alive);
-        opts.set_inflight(spec.max_inflight);
-        opts.set_clean_session(true);
-        let (client, mut eventloop) =
-            AsyncClient::new(opts, usize::from(spec.max_inflight).max(16));
-        let acked = Arc::new(AtomicU64::new(0));
-        let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0u64);
+    fn disconnect(&self) {
+        let _ = match self {
+            Self::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Self::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
 
-        let name = spec.name.clone();
-        let metrics = ctx.metrics.clone();
-        let poll_acked = acked.clone();
-        let poller = async move {
-            let mut failures = 0u32;
-            loop {
-                match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::PubAck(_))) => {
-                        let n = poll_acked.fetch_add(1, Ordering::Relaxed) + 1;
-                        metrics.sink_acked.fetch_add(1, Ordering::Relaxed);
-                        let _ = acked_tx.send(n);
-                    }
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                        failures = 0;
-                        tracing::info!(sink = %name, "Sink connected.");
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        metrics.reconnects.fetch_add(1, Ordering::Relaxed);
-                        if failures == 0 {
-                            tracing::warn!(sink = %name, error = %e, "Sink lost its connection; reconnecting.");
+/// Connects a fresh client; its event loop runs on its own task and reports
+/// into the returned channel until the first error.
+fn connect(
+    spec: &MqttSinkSpec,
+) -> (
+    Client,
+    mpsc::UnboundedReceiver<Wire>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cap = usize::from(spec.max_inflight).max(16) * 2;
+    let ep = &spec.endpoint;
+    match spec.protocol {
+        MqttProtocol::V311 => {
+            let mut opts = crate::mqtt::options(ep, "", spec.keep_alive);
+            opts.set_inflight(spec.max_inflight);
+            opts.set_clean_session(true);
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, cap);
+            let task = tokio::spawn(async move {
+                use rumqttc::{Event, Packet};
+                loop {
+                    let wire = match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck,
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
+                            pkid: ack.pkid,
+                            rejected: None,
+                        },
+                        Ok(_) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Wire::Closed(e.to_string()));
+                            return;
                         }
-                        let wait = crate::mqtt::backoff(failures);
-                        failures = failures.saturating_add(1);
-                        tokio::time::sleep(wait).await;
+                    };
+                    if tx.send(wire).is_err() {
+                        return;
                     }
                 }
-            }
-        };
-
-        let feeder = async {
-            let mut seq = 0u64;
-            let mut sent = 0u64;
-            while let Some(record) = ctx.records.recv().await {
-                seq += 1;
-                let topic = render_topic(
-                    &spec.topic_template,
-                    &ctx.gateway_id,
-                    &record.function,
-                    &spec.name,
-                    &record.source_topic,
-                );
-                let body = envelope::encode(spec.format, &ctx.gateway_id, seq, &record);
-                match client.publish(topic, QoS::AtLeastOnce, false, body).await {
-                    Ok(()) => sent += 1,
-                    Err(e) => {
-                        ctx.metrics.sink_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(sink = %spec.name, seq, error = %e, "Sink could not queue a record.");
-                    }
-                }
-            }
-            // Shutdown: give outstanding acknowledgements a grace period.
-            let waited = tokio::time::timeout(ACK_GRACE, acked_rx.wait_for(|n| *n >= sent)).await;
-            let unacked = sent.saturating_sub(acked.load(Ordering::Relaxed));
-            if waited.is_err() && unacked > 0 {
-                tracing::warn!(sink = %spec.name, unacked, "Sink stopped with records not acknowledged.");
-            }
-            let _ = client.try_disconnect();
-        };
-
-        tokio::select! {
-            () = poller => {}
-            () = feeder => {}
+            });
+            (Client::V4(client), rx, task)
         }
-        tracing::debug!(sink = %spec.name, "Sink stopped.");
+        MqttProtocol::V5 => {
+            let mut opts =
+                rumqttc::v5::MqttOptions::new(ep.client_id.clone(), ep.host.clone(), ep.port);
+            opts.set_keep_alive(spec.keep_alive);
+            opts.set_clean_start(true);
+            opts.set_outgoing_inflight_upper_limit(spec.max_inflight);
+            opts.set_max_packet_size(Some((crate::broker::MAX_PAYLOAD_BYTES + 64 * 1024) as u32));
+            if let Some((user, password)) = &ep.credentials {
+                opts.set_credentials(user.clone(), password.clone());
+            }
+            if let Some(tls) = &ep.tls {
+                let alpn = (!tls.alpn.is_empty()).then(|| tls.alpn.clone());
+                opts.set_transport(Transport::tls(
+                    tls.ca.clone(),
+                    tls.client_auth.clone(),
+                    alpn,
+                ));
+            }
+            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(opts, cap);
+            let task = tokio::spawn(async move {
+                use rumqttc::v5::Event;
+                use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+                loop {
+                    let wire = match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck,
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
+                            pkid: ack.pkid,
+                            rejected: match ack.reason {
+                                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                                other => Some(format!("PUBACK reason {other:?}")),
+                            },
+                        },
+                        Ok(_) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Wire::Closed(e.to_string()));
+                            return;
+                        }
+                    };
+                    if tx.send(wire).is_err() {
+                        return;
+                    }
+                }
+            });
+            (Client::V5(client), rx, task)
+        }
+    }
+}
+
+/// One message in flight: the records it carries.
+struct InFlight {
+    records: Vec<StoredRecord>,
+    sent_at: Instant,
+}
+
+impl Sink for MqttSink {
+    type Spec = MqttSinkSpec;
+
+    fn build(common: SinkCommon, spec: &MqttSinkSpec) -> Self {
+        Self {
+            name: common.name,
+            format: common.format,
+            batch_max: common.batch_max,
+            batch_linger: common.batch_linger,
+            spec: spec.clone(),
+        }
+    }
+
+    async fn run(self, ctx: SinkContext) {
+        let spec = self.spec.clone();
+        let reader = match ctx.outbox.reader() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(sink = %self.name, error = %e, "Sink cannot read the outbox.");
+                return;
+            }
+        };
+        let Some(mut committed) = ctx.outbox.committed(&self.name) else {
+            return;
+        };
+        let mut failures = 0u32;
+        // The highest sequence number ever handed to a client: anything at or
+        // below it that is sent again counts as a re-send.
+        let mut high_water = 0u64;
+        while !ctx.stop.is_cancelled() {
+            // Confirmations of the previous connection must be committed
+            // before its records are read again.
+            ctx.outbox.flush().await;
+            let (client, mut wire, poller) = connect(&spec);
+            let mut connected = false;
+            let mut last_sent = 0u64;
+            let mut queued: VecDeque<InFlight> = VecDeque::new();
+            let mut by_pkid: HashMap<u16, InFlight> = HashMap::new();
+            let mut stopping_since: Option<Instant> = None;
+            let reason: String = 'conn: loop {
+                // Fill the in-flight window from the outbox.
+                if connected && stopping_since.is_none() {
+                    while queued.len() + by_pkid.len() < usize::from(spec.max_inflight) {
+                        let mut batch = match reader.next_batch(
+                            &self.name,
+                            last_sent,
+                            self.batch_max,
+                        ) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                tracing::error!(sink = %self.name, error = %e, "Outbox read failed.");
+                                break;
+                            }
+                        };
+                        if batch.is_empty() {
+                            break;
+                        }
+                        if batch.len() < self.batch_max && !self.batch_linger.is_zero() {
+                            tokio::time::sleep(self.batch_linger).await;
+                            if let Ok(more) =
+                                reader.next_batch(&self.name, last_sent, self.batch_max)
+                            {
+                                batch = more;
+                            }
+                        }
+                        let Some(last) = batch.last() else { break };
+                        last_sent = last.seq;
+                        let resent = batch.iter().filter(|r| r.seq <= high_water).count();
+                        if resent > 0 {
+                            ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
+                        }
+                        high_water = high_water.max(last_sent);
+                        let first = &batch[0];
+                        let topic = render_topic(
+                            &spec.topic_template,
+                            &ctx.gateway_id,
+                            &first.function,
+                            &self.name,
+                            &first.topic,
+                        );
+                        let body = envelope::encode_batch(
+                            self.format,
+                            &ctx.gateway_id,
+                            &batch,
+                            self.batch_max > 1,
+                        );
+                        let key = envelope::idempotency_key(&ctx.gateway_id, first.seq);
+                        if let Err(e) = client.publish(topic, body, key).await {
+                            break 'conn e;
+                        }
+                        queued.push_back(InFlight {
+                            records: batch,
+                            sent_at: Instant::now(),
+                        });
+                    }
+                }
+                let oldest = by_pkid
+                    .values()
+                    .chain(queued.iter())
+                    .map(|f| f.sent_at)
+                    .min();
+                if let Some(since) = stopping_since
+                    && (by_pkid.is_empty() && queued.is_empty() || since.elapsed() >= STOP_GRACE)
+                {
+                    break String::new();
+                }
+                let ack_deadline = oldest.map(|t| t + spec.ack_timeout);
+                tokio::select! {
+                    w = wire.recv() => match w {
+                        Some(Wire::ConnAck) => {
+                            connected = true;
+                            failures = 0;
+                            ctx.stats.connects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(sink = %self.name, "Sink connected.");
+                        }
+                        Some(Wire::Sent(pkid)) => {
+                            if let Some(f) = queued.pop_front() {
+                                by_pkid.insert(pkid, f);
+                            }
+                        }
+                        Some(Wire::Acked { pkid, rejected }) => {
+                            if let Some(f) = by_pkid.remove(&pkid) {
+                                let seqs: Vec<u64> = f.records.iter().map(|r| r.seq).collect();
+                                if let Some(reason) = rejected {
+                                    dead_letter(&ctx, &self.name, &reason, &f.records).await;
+                                } else {
+                                    ctx.stats.delivered.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                                    ctx.metrics.sink_acked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                                }
+                                ctx.outbox.confirm(&self.name, seqs);
+                            }
+                        }
+                        Some(Wire::Closed(e)) => break e,
+                        None => break "event loop stopped".to_owned(),
+                    },
+                    r = committed.changed(), if stopping_since.is_none() => {
+                        if r.is_err() {
+                            break "outbox closed".to_owned();
+                        }
+                    }
+                    () = sleep_until_opt(ack_deadline) => {
+                        break format!("no acknowledgement within {} s", spec.ack_timeout.as_secs());
+                    }
+                    () = ctx.stop.cancelled(), if stopping_since.is_none() => {
+                        stopping_since = Some(Instant::now());
+                    }
+                    () = tokio::time::sleep(STOP_GRACE), if stopping_since.is_some() => {}
+                }
+            };
+            client.disconnect();
+            poller.abort();
+            if stopping_since.is_some() || ctx.stop.is_cancelled() {
+                break;
+            }
+            ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+            let unconfirmed = queued.len() + by_pkid.len();
+            if failures == 0 {
+                tracing::warn!(sink = %self.name, error = %reason, unconfirmed, "Sink connection lost; unconfirmed records will be sent again.");
+            } else {
+                tracing::debug!(sink = %self.name, error = %reason, attempt = failures, "Sink reconnect failed.");
+            }
+            let wait = crate::mqtt::backoff(failures);
+            failures = failures.saturating_add(1);
+            tokio::select! {
+                () = ctx.stop.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        tracing::debug!(sink = %self.name, "Sink stopped.");
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,19 +1,38 @@
 //! The MQTT source: one client connection to the local broker, subscribed at
-//! QoS 1 to the union of all functions' trigger filters. Each message becomes
-//! an [`Event`] handed to the [`Router`](crate::router::Router).
+//! QoS 1 to the union of all functions' trigger filters, with a persistent
+//! session (`clean_session = false`) and manual acknowledgements.
+//!
+//! # Acknowledgement
+//! Each message becomes an [`Event`] carrying an [`AckGuard`]. The guard's
+//! last holder — a function worker, or the outbox commit that made the
+//! event's forwards durable — lets go only when the event is fully handled;
+//! then the message is acknowledged (PUBACK) to the broker. A crash before
+//! that means the broker redelivers it: a duplicate, never a loss (with a
+//! broker that outlives the gateway).
+//!
+//! Acknowledgements go out **strictly in receive order**: rumqttd accepts
+//! acks only in order and, given one out of order, disconnects the client
+//! and never redelivers the messages it skipped. An event that finishes early
+//! waits for those before it. The acks are sent from a task of their own,
+//! not from the one polling the event loop (acking from the poll loop can
+//! deadlock once the request channel is full). Messages of a connection that
+//! was lost are never acked on the next one: the broker redelivers them.
 //!
 //! This connection only receives; functions publish through a separate
 //! connection ([`crate::output`]), so a function whose queue is full can never
 //! block the connection its own publishes go through.
 
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet, QoS, SubscribeFilter};
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet, Publish, QoS, SubscribeFilter};
+use tokio::sync::{mpsc, watch};
 
 use super::{Source, SourceContext, SourceError};
 use crate::config::MqttEndpoint;
-use crate::event::{Event, SourceKind};
+use crate::event::{AckGuard, Event, SourceKind};
 
 /// Settings of the MQTT source.
 #[derive(Debug, Clone)]
@@ -29,14 +48,22 @@ pub struct MqttSource {
     filters: Vec<String>,
 }
 
+/// A received message awaiting its turn to be acknowledged.
+struct Pending {
+    n: u64,
+    generation: u64,
+    ack: Option<Publish>,
+}
+
 impl Source for MqttSource {
     type Config = MqttSourceConfig;
 
     fn build(config: &Self::Config, ctx: &SourceContext) -> Result<Self, SourceError> {
         let filters = ctx.router.subscriptions();
         let mut opts = crate::mqtt::options(&config.endpoint, "in", Duration::from_secs(30));
-        opts.set_clean_session(true);
-        let (client, eventloop) = AsyncClient::new(opts, 64);
+        opts.set_clean_session(false);
+        opts.set_manual_acks(true);
+        let (client, eventloop) = AsyncClient::new(opts, 1024);
         Ok(Self {
             client,
             eventloop,
@@ -45,30 +72,75 @@ impl Source for MqttSource {
     }
 
     async fn run(mut self, ctx: SourceContext) {
+        let generation = Arc::new(AtomicU64::new(0));
+        let (received_tx, received_rx) = mpsc::unbounded_channel::<Pending>();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<u64>();
+        let (acked_tx, mut acked) = watch::channel(0u64);
+        let acker = tokio::spawn(ack_in_order(
+            self.client.clone(),
+            generation.clone(),
+            received_rx,
+            done_rx,
+            acked_tx,
+        ));
+        let mut router = Some(ctx.router.clone());
+        drop(ctx.router);
+        let mut next = 0u64;
         let mut failures = 0u32;
         loop {
             let polled = tokio::select! {
-                () = ctx.cancel.cancelled() => break,
+                () = ctx.cancel.cancelled(), if router.is_some() => {
+                    // Stop dispatching: dropping the router lets the workers
+                    // drain. Keep polling so the acks of what is in flight
+                    // still reach the broker.
+                    router = None;
+                    continue;
+                }
+                // Every dispatched message has had its turn at the acker.
+                r = acked.wait_for(|handled| *handled >= next), if router.is_none() => {
+                    let _ = r;
+                    break;
+                }
                 polled = self.eventloop.poll() => polled,
             };
             match polled {
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let Some(router) = &router else {
+                        // Stopping: leave it unacknowledged; the broker
+                        // redelivers it to the next run.
+                        continue;
+                    };
                     ctx.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-                    let topic = p.topic;
-                    let mut event = Event::new(SourceKind::Mqtt, topic, p.payload);
+                    let n = next;
+                    next += 1;
+                    let ack = (p.qos != QoS::AtMostOnce).then(|| {
+                        let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
+                        a.pkid = p.pkid;
+                        a
+                    });
+                    let _ = received_tx.send(Pending {
+                        n,
+                        generation: generation.load(Ordering::Relaxed),
+                        ack,
+                    });
+                    let done = done_tx.clone();
+                    let mut event = Event::new(SourceKind::Mqtt, p.topic, p.payload);
                     event
                         .attributes
                         .push(("qos".into(), (p.qos as u8).to_string()));
                     event
                         .attributes
                         .push(("retain".into(), p.retain.to_string()));
-                    ctx.router.dispatch(event).await;
+                    if p.dup {
+                        event.attributes.push(("dup".into(), "true".into()));
+                    }
+                    event.ack = Some(Arc::new(AckGuard::new(move || {
+                        let _ = done.send(n);
+                    })));
+                    router.dispatch(event).await;
                 }
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
                     failures = 0;
-                    // A clean session forgets subscriptions: subscribe again
-                    // on every connect. `try_` so the poll loop never waits on
-                    // its own request channel.
                     let subs = self
                         .filters
                         .iter()
@@ -79,7 +151,7 @@ impl Source for MqttSource {
                     } else if let Err(e) = self.client.try_subscribe_many(subs) {
                         tracing::error!(error = %e, "MQTT source could not subscribe.");
                     } else {
-                        tracing::info!(filters = ?self.filters, "MQTT source connected and subscribing.");
+                        tracing::info!(filters = ?self.filters, session_present = c.session_present, "MQTT source connected and subscribing.");
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
@@ -87,7 +159,12 @@ impl Source for MqttSource {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // Acks of this connection's messages are void now.
+                    generation.fetch_add(1, Ordering::Relaxed);
                     ctx.ready.send_replace(false);
+                    if router.is_none() {
+                        break;
+                    }
                     ctx.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
                     let wait = crate::mqtt::backoff(failures);
                     failures = failures.saturating_add(1);
@@ -97,13 +174,71 @@ impl Source for MqttSource {
                         tracing::debug!(error = %e, attempt = failures, "MQTT source reconnect failed.");
                     }
                     tokio::select! {
-                        () = ctx.cancel.cancelled() => break,
+                        () = ctx.cancel.cancelled() => { router = None; }
                         () = tokio::time::sleep(wait) => {}
                     }
                 }
             }
         }
+        drop(received_tx);
+        drop(done_tx);
+        // Flush the last acks before disconnecting: requests go out in order.
+        let _ = acker.await;
         let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
         tracing::debug!("MQTT source stopped.");
+    }
+}
+
+/// Acknowledges received messages in receive order, each once its event is
+/// done; reports how many it has handled. Runs until the source closes
+/// `received` and the queue is empty.
+async fn ack_in_order(
+    client: AsyncClient,
+    generation: Arc<AtomicU64>,
+    mut received: mpsc::UnboundedReceiver<Pending>,
+    mut done: mpsc::UnboundedReceiver<u64>,
+    handled: watch::Sender<u64>,
+) {
+    let mut popped = 0u64;
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    let mut finished: BTreeSet<u64> = BTreeSet::new();
+    let (mut received_open, mut done_open) = (true, true);
+    while received_open || done_open {
+        tokio::select! {
+            r = received.recv(), if received_open => match r {
+                Some(p) => queue.push_back(p),
+                None => received_open = false,
+            },
+            d = done.recv(), if done_open => match d {
+                Some(n) => { finished.insert(n); }
+                None => done_open = false,
+            },
+        }
+        while let Some(front) = queue.front() {
+            if !finished.remove(&front.n) {
+                break;
+            }
+            popped += 1;
+            if let Some(p) = queue.pop_front()
+                && let Some(publish) = p.ack
+                && p.generation == generation.load(Ordering::Relaxed)
+                && let Err(e) = client.ack(&publish).await
+            {
+                tracing::warn!(error = %e, "Acknowledgement could not be queued.");
+            }
+        }
+        handled.send_replace(popped);
+        if !received_open && queue.is_empty() {
+            break;
+        }
     }
 }

@@ -1,0 +1,211 @@
+//! The HTTP sink: POSTs batches of outbox records (a JSON or CBOR array of
+//! envelopes) to a URL, one request at a time, in sequence order.
+//!
+//! - 2xx: the batch is confirmed and deleted from the outbox.
+//! - 5xx, 408, 429, timeouts and connection errors: the same batch is sent
+//!   again after exponential back-off with jitter (up to `max_backoff_ms`),
+//!   for as long as it takes.
+//! - Any other 4xx: the server will not take this batch; it goes to the
+//!   dead-letter topic with the status and the start of the response body,
+//!   and delivery moves on.
+//!
+//! Each request carries `Idempotency-Key: <gateway>-<first seq>-<last seq>`
+//! and every envelope its own `id`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::Rng;
+
+use super::{Sink, SinkCommon, SinkContext, dead_letter, envelope};
+use crate::config::{EnvelopeFormat, HttpSinkSpec};
+
+/// Bytes of an error response kept for the dead letter.
+const MAX_ERROR_BODY: usize = 1024;
+
+/// The HTTP sink.
+pub struct HttpSink {
+    name: String,
+    format: EnvelopeFormat,
+    batch_max: usize,
+    batch_linger: Duration,
+    spec: HttpSinkSpec,
+}
+
+enum Outcome {
+    Delivered,
+    Rejected(String),
+    Retry(String),
+}
+
+fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .timeout(spec.timeout)
+        .connect_timeout(spec.timeout)
+        .user_agent(concat!("edgefn/", env!("CARGO_PKG_VERSION")));
+    if let Some(tls) = &spec.tls {
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&tls.ca).map_err(|e| format!("tls.ca: {e}"))?
+        {
+            b = b.add_root_certificate(cert);
+        }
+        if let Some((cert, key)) = &tls.client_auth {
+            let mut pem = cert.clone();
+            pem.push(b'\n');
+            pem.extend_from_slice(key);
+            b = b.identity(
+                reqwest::Identity::from_pem(&pem).map_err(|e| format!("tls.cert/key: {e}"))?,
+            );
+        }
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+impl Sink for HttpSink {
+    type Spec = HttpSinkSpec;
+
+    fn build(common: SinkCommon, spec: &HttpSinkSpec) -> Self {
+        Self {
+            name: common.name,
+            format: common.format,
+            batch_max: common.batch_max,
+            batch_linger: common.batch_linger,
+            spec: spec.clone(),
+        }
+    }
+
+    async fn run(self, ctx: SinkContext) {
+        let spec = self.spec.clone();
+        let client = match client(&spec) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(sink = %self.name, error = %e, "HTTP sink cannot start.");
+                return;
+            }
+        };
+        let (reader, Some(mut committed)) = (ctx.outbox.reader(), ctx.outbox.committed(&self.name))
+        else {
+            return;
+        };
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(sink = %self.name, error = %e, "Sink cannot read the outbox.");
+                return;
+            }
+        };
+        let content_type = match self.format {
+            EnvelopeFormat::Json => "application/json",
+            EnvelopeFormat::Cbor => "application/cbor",
+        };
+        let mut after = 0u64;
+        'batches: while !ctx.stop.is_cancelled() {
+            let mut batch = match reader.next_batch(&self.name, after, self.batch_max) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(sink = %self.name, error = %e, "Outbox read failed.");
+                    Vec::new()
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    () = ctx.stop.cancelled() => break,
+                    r = committed.changed() => if r.is_err() { break },
+                }
+                continue;
+            }
+            if batch.len() < self.batch_max && !self.batch_linger.is_zero() {
+                tokio::select! {
+                    () = ctx.stop.cancelled() => break,
+                    () = tokio::time::sleep(self.batch_linger) => {}
+                }
+                if let Ok(more) = reader.next_batch(&self.name, after, self.batch_max) {
+                    batch = more;
+                }
+            }
+            let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+            let body = envelope::encode_batch(self.format, &ctx.gateway_id, &batch, true);
+            let key = format!("{}-{first}-{last}", ctx.gateway_id);
+            let mut attempt = 0u32;
+            loop {
+                let mut req = client
+                    .post(&spec.url)
+                    .header("Content-Type", content_type)
+                    .header("Idempotency-Key", &key)
+                    .body(body.clone());
+                for (name, value) in &spec.headers {
+                    req = req.header(name, value);
+                }
+                let outcome = tokio::select! {
+                    () = ctx.stop.cancelled() => break 'batches,
+                    r = req.send() => match r {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            if status.is_success() {
+                                Outcome::Delivered
+                            } else {
+                                let text = resp.text().await.unwrap_or_default();
+                                let mut text: String = text.chars().take(MAX_ERROR_BODY).collect();
+                                if text.is_empty() {
+                                    text = "(empty body)".into();
+                                }
+                                let reason = format!("HTTP {status}: {text}");
+                                if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+                                    Outcome::Retry(reason)
+                                } else {
+                                    Outcome::Rejected(reason)
+                                }
+                            }
+                        }
+                        Err(e) => Outcome::Retry(format!("{e}")),
+                    },
+                };
+                let seqs: Vec<u64> = batch.iter().map(|r| r.seq).collect();
+                match outcome {
+                    Outcome::Delivered => {
+                        if attempt > 0 {
+                            ctx.stats
+                                .resent
+                                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                            tracing::info!(sink = %self.name, attempts = attempt + 1, "Batch delivered after retries.");
+                        }
+                        ctx.stats
+                            .delivered
+                            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                        ctx.metrics
+                            .sink_acked
+                            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                        ctx.outbox.confirm(&self.name, seqs);
+                        after = last;
+                        break;
+                    }
+                    Outcome::Rejected(reason) => {
+                        dead_letter(&ctx, &self.name, &reason, &batch).await;
+                        ctx.outbox.confirm(&self.name, seqs);
+                        after = last;
+                        break;
+                    }
+                    Outcome::Retry(reason) => {
+                        ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        let base =
+                            Duration::from_millis(100u64.saturating_mul(1 << attempt.min(16)))
+                                .min(spec.max_backoff);
+                        let jitter: f64 = rand::rng().random_range(0.5..1.0);
+                        let wait = base.mul_f64(jitter);
+                        if attempt == 0 {
+                            tracing::warn!(sink = %self.name, reason = %reason, records = batch.len(), "HTTP delivery failed; retrying with back-off.");
+                        } else {
+                            tracing::debug!(sink = %self.name, reason = %reason, attempt, "HTTP delivery failed again.");
+                        }
+                        attempt = attempt.saturating_add(1);
+                        tokio::select! {
+                            () = ctx.stop.cancelled() => break 'batches,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!(sink = %self.name, "Sink stopped.");
+    }
+}
