@@ -131,3 +131,44 @@ async fn failed_invocations_emit_nothing_and_call_limits_hold() {
     assert_eq!((m.errors, m.over_limit, m.published), (2, 1, 1), "{m:?}");
     assert!(gw.shutdown(WAIT).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_cbor_frames_are_errors_not_crashes() {
+    let toml = format!(
+        "{}\n[[functions]]\nname = \"cbor-decode\"\ncomponent = {}\ntriggers = [\"raw/+/cbor\"]\npublish = [\"decoded/#\"]\n",
+        gateway_header("gw-cbor"),
+        lit(&guest("cbor_decode")),
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    let (host, port) = gw.local_broker();
+    let mut decoded = Subscriber::connect(host, port, &["decoded/#"]).await;
+    let mut sensor = Publisher::connect(host, port).await;
+    let hostile: Vec<Vec<u8>> = vec![
+        // An array claiming 2^64-1 elements.
+        vec![0x9b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        // A byte string claiming 4 GiB.
+        vec![0x84, 0x5a, 0xff, 0xff, 0xff, 0xff, 0x00],
+        // 5,000 nested arrays (the SDK stops at 64).
+        vec![0x81; 5_000],
+        // Truncated, and plain garbage.
+        vec![0x84, 0x62, b's'],
+        b"\xff\xfe not cbor".to_vec(),
+    ];
+    for frame in &hostile {
+        sensor.publish("raw/x/cbor", frame.clone()).await;
+    }
+    let mut good = Vec::new();
+    ciborium::into_writer(&("ok", 2000i64, 500i64, 3000i64), &mut good).unwrap();
+    sensor.publish("raw/ok/cbor", good).await;
+    let (topic, v) = decoded.next_json().await;
+    assert_eq!(topic, "decoded/ok");
+    assert_eq!(v["temperature_c"], 20.0);
+    let m = gw.function_metrics("cbor-decode").unwrap().snapshot();
+    assert_eq!(
+        m.errors,
+        hostile.len() as u64,
+        "each hostile frame is a handled error: {m:?}"
+    );
+    assert_eq!((m.traps, m.memory, m.ok), (0, 0, 1), "{m:?}");
+    assert!(gw.shutdown(WAIT).await);
+}

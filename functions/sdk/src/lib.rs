@@ -86,6 +86,9 @@ impl From<CallError> for Error {
     }
 }
 
+/// Deepest CBOR nesting [`Event::cbor`] accepts.
+pub const MAX_CBOR_DEPTH: usize = 64;
+
 impl Event {
     /// Parses the payload as JSON.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
@@ -97,14 +100,17 @@ impl Event {
         })
     }
 
-    /// Parses the payload as CBOR.
+    /// Parses the payload as CBOR. Nesting deeper than
+    /// [`MAX_CBOR_DEPTH`] is an error (not a stack overflow), and length
+    /// prefixes are never trusted for pre-allocation (serde caps it).
     pub fn cbor<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        ciborium::from_reader(self.payload.as_slice()).map_err(|e| {
-            Error(format!(
-                "payload on `{}` is not the expected CBOR: {e}",
-                self.topic
-            ))
-        })
+        ciborium::de::from_reader_with_recursion_limit(self.payload.as_slice(), MAX_CBOR_DEPTH)
+            .map_err(|e| {
+                Error(format!(
+                    "payload on `{}` is not the expected CBOR: {e}",
+                    self.topic
+                ))
+            })
     }
 
     /// The topic's level `index` (0-based): for `sensors/s1/temperature`,

@@ -340,7 +340,13 @@ impl Sink for MqttSink {
             ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
             ctx.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
             let unconfirmed = queued.len() + by_pkid.len();
-            if failures == 0 {
+            if !connected {
+                // Refused TLS (unknown CA, bad client certificate), refused
+                // credentials, or nothing listening: say so once per outage.
+                if failures == 0 {
+                    tracing::error!(sink = %self.name, host = %spec.endpoint.host, port = spec.endpoint.port, error = %reason, "Sink cannot connect; retrying with back-off.");
+                }
+            } else if failures == 0 {
                 tracing::warn!(sink = %self.name, error = %reason, unconfirmed, "Sink connection lost; unconfirmed records will be sent again.");
             } else {
                 tracing::debug!(sink = %self.name, error = %reason, attempt = failures, "Sink reconnect failed.");
