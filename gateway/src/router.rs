@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::event::Event;
 use crate::metrics::GatewayMetrics;
-use crate::topic::FilterSet;
+use crate::topic::{FilterSet, TopicFilter};
 
 /// One function's entry in the routing table.
 #[derive(Debug)]
@@ -59,15 +59,17 @@ impl Router {
         matched
     }
 
-    /// Every trigger filter of every function, without duplicates.
+    /// The subscriptions that cover every function's triggers, with no two
+    /// matching the same topic (see [`crate::topic::disjoint_subscriptions`]).
     pub fn subscriptions(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
+        let all: Vec<TopicFilter> = self
             .routes
             .iter()
-            .flat_map(|r| r.triggers.filters().iter().map(|f| f.as_str().to_owned()))
+            .flat_map(|r| r.triggers.filters().iter().cloned())
             .collect();
-        all.sort();
-        all.dedup();
-        all
+        crate::topic::disjoint_subscriptions(&all)
+            .into_iter()
+            .map(|f| f.as_str().to_owned())
+            .collect()
     }
 }

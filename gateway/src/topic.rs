@@ -128,6 +128,92 @@ impl TopicFilter {
     }
 }
 
+impl TopicFilter {
+    /// Whether some topic name matches both filters.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        let wild_first =
+            |f: &TopicFilter| matches!(f.levels.first(), Some(Level::Single | Level::Multi));
+        let dollar_first = |f: &TopicFilter| matches!(f.levels.first(), Some(Level::Literal(l)) if l.starts_with('$'));
+        // A wildcard first level never matches `$` topics.
+        if (wild_first(self) && dollar_first(other)) || (wild_first(other) && dollar_first(self)) {
+            return false;
+        }
+        let mut a = self.levels.iter();
+        let mut b = other.levels.iter();
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => return true,
+                (Some(Level::Multi), _) | (_, Some(Level::Multi)) => return true,
+                (None, Some(_)) | (Some(_), None) => return false,
+                (Some(Level::Literal(x)), Some(Level::Literal(y))) if x != y => return false,
+                _ => {}
+            }
+        }
+    }
+
+    /// The narrowest filter (in this simple lattice) that matches every
+    /// topic either filter matches: equal literal levels stay, differing
+    /// levels become `+`, and a `#` in either ends the join with `#`.
+    fn join(&self, other: &TopicFilter) -> TopicFilter {
+        let mut levels = Vec::new();
+        let mut a = self.levels.iter();
+        let mut b = other.levels.iter();
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => break,
+                (Some(Level::Multi), _)
+                | (_, Some(Level::Multi))
+                | (None, Some(_))
+                | (Some(_), None) => {
+                    levels.push(Level::Multi);
+                    break;
+                }
+                (Some(Level::Literal(x)), Some(Level::Literal(y))) if x == y => {
+                    levels.push(Level::Literal(x.clone()))
+                }
+                _ => levels.push(Level::Single),
+            }
+        }
+        let raw = levels
+            .iter()
+            .map(|l| match l {
+                Level::Literal(s) => s.as_str(),
+                Level::Single => "+",
+                Level::Multi => "#",
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        TopicFilter { raw, levels }
+    }
+}
+
+/// Subscriptions for a set of trigger filters such that **no topic matches
+/// two of them**: overlapping filters are merged into a broader one. Some
+/// brokers (rumqttd among them) deliver a message once per matching
+/// subscription, so overlapping subscriptions would hand the gateway
+/// duplicates. The broader subscription may bring messages no function
+/// wants; the router drops (and acknowledges) those.
+pub fn disjoint_subscriptions(filters: &[TopicFilter]) -> Vec<TopicFilter> {
+    let mut out: Vec<TopicFilter> = Vec::new();
+    for f in filters {
+        let mut merged = f.clone();
+        // Absorb every existing subscription the new one overlaps, until
+        // the result overlaps none of the rest.
+        loop {
+            match out.iter().position(|o| o.overlaps(&merged)) {
+                Some(i) => {
+                    let o = out.swap_remove(i);
+                    merged = if o == merged { o } else { o.join(&merged) };
+                }
+                None => break,
+            }
+        }
+        out.push(merged);
+    }
+    out.sort_by(|a, b| a.raw.cmp(&b.raw));
+    out
+}
+
 impl fmt::Display for TopicFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.raw)
@@ -224,6 +310,64 @@ mod tests {
         assert!(!m("sensors/a/temperature", "sensors/a"));
         assert!(m("sensors/+/temperature", "sensors/s1/temperature"));
         assert!(!m("sensors/+/temperature", "sensors/s1/humidity"));
+    }
+
+    fn subs(filters: &[&str]) -> Vec<String> {
+        let parsed: Vec<TopicFilter> = filters
+            .iter()
+            .filter_map(|f| TopicFilter::parse(f).ok())
+            .collect();
+        disjoint_subscriptions(&parsed)
+            .iter()
+            .map(|f| f.as_str().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn overlapping_triggers_become_one_subscription() {
+        assert_eq!(subs(&["order/#", "order/a/#"]), ["order/#"]);
+        assert_eq!(
+            subs(&["sensors/+/temperature", "sensors/s1/temperature"]),
+            ["sensors/+/temperature"]
+        );
+        assert_eq!(subs(&["a/+/c", "a/b/+"]), ["a/+/+"]);
+        assert_eq!(subs(&["a/b", "a/b"]), ["a/b"]);
+        assert_eq!(subs(&["a/b", "a/b/c", "x/#"]), ["a/b", "a/b/c", "x/#"]);
+        assert_eq!(subs(&["#", "$SYS/x"]), ["#", "$SYS/x"]);
+        assert_eq!(subs(&["a/b/c", "a/+/e"]), ["a/+/e", "a/b/c"]);
+        assert_eq!(subs(&["a/b/c", "a/+/d", "a/x/#"]), ["a/+/#"]);
+        assert_eq!(subs(&["a/b/c", "a/c/b", "a/+/b"]), ["a/+/b", "a/b/c"]);
+        // A merge that overlaps an earlier subscription absorbs it too.
+        assert_eq!(subs(&["a/b/1", "a/c/2", "a/+/#"]), ["a/+/#"]);
+    }
+
+    #[test]
+    fn merged_subscriptions_still_match_every_trigger() {
+        let triggers = [
+            "order/#",
+            "order/a/#",
+            "a/+/c",
+            "a/b/+",
+            "sensors/s1/temperature",
+        ];
+        let parsed: Vec<TopicFilter> = triggers
+            .iter()
+            .filter_map(|f| TopicFilter::parse(f).ok())
+            .collect();
+        let subs = disjoint_subscriptions(&parsed);
+        for topic in [
+            "order/a/1",
+            "order/b",
+            "a/x/c",
+            "a/b/y",
+            "sensors/s1/temperature",
+        ] {
+            assert_eq!(
+                subs.iter().filter(|s| s.matches(topic)).count(),
+                1,
+                "{topic}"
+            );
+        }
     }
 
     #[test]
