@@ -199,14 +199,9 @@ pub fn disjoint_subscriptions(filters: &[TopicFilter]) -> Vec<TopicFilter> {
         let mut merged = f.clone();
         // Absorb every existing subscription the new one overlaps, until
         // the result overlaps none of the rest.
-        loop {
-            match out.iter().position(|o| o.overlaps(&merged)) {
-                Some(i) => {
-                    let o = out.swap_remove(i);
-                    merged = if o == merged { o } else { o.join(&merged) };
-                }
-                None => break,
-            }
+        while let Some(i) = out.iter().position(|o| o.overlaps(&merged)) {
+            let o = out.swap_remove(i);
+            merged = if o == merged { o } else { o.join(&merged) };
         }
         out.push(merged);
     }
