@@ -1,11 +1,14 @@
 //! Where a successful invocation's outputs go: publishes to the local broker
 //! (through a connection of their own), forwards into the durable outbox.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::{AsyncClient, EventLoop, QoS};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttEndpoint;
@@ -13,6 +16,7 @@ use crate::event::{Event, now_ms};
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{NewRecord, Outbox};
 use crate::runtime::Outputs;
+use crate::sources::serial::SourceStats;
 
 /// Hands outputs to the local broker and the outbox. Cloned into every
 /// function worker.
@@ -20,12 +24,21 @@ use crate::runtime::Outputs;
 pub struct OutputPort {
     local: AsyncClient,
     outbox: Outbox,
+    serial: Arc<SerialWriters>,
 }
 
+/// Write queues of the serial sources, by source name.
+pub type SerialWriters = HashMap<String, (mpsc::Sender<Bytes>, Arc<SourceStats>)>;
+
 impl OutputPort {
-    /// A port publishing through `local` and forwarding into `outbox`.
-    pub fn new(local: AsyncClient, outbox: Outbox) -> Self {
-        Self { local, outbox }
+    /// A port publishing through `local`, forwarding into `outbox` and
+    /// writing to the serial sources in `serial`.
+    pub fn new(local: AsyncClient, outbox: Outbox, serial: SerialWriters) -> Self {
+        Self {
+            local,
+            outbox,
+            serial: Arc::new(serial),
+        }
     }
 
     /// Sends `outputs` of `function`, produced while handling `event`. The
@@ -56,6 +69,16 @@ impl OutputPort {
                 Err(e) => {
                     tracing::error!(function, topic = %p.topic, error = %e, "Publish could not be queued.")
                 }
+            }
+        }
+        for w in outputs.serial_writes {
+            let Some((queue, stats)) = self.serial.get(&w.port) else {
+                continue;
+            };
+            // Never wait on a device: a full queue drops the command.
+            if queue.try_send(w.data).is_err() {
+                stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(function, port = %w.port, "Serial write dropped: the port's queue is full.");
             }
         }
         if outputs.forwards.is_empty() {

@@ -21,17 +21,21 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::config::SinkKind;
+use crate::config::SourceSpec;
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
 use crate::event::Event;
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxConfig, OutboxError};
+use crate::output::SerialWriters;
 use crate::output::{OutputPort, local_publisher};
 use crate::router::{Route, Router};
 use crate::runtime::{EngineError, LoadError, LoadedFunction, Runtime};
 use crate::sinks::http::HttpSink;
 use crate::sinks::mqtt::MqttSink;
 use crate::sinks::{DeliveryStats, Sink, SinkCommon, SinkContext};
+use crate::sources::i2c::{I2cParts, I2cSource};
 use crate::sources::mqtt::{MqttSource, MqttSourceConfig};
+use crate::sources::serial::{SerialParts, SerialSource, SourceStats, WRITE_QUEUE};
 use crate::sources::{Source, SourceContext, SourceError};
 
 /// How long start-up waits for the MQTT source's subscription.
@@ -95,6 +99,12 @@ pub struct Gateway {
     ready: tokio::sync::watch::Receiver<bool>,
     outbox: Outbox,
     sinks: Vec<(String, Arc<DeliveryStats>)>,
+    sources: Vec<(String, Arc<SourceStats>)>,
+}
+
+enum Parts {
+    Serial(SerialParts),
+    I2c(I2cParts),
 }
 
 impl Gateway {
@@ -163,7 +173,34 @@ impl Gateway {
                 SinkKind::Http(h) => tracker.spawn(HttpSink::build(common, h).run(ctx)),
             };
         }
-        let port = OutputPort::new(publisher.clone(), outbox.clone());
+        // Serial sources: their write queues go to the workers' output port.
+        let mut serial_writers = SerialWriters::new();
+        let mut source_parts = Vec::new();
+        let mut source_stats = Vec::new();
+        for spec in &config.sources {
+            let stats = Arc::new(SourceStats::default());
+            match spec {
+                SourceSpec::Serial(s) => {
+                    source_stats.push((s.name.clone(), stats.clone()));
+                    let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+                    serial_writers.insert(s.name.clone(), (tx, stats.clone()));
+                    source_parts.push(Parts::Serial(SerialParts {
+                        spec: s.clone(),
+                        writes: rx,
+                        stats,
+                        local: publisher.clone(),
+                    }));
+                }
+                SourceSpec::I2c(s) => {
+                    source_stats.push((s.name.clone(), stats.clone()));
+                    source_parts.push(Parts::I2c(I2cParts {
+                        spec: s.clone(),
+                        stats,
+                    }));
+                }
+            }
+        }
+        let port = OutputPort::new(publisher.clone(), outbox.clone(), serial_writers);
 
         let workers = TaskTracker::new();
         let mut routes = Vec::new();
@@ -206,8 +243,18 @@ impl Gateway {
             metrics: metrics.clone(),
             ready: Arc::new(ready_tx),
         };
+        for parts in source_parts {
+            match parts {
+                Parts::Serial(p) => {
+                    tracker.spawn(SerialSource::build(p, &ctx)?.run(ctx.clone()));
+                }
+                Parts::I2c(p) => {
+                    tracker.spawn(I2cSource::build(p, &ctx)?.run(ctx.clone()));
+                }
+            }
+        }
         let source = MqttSource::build(
-            &MqttSourceConfig {
+            MqttSourceConfig {
                 endpoint: local.clone(),
             },
             &ctx,
@@ -223,6 +270,7 @@ impl Gateway {
             ready,
             outbox,
             sinks,
+            sources: source_stats,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an
@@ -269,6 +317,11 @@ impl Gateway {
     /// The outbox (counters, flush).
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
+    }
+
+    /// A serial or I2C source's counters.
+    pub fn source_stats(&self, name: &str) -> Option<&Arc<SourceStats>> {
+        self.sources.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
     /// A sink's delivery counters.

@@ -106,7 +106,7 @@ fn check_reports_every_broken_component_by_name() {
     );
     assert!(
         out.contains("function `command`:")
-            && out.contains("does not implement the `edgefn:function/function@0.1.0` world"),
+            && out.contains("does not implement the `edgefn:function/function@0.1.1` world"),
         "{out}"
     );
     assert!(!out.contains("function `good`"), "{out}");

@@ -49,10 +49,10 @@ pub mod bindings {
 
 /// The trait a function implements: `fn handle(event: Event) -> Result<(), String>`.
 pub use bindings::Guest as Function;
-pub use bindings::edgefn::function::host;
 /// One input event.
 pub use bindings::edgefn::function::types::Event;
 pub use bindings::edgefn::function::types::{CallError, Level, Qos, SourceKind};
+pub use bindings::edgefn::function::{host, serial};
 /// Exports a type implementing [`Function`] as the component's handler:
 /// `edgefn_sdk::export!(MyFunction);`.
 pub use bindings::export;
@@ -146,6 +146,12 @@ pub fn forward(sink: &str, payload: impl AsRef<[u8]>) -> Result<(), Error> {
 /// Forwards `value` as JSON to the sink named `sink`.
 pub fn forward_json<T: Serialize + ?Sized>(sink: &str, value: &T) -> Result<(), Error> {
     forward(sink, to_json(value)?)
+}
+
+/// Writes `data` to the serial source named `port` (an actuator, a motor
+/// controller…); the function must list the port in `serial_ports`.
+pub fn serial_write(port: &str, data: impl AsRef<[u8]>) -> Result<(), Error> {
+    Ok(serial::write(port, data.as_ref())?)
 }
 
 /// A string from the function's `config` table.

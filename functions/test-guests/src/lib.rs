@@ -3,7 +3,9 @@
 //!
 //! The mode is the payload's `mode:<name>` if it has one, else the `mode`
 //! config key. Modes: `echo` (publishes the payload on `echo/<topic>`), `slow`
-//! (20 ms of work, then publishes on `slow/<topic>`), `error` (returns
+//! (20 ms of work, then publishes on `slow/<topic>`), `serial-echo` (writes
+//! `ack:<payload>` to the serial port named by the `port` config key),
+//! `serial-denied` (writes to an unlisted port, then reports), `error` (returns
 //! an error), `trap` (panics, which traps), `loop` (never returns), `alloc`
 //! (grows memory without bound), `publish-denied` (publishes outside its
 //! allowlist, then reports the refusal on `allowed/denied`), `forward-denied`
@@ -28,6 +30,15 @@ impl Function for Misbehave {
         match mode.as_str() {
             "echo" => publish(&format!("echo/{}", event.topic), &event.payload)?,
             "error" => return Err("this function always fails".into()),
+            "serial-echo" => {
+                let port = config("port").unwrap_or_else(|| "motor".into());
+                edgefn_sdk::serial_write(&port, [b"ack:".as_slice(), &event.payload].concat())?;
+            }
+            "serial-denied" => {
+                let err = edgefn_sdk::serial_write("not-my-port", b"x")
+                    .expect_err("writing to an unlisted port must be denied");
+                publish("allowed/denied", err.to_string())?;
+            }
             "slow" => {
                 // Busy for 20 ms, then echo: finishes after events that
                 // arrived later at faster functions.

@@ -82,6 +82,59 @@ pub struct ValidConfig {
     pub sinks: Vec<SinkSpec>,
     /// `outbox.max_commits_per_sec`.
     pub outbox_commits_per_sec: u32,
+    /// Serial and I2C sources, in file order.
+    pub sources: Vec<SourceSpec>,
+}
+
+/// A validated serial or I2C source.
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    /// A serial port.
+    Serial(SerialSpec),
+    /// An I2C sensor.
+    I2c(I2cSpec),
+}
+
+/// A validated serial source.
+#[derive(Debug, Clone)]
+pub struct SerialSpec {
+    /// Unique name.
+    pub name: String,
+    /// Device path.
+    pub path: PathBuf,
+    /// Line speed.
+    pub baud: u32,
+    /// 5..=8.
+    pub data_bits: u8,
+    /// Parity.
+    pub parity: schema::Parity,
+    /// 1 or 2.
+    pub stop_bits: u8,
+    /// Flow control.
+    pub flow_control: schema::FlowControl,
+    /// Framing, with its limits.
+    pub framing: edgefn_drivers::codec::Framing,
+    /// Event topic.
+    pub topic: String,
+    /// Optional local MQTT mirror topic.
+    pub mirror_topic: Option<String>,
+}
+
+/// A validated I2C source.
+#[derive(Debug, Clone)]
+pub struct I2cSpec {
+    /// Unique name.
+    pub name: String,
+    /// Bus device.
+    pub bus: PathBuf,
+    /// Driver.
+    pub driver: schema::I2cDriver,
+    /// 7-bit address.
+    pub address: u8,
+    /// Poll interval.
+    pub interval: Duration,
+    /// Event topic.
+    pub topic: String,
 }
 
 /// The local broker, validated.
@@ -146,6 +199,8 @@ pub struct FunctionSpec {
     pub publish: FilterSet,
     /// Sinks it may forward to.
     pub sinks: BTreeSet<String>,
+    /// Serial sources it may write to.
+    pub serial_ports: BTreeSet<String>,
     /// Its `config(key)` values.
     pub config: BTreeMap<String, String>,
     /// Its limits.
@@ -513,6 +568,15 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         p.add("outbox.max_commits_per_sec", "must be between 1 and 1000");
     }
 
+    let sources = sources(&mut p, &config, &resolve);
+    let serial_names: BTreeSet<String> = sources
+        .iter()
+        .filter_map(|s| match s {
+            SourceSpec::Serial(s) => Some(s.name.clone()),
+            SourceSpec::I2c(_) => None,
+        })
+        .collect();
+
     let mut functions = Vec::new();
     let mut function_names = BTreeSet::new();
     for (i, f) in config.functions.iter().enumerate() {
@@ -524,8 +588,30 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                 format!("duplicate function name `{}`", f.name),
             );
         }
+        for (j, port) in f.serial_ports.iter().enumerate() {
+            if !serial_names.contains(port) {
+                p.add(
+                    format!("{key}.serial_ports[{j}]"),
+                    format!("no serial source named `{port}` is configured under [[sources]]"),
+                );
+            }
+        }
         if let Some(spec) = function(&mut p, &key, f, &sink_names, &resolve) {
             functions.push(spec);
+        }
+    }
+    // A mirrored frame must not come back in as an MQTT event.
+    for (i, s) in sources.iter().enumerate() {
+        if let SourceSpec::Serial(SerialSpec {
+            mirror_topic: Some(m),
+            ..
+        }) = s
+            && let Some(f) = functions.iter().find(|f| f.triggers.matches(m))
+        {
+            p.add(
+                format!("sources[{i}].mirror_topic"),
+                format!("`{m}` matches the triggers of function `{}`: each frame would be handled twice", f.name),
+            );
         }
     }
 
@@ -538,9 +624,134 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             functions,
             sinks,
             outbox_commits_per_sec: config.outbox.max_commits_per_sec,
+            sources,
         }),
         _ => Err(ConfigErrors(p.list)),
     }
+}
+
+fn sources(
+    p: &mut Problems<'_>,
+    config: &Config,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Vec<SourceSpec> {
+    use edgefn_drivers::codec::{Endian, Framing, Width};
+    use schema::{FramingKind, LengthEndian, LengthWidth, SourceConfig};
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, source) in config.sources.iter().enumerate() {
+        let key = format!("sources[{i}]");
+        check_name(p, &format!("{key}.name"), source.name());
+        if !names.insert(source.name().to_owned()) {
+            p.add(
+                format!("{key}.name"),
+                format!("duplicate source name `{}`", source.name()),
+            );
+        }
+        let topic = match source {
+            SourceConfig::Serial(c) => &c.topic,
+            SourceConfig::I2c(c) => &c.topic,
+        };
+        if let Err(e) = validate_topic_name(topic) {
+            p.add(format!("{key}.topic"), format!("`{topic}`: {e}"));
+        }
+        match source {
+            SourceConfig::Serial(c) => {
+                if !(50..=4_000_000).contains(&c.baud) {
+                    p.add(format!("{key}.baud"), "must be between 50 and 4000000");
+                }
+                if !(5..=8).contains(&c.data_bits) {
+                    p.add(format!("{key}.data_bits"), "must be 5, 6, 7 or 8");
+                }
+                if !(1..=2).contains(&c.stop_bits) {
+                    p.add(format!("{key}.stop_bits"), "must be 1 or 2");
+                }
+                let default_max = if c.framing == FramingKind::Nmea {
+                    82
+                } else {
+                    1024
+                };
+                let max = c.max_frame.unwrap_or(default_max);
+                if !(1..=65_535).contains(&max) {
+                    p.add(format!("{key}.max_frame"), "must be between 1 and 65535");
+                }
+                if c.framing != FramingKind::LengthPrefixed
+                    && (c.length_width.is_some() || c.length_endian.is_some())
+                {
+                    p.add(
+                        format!("{key}.length_width"),
+                        "only applies to `framing = \"length_prefixed\"`",
+                    );
+                }
+                let width = match c.length_width.unwrap_or(LengthWidth::U16) {
+                    LengthWidth::U8 => Width::U8,
+                    LengthWidth::U16 => Width::U16,
+                };
+                if width == Width::U8 && max > 255 && c.framing == FramingKind::LengthPrefixed {
+                    p.add(
+                        format!("{key}.max_frame"),
+                        "can be at most 255 with `length_width = \"u8\"`",
+                    );
+                }
+                let endian = match c.length_endian.unwrap_or(LengthEndian::Big) {
+                    LengthEndian::Big => Endian::Big,
+                    LengthEndian::Little => Endian::Little,
+                };
+                let framing = match c.framing {
+                    FramingKind::Lines => Framing::Lines { max },
+                    FramingKind::Cobs => Framing::Cobs { max },
+                    FramingKind::Slip => Framing::Slip { max },
+                    FramingKind::LengthPrefixed => Framing::LengthPrefixed { width, endian, max },
+                    FramingKind::Nmea => Framing::Nmea { max },
+                    FramingKind::Pms5003 => Framing::Pms5003,
+                };
+                if let Some(m) = &c.mirror_topic
+                    && let Err(e) = validate_topic_name(m)
+                {
+                    p.add(format!("{key}.mirror_topic"), format!("`{m}`: {e}"));
+                }
+                out.push(SourceSpec::Serial(SerialSpec {
+                    name: c.name.clone(),
+                    path: resolve(&c.path),
+                    baud: c.baud,
+                    data_bits: c.data_bits,
+                    parity: c.parity,
+                    stop_bits: c.stop_bits,
+                    flow_control: c.flow_control,
+                    framing,
+                    topic: c.topic.clone(),
+                    mirror_topic: c.mirror_topic.clone(),
+                }));
+            }
+            SourceConfig::I2c(c) => {
+                let address = c.address.unwrap_or(match c.driver {
+                    schema::I2cDriver::Bme280 => edgefn_drivers::sensors::bme280::ADDRESS_PRIMARY,
+                    schema::I2cDriver::Sht3x => edgefn_drivers::sensors::sht3x::ADDRESS_PRIMARY,
+                });
+                if !(0x03..=0x77).contains(&address) {
+                    p.add(
+                        format!("{key}.address"),
+                        "must be a 7-bit address between 0x03 and 0x77",
+                    );
+                }
+                if !(10..=86_400_000).contains(&c.interval_ms) {
+                    p.add(
+                        format!("{key}.interval_ms"),
+                        "must be between 10 and 86400000",
+                    );
+                }
+                out.push(SourceSpec::I2c(I2cSpec {
+                    name: c.name.clone(),
+                    bus: c.bus.clone(),
+                    driver: c.driver,
+                    address,
+                    interval: Duration::from_millis(c.interval_ms),
+                    topic: c.topic.clone(),
+                }));
+            }
+        }
+    }
+    out
 }
 
 fn filters(p: &mut Problems<'_>, key: &str, raw: &[String]) -> FilterSet {
@@ -603,6 +814,7 @@ fn function(
         triggers,
         publish,
         sinks: f.sinks.iter().cloned().collect(),
+        serial_ports: f.serial_ports.iter().cloned().collect(),
         config: f.config.clone(),
         limits: Limits::from(l),
     })

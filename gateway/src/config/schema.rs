@@ -27,6 +27,186 @@ pub struct Config {
     /// The durable outbox between functions and sinks.
     #[serde(default)]
     pub outbox: OutboxSettings,
+    /// Event sources besides the MQTT broker: serial ports and I2C sensors.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+/// `[[sources]]`: a serial port or an I2C sensor, chosen by `kind`.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A serial port (UART, USB-serial adapter).
+    Serial(SerialSourceConfig),
+    /// An I2C sensor polled at an interval.
+    I2c(I2cSourceConfig),
+}
+
+impl SourceConfig {
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Serial(c) => &c.name,
+            Self::I2c(c) => &c.name,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SourceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (kind, table) = tagged::<D>(d)?;
+        match kind.as_str() {
+            "serial" => inner::<_, D::Error>(table).map(Self::Serial),
+            "i2c" => inner::<_, D::Error>(table).map(Self::I2c),
+            other => Err(serde::de::Error::custom(format!(
+                "{NESTED_PATH}kind{NESTED_PATH}unknown source kind `{other}` (use \"serial\" or \"i2c\")"
+            ))),
+        }
+    }
+}
+
+/// `[[sources]]` with `kind = "serial"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSourceConfig {
+    /// Unique name; functions list it in `serial_ports` to write to it.
+    pub name: String,
+    /// Device path, e.g. `/dev/ttyUSB0` or a stable `/dev/serial/by-id/...`.
+    pub path: PathBuf,
+    /// Line speed.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// 5, 6, 7 or 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `odd` or `even`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// `none`, `software` (XON/XOFF) or `hardware` (RTS/CTS).
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// How the byte stream is cut into frames: `lines`, `cobs`, `slip`,
+    /// `length_prefixed`, `nmea` or `pms5003`.
+    pub framing: FramingKind,
+    /// Longest frame in bytes (default 1024; NMEA's standard is 82).
+    #[serde(default)]
+    pub max_frame: Option<usize>,
+    /// `length_prefixed` only: `u8` or `u16`.
+    #[serde(default)]
+    pub length_width: Option<LengthWidth>,
+    /// `length_prefixed` only: `big` or `little` (for `u16`).
+    #[serde(default)]
+    pub length_endian: Option<LengthEndian>,
+    /// Topic of the events (functions trigger on it like on MQTT topics).
+    pub topic: String,
+    /// Also publish each frame on this local MQTT topic (for dashboards and
+    /// debugging). Must not match a function's triggers, or the frame would
+    /// be handled twice.
+    #[serde(default)]
+    pub mirror_topic: Option<String>,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs, reason = "self-explanatory")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+/// Serial flow control.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs, reason = "self-explanatory")]
+pub enum FlowControl {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+/// Serial framings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs, reason = "see edgefn_drivers::codec")]
+pub enum FramingKind {
+    Lines,
+    Cobs,
+    Slip,
+    LengthPrefixed,
+    Nmea,
+    Pms5003,
+}
+
+/// Width of a length prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs, reason = "self-explanatory")]
+pub enum LengthWidth {
+    U8,
+    U16,
+}
+
+/// Byte order of a length prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs, reason = "self-explanatory")]
+pub enum LengthEndian {
+    Big,
+    Little,
+}
+
+/// `[[sources]]` with `kind = "i2c"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I2cSourceConfig {
+    /// Unique name (in logs and events).
+    pub name: String,
+    /// The Linux I2C bus device.
+    #[serde(default = "default_i2c_bus")]
+    pub bus: PathBuf,
+    /// `bme280` or `sht3x`.
+    pub driver: I2cDriver,
+    /// 7-bit address; default 0x76 for the BME280, 0x44 for the SHT3x.
+    #[serde(default)]
+    pub address: Option<u8>,
+    /// Milliseconds between readings.
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Topic of the events (a JSON reading each).
+    pub topic: String,
+}
+
+fn default_i2c_bus() -> PathBuf {
+    PathBuf::from("/dev/i2c-1")
+}
+fn default_interval_ms() -> u64 {
+    5000
+}
+
+/// Supported I2C sensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum I2cDriver {
+    /// Bosch BME280: temperature, pressure, humidity.
+    Bme280,
+    /// Sensirion SHT3x: temperature, humidity.
+    Sht3x,
 }
 
 /// `[outbox]`: the SQLite store-and-forward queue.
@@ -151,6 +331,10 @@ pub struct FunctionConfig {
     /// Sinks the function may forward to; anything else is denied.
     #[serde(default)]
     pub sinks: Vec<String>,
+    /// Serial sources (by name) the function may write to with
+    /// `serial.write`; anything else is denied.
+    #[serde(default)]
+    pub serial_ports: Vec<String>,
     /// Free-form settings the function reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
@@ -224,36 +408,37 @@ pub enum SinkConfig {
 /// it to the key it reports (serde's internally tagged enums lose the path).
 pub(crate) const NESTED_PATH: char = '\u{1}';
 
+/// Splits a tagged table into its `kind` and the rest.
+fn tagged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(String, toml::Table), D::Error> {
+    use serde::de::Error;
+    let mut table = toml::Table::deserialize(d)?;
+    match table.remove("kind") {
+        Some(toml::Value::String(k)) => Ok((k, table)),
+        Some(_) => Err(D::Error::custom(format!(
+            "{NESTED_PATH}kind{NESTED_PATH}must be a string"
+        ))),
+        None => Err(D::Error::custom("missing field `kind`")),
+    }
+}
+
+/// Deserializes the rest of a tagged table, keeping the nested key path.
+fn inner<T: serde::de::DeserializeOwned, E: serde::de::Error>(table: toml::Table) -> Result<T, E> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        E::custom(format!(
+            "{NESTED_PATH}{path}{NESTED_PATH}{}",
+            e.into_inner()
+        ))
+    })
+}
+
 impl<'de> Deserialize<'de> for SinkConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        fn inner<T: serde::de::DeserializeOwned, E: Error>(table: toml::Table) -> Result<T, E> {
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let path = e.path().to_string();
-                E::custom(format!(
-                    "{NESTED_PATH}{path}{NESTED_PATH}{}",
-                    e.into_inner()
-                ))
-            })
-        }
-        let mut table = toml::Table::deserialize(d)?;
-        let kind = match table.remove("kind") {
-            Some(toml::Value::String(k)) => k,
-            Some(_) => {
-                return Err(D::Error::custom(format!(
-                    "{NESTED_PATH}kind{NESTED_PATH}must be a string"
-                )));
-            }
-            None => {
-                return Err(D::Error::custom(
-                    "missing field `kind` (\"mqtt\" or \"http\")",
-                ));
-            }
-        };
+        let (kind, table) = tagged::<D>(d)?;
         match kind.as_str() {
-            "mqtt" => inner(table).map(Self::Mqtt),
-            "http" => inner(table).map(Self::Http),
-            other => Err(D::Error::custom(format!(
+            "mqtt" => inner::<_, D::Error>(table).map(Self::Mqtt),
+            "http" => inner::<_, D::Error>(table).map(Self::Http),
+            other => Err(serde::de::Error::custom(format!(
                 "{NESTED_PATH}kind{NESTED_PATH}unknown sink kind `{other}` (use \"mqtt\" or \"http\")"
             ))),
         }

@@ -279,3 +279,50 @@ fn mqtt_sink_protocol_and_batching() {
     ));
     assert_eq!(e[0].key, "sinks[0].protocol");
 }
+
+#[test]
+fn serial_and_i2c_sources_are_validated() {
+    let base = format!(
+        "{MINIMAL}serial_ports = [\"motor\"]\n[[sources]]\nkind = \"serial\"\nname = \"motor\"\npath = \"/dev/ttyUSB0\"\nframing = \"length_prefixed\"\nlength_width = \"u8\"\nmax_frame = 200\ntopic = \"serial/motor\"\n\n[[sources]]\nkind = \"i2c\"\nname = \"climate\"\ndriver = \"bme280\"\ntopic = \"i2c/climate\"\n"
+    );
+    let c = parse_str(&base).expect("valid");
+    let SourceSpec::Serial(s) = &c.sources[0] else {
+        panic!("serial")
+    };
+    assert_eq!((s.baud, s.data_bits, s.stop_bits), (9600, 8, 1));
+    assert_eq!(
+        s.framing,
+        edgefn_drivers::codec::Framing::LengthPrefixed {
+            width: edgefn_drivers::codec::Width::U8,
+            endian: edgefn_drivers::codec::Endian::Big,
+            max: 200
+        }
+    );
+    let SourceSpec::I2c(i) = &c.sources[1] else {
+        panic!("i2c")
+    };
+    assert_eq!(
+        (i.address, i.interval, i.bus.as_path()),
+        (0x76, Duration::from_secs(5), Path::new("/dev/i2c-1"))
+    );
+    assert!(c.functions[0].serial_ports.contains("motor"));
+
+    let e = errors(&base.replace("serial_ports = [\"motor\"]", "serial_ports = [\"pump\"]"));
+    assert_eq!(e[0].key, "functions[0].serial_ports[0]");
+    let e = errors(&base.replace("max_frame = 200", "max_frame = 300"));
+    assert_eq!(e[0].key, "sources[0].max_frame");
+    let e = errors(&base.replace("framing = \"length_prefixed\"", "framing = \"lines\""));
+    assert_eq!(e[0].key, "sources[0].length_width");
+    let e = errors(&base.replace("framing = \"length_prefixed\"", "framing = \"morse\""));
+    assert_eq!(e[0].key, "sources[0].framing");
+    let e = errors(&base.replace(
+        "topic = \"serial/motor\"",
+        "topic = \"serial/motor\"\nmirror_topic = \"sensors/m/temperature\"",
+    ));
+    assert_eq!(e[0].key, "sources[0].mirror_topic");
+    assert!(e[0].reason.contains("handled twice"), "{}", e[0].reason);
+    let e = errors(&base.replace("driver = \"bme280\"", "driver = \"bme280\"\naddress = 200"));
+    assert_eq!(e[0].key, "sources[1].address");
+    let e = errors(&base.replace("kind = \"i2c\"", "kind = \"spi\""));
+    assert_eq!(e[0].key, "sources[1].kind");
+}

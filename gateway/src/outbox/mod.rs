@@ -590,6 +590,10 @@ impl Writer {
         let mut delivered = vec![0u64; self.limits.len()];
         let mut expired = vec![0u64; self.limits.len()];
         let mut dropped = vec![0u64; self.limits.len()];
+        // Counters are published after the commit, all together, so a
+        // reader never sees one change without the others.
+        let mut refused = vec![0u64; self.limits.len()];
+        let mut appended = vec![0u64; self.limits.len()];
         {
             let mut del = tx
                 .prepare_cached(
@@ -660,7 +664,7 @@ impl Writer {
                     }
                     match l.policy {
                         FullPolicy::Refuse => {
-                            self.stats[i].refused.fetch_add(1, Ordering::Relaxed);
+                            refused[i] += 1;
                             tracing::warn!(sink = %l.sink, rows, bytes, "Outbox full: holding new records back until deliveries make room.");
                             pending.push_front(append);
                             break 'appends;
@@ -705,7 +709,7 @@ impl Writer {
                     max_seq = max_seq.max(tx.last_insert_rowid() as u64);
                     deltas[i].0 += 1;
                     deltas[i].1 += r.payload.len() as i64;
-                    self.stats[i].appended.fetch_add(1, Ordering::Relaxed);
+                    appended[i] += 1;
                     added = true;
                     inserted += 1;
                 }
@@ -723,6 +727,8 @@ impl Writer {
             s.delivered.fetch_add(delivered[i], Ordering::Relaxed);
             s.expired.fetch_add(expired[i], Ordering::Relaxed);
             s.dropped_full.fetch_add(dropped[i], Ordering::Relaxed);
+            s.refused.fetch_add(refused[i], Ordering::Relaxed);
+            s.appended.fetch_add(appended[i], Ordering::Relaxed);
             if dropped[i] > 0 {
                 tracing::warn!(sink = %self.limits[i].sink, rows = dropped[i], "Outbox full: oldest records dropped.");
             }

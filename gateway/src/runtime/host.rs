@@ -15,6 +15,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::edgefn::function::host::Host;
+use crate::bindings::edgefn::function::serial;
 use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
 use crate::topic::{FilterSet, validate_topic_name};
 
@@ -34,6 +35,8 @@ pub struct Capabilities {
     pub publish: FilterSet,
     /// Sinks it may forward to.
     pub sinks: BTreeSet<String>,
+    /// Serial sources it may write to.
+    pub serial_ports: BTreeSet<String>,
     /// `config(key)` values.
     pub config: BTreeMap<String, String>,
     /// publish + forward calls per invocation.
@@ -62,6 +65,15 @@ pub struct Forward {
     pub payload: Bytes,
 }
 
+/// Bytes the function asked to write to a serial port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialWrite {
+    /// The serial source's name.
+    pub port: String,
+    /// The bytes.
+    pub data: Bytes,
+}
+
 /// Everything one successful invocation produced, in call order per kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outputs {
@@ -69,6 +81,8 @@ pub struct Outputs {
     pub publishes: Vec<Publish>,
     /// Forwards to sinks.
     pub forwards: Vec<Forward>,
+    /// Writes to serial ports.
+    pub serial_writes: Vec<SerialWrite>,
 }
 
 /// Caps linear memory and tables, and remembers whether a cap was hit so a
@@ -273,6 +287,23 @@ impl Host for HostState {
 
     fn gateway_id(&mut self) -> String {
         self.caps.gateway_id.clone()
+    }
+}
+
+impl serial::Host for HostState {
+    fn write(&mut self, port: String, data: Vec<u8>) -> Result<(), CallError> {
+        if !self.caps.serial_ports.contains(&port) {
+            return Err(self.deny(format!(
+                "writing to serial port `{port}` is not allowed (allowed: {})",
+                list(self.caps.serial_ports.iter().map(String::as_str))
+            )));
+        }
+        self.charge(data.len())?;
+        self.outputs.serial_writes.push(SerialWrite {
+            port,
+            data: Bytes::from(data),
+        });
+        Ok(())
     }
 }
 

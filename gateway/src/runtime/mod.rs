@@ -31,13 +31,13 @@ use crate::bindings::{Function, FunctionPre};
 use crate::config::{FunctionSpec, Limits};
 use crate::event::{Event, SourceKind};
 use crate::metrics::{Failure, FunctionMetrics};
-pub use host::{Capabilities, Forward, HostState, Outputs, Publish};
+pub use host::{Capabilities, Forward, HostState, Outputs, Publish, SerialWrite};
 
 /// How often the epoch advances; the resolution of invocation timeouts.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The WIT world every function must implement.
-pub const WORLD: &str = "edgefn:function/function@0.1.0";
+pub const WORLD: &str = "edgefn:function/function@0.1.1";
 
 /// Why a function could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +162,7 @@ impl Runtime {
                 gateway_id: gateway_id.to_owned(),
                 publish: spec.publish.clone(),
                 sinks: spec.sinks.clone(),
+                serial_ports: spec.serial_ports.clone(),
                 config: spec.config.clone(),
                 max_calls: spec.limits.max_calls,
                 max_payload_bytes: spec.limits.max_payload_bytes,

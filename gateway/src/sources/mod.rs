@@ -2,10 +2,13 @@
 //! implements [`Source`]; the supervisor builds every source before starting
 //! any task, then runs each on the task tracker.
 //!
-//! Kinds: [`mqtt`] (the local broker, subscribed to the union of the
-//! functions' triggers). Serial ports and I2C sensors come next.
+//! Kinds: [`mqtt`] (the local broker, subscribed to the functions'
+//! triggers), [`serial`] (framed serial ports, with write-back) and [`i2c`]
+//! (polled embedded-hal sensor drivers).
 
+pub mod i2c;
 pub mod mqtt;
+pub mod serial;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,7 +38,7 @@ pub trait Source: Sized + Send + 'static {
     /// The validated settings of this kind.
     type Config;
     /// Checks settings and prepares the source; starts no task.
-    fn build(config: &Self::Config, ctx: &SourceContext) -> Result<Self, SourceError>;
+    fn build(config: Self::Config, ctx: &SourceContext) -> Result<Self, SourceError>;
     /// Reads events and dispatches them until `ctx.cancel` fires.
     fn run(self, ctx: SourceContext) -> impl Future<Output = ()> + Send;
 }

@@ -58,7 +58,7 @@ struct Pending {
 impl Source for MqttSource {
     type Config = MqttSourceConfig;
 
-    fn build(config: &Self::Config, ctx: &SourceContext) -> Result<Self, SourceError> {
+    fn build(config: Self::Config, ctx: &SourceContext) -> Result<Self, SourceError> {
         let filters = ctx.router.subscriptions();
         let mut opts = crate::mqtt::options(&config.endpoint, "in", Duration::from_secs(30));
         opts.set_clean_session(false);

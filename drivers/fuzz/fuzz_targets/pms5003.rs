@@ -1,0 +1,11 @@
+#![no_main]
+//! Fuzzes the `pms5003` decoder.
+
+#[path = "common.rs"]
+mod common;
+
+#[allow(unused_imports)]
+use edgefn_drivers::codec::{Endian, Framing, Width};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| common::run(Framing::Pms5003, 32, data));

@@ -1,0 +1,253 @@
+//! The serial source: reads a serial port (UART, USB-serial adapter, or any
+//! tty), cuts the byte stream into frames with an `edgefn_drivers` codec,
+//! and turns each frame into an event on the configured topic. Functions
+//! allowed to write to the port (`serial_ports`) send bytes back through it.
+//!
+//! A device that disappears (adapter unplugged, read error, EOF) is logged
+//! once, counted, and reopened with back-off until it returns; nothing else
+//! in the gateway waits for it. Bad frames are counted and skipped by the
+//! codec. Writes for a port that is not open are dropped and counted:
+//! an actuator command should not fire minutes late.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use edgefn_drivers::codec::{CodecStats, FrameDecoder, Framing, pms5003};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_serial::SerialPortBuilderExt;
+use tokio_util::codec::FramedRead;
+
+use super::{Source, SourceContext, SourceError};
+use crate::config::SerialSpec;
+use crate::config::schema::{FlowControl, Parity};
+use crate::event::{Event, SourceKind};
+
+/// Counters of one serial or I2C source.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Frames (or readings) turned into events.
+    pub frames: AtomicU64,
+    /// Malformed frames skipped.
+    pub invalid: AtomicU64,
+    /// Overlong frames skipped.
+    pub oversize: AtomicU64,
+    /// Bytes thrown away while resynchronising.
+    pub discarded_bytes: AtomicU64,
+    /// Times the device was opened.
+    pub opened: AtomicU64,
+    /// Failed opens, read errors, EOFs, failed polls.
+    pub failures: AtomicU64,
+    /// Writes sent to the device.
+    pub written: AtomicU64,
+    /// Writes dropped (device not open, or queue full).
+    pub writes_dropped: AtomicU64,
+}
+
+impl SourceStats {
+    fn add_codec_delta(&self, now: CodecStats, before: &mut CodecStats) {
+        self.invalid
+            .fetch_add(now.invalid - before.invalid, Ordering::Relaxed);
+        self.oversize
+            .fetch_add(now.oversize - before.oversize, Ordering::Relaxed);
+        self.discarded_bytes.fetch_add(
+            now.discarded_bytes - before.discarded_bytes,
+            Ordering::Relaxed,
+        );
+        if now.invalid > before.invalid || now.oversize > before.oversize {
+            tracing::debug!(
+                invalid = now.invalid,
+                oversize = now.oversize,
+                "Serial frames skipped."
+            );
+        }
+        *before = now;
+    }
+}
+
+/// Writes waiting for a port; beyond this they are dropped.
+pub const WRITE_QUEUE: usize = 64;
+
+/// The serial source.
+pub struct SerialSource {
+    spec: SerialSpec,
+    writes: mpsc::Receiver<Bytes>,
+    stats: Arc<SourceStats>,
+    mirror: Option<rumqttc::AsyncClient>,
+}
+
+/// What the serial source needs besides its spec.
+pub struct SerialParts {
+    /// The spec.
+    pub spec: SerialSpec,
+    /// Bytes functions write to the port.
+    pub writes: mpsc::Receiver<Bytes>,
+    /// Its counters.
+    pub stats: Arc<SourceStats>,
+    /// The local broker, for `mirror_topic`.
+    pub local: rumqttc::AsyncClient,
+}
+
+impl Source for SerialSource {
+    type Config = SerialParts;
+
+    fn build(parts: SerialParts, _ctx: &SourceContext) -> Result<Self, SourceError> {
+        let mirror = parts.spec.mirror_topic.is_some().then_some(parts.local);
+        Ok(Self {
+            spec: parts.spec,
+            writes: parts.writes,
+            stats: parts.stats,
+            mirror,
+        })
+    }
+
+    async fn run(mut self, ctx: SourceContext) {
+        let name = self.spec.name.clone();
+        let path = self.spec.path.display().to_string();
+        let mut failures = 0u32;
+        'open: while !ctx.cancel.is_cancelled() {
+            let builder = tokio_serial::new(path.clone(), self.spec.baud)
+                .data_bits(match self.spec.data_bits {
+                    5 => tokio_serial::DataBits::Five,
+                    6 => tokio_serial::DataBits::Six,
+                    7 => tokio_serial::DataBits::Seven,
+                    _ => tokio_serial::DataBits::Eight,
+                })
+                .parity(match self.spec.parity {
+                    Parity::None => tokio_serial::Parity::None,
+                    Parity::Odd => tokio_serial::Parity::Odd,
+                    Parity::Even => tokio_serial::Parity::Even,
+                })
+                .stop_bits(if self.spec.stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                })
+                .flow_control(match self.spec.flow_control {
+                    FlowControl::None => tokio_serial::FlowControl::None,
+                    FlowControl::Software => tokio_serial::FlowControl::Software,
+                    FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+                });
+            let reason = match builder.open_native_async() {
+                Ok(port) => {
+                    failures = 0;
+                    self.stats.opened.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(source = %name, path = %path, framing = self.spec.framing.name(), "Serial port opened.");
+                    match self.serve(port, &ctx).await {
+                        Served::Cancelled => break 'open,
+                        Served::Lost(reason) => reason,
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            if failures == 0 {
+                tracing::warn!(source = %name, path = %path, error = %reason, "Serial port unavailable; reopening with back-off.");
+            } else {
+                tracing::debug!(source = %name, error = %reason, attempt = failures, "Serial port still unavailable.");
+            }
+            let wait = crate::mqtt::backoff(failures.min(4));
+            failures = failures.saturating_add(1);
+            // Writes while the port is away are dropped, not queued.
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    () = ctx.cancel.cancelled() => break 'open,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    w = self.writes.recv() => if w.is_some() {
+                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(source = %name, "Serial write dropped: the port is not open.");
+                    },
+                }
+            }
+        }
+        tracing::debug!(source = %name, "Serial source stopped.");
+    }
+}
+
+enum Served {
+    Cancelled,
+    Lost(String),
+}
+
+impl SerialSource {
+    async fn serve(&mut self, port: tokio_serial::SerialStream, ctx: &SourceContext) -> Served {
+        let (rd, mut wr) = tokio::io::split(port);
+        let mut frames = FramedRead::new(rd, FrameDecoder::new(self.spec.framing));
+        let mut seen = CodecStats::default();
+        let result = loop {
+            tokio::select! {
+                () = ctx.cancel.cancelled() => break Served::Cancelled,
+                f = frames.next() => match f {
+                    Some(Ok(frame)) => {
+                        self.stats.add_codec_delta(frames.decoder().stats(), &mut seen);
+                        self.dispatch(frame, ctx).await;
+                    }
+                    Some(Err(e)) => break Served::Lost(format!("read failed: {e}")),
+                    None => break Served::Lost("end of file (device gone)".into()),
+                },
+                w = self.writes.recv() => {
+                    let Some(bytes) = w else { continue };
+                    if let Err(e) = wr.write_all(&bytes).await {
+                        self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                        break Served::Lost(format!("write failed: {e}"));
+                    }
+                    let _ = wr.flush().await;
+                    self.stats.written.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        self.stats
+            .add_codec_delta(frames.decoder().stats(), &mut seen);
+        result
+    }
+
+    async fn dispatch(&self, frame: Bytes, ctx: &SourceContext) {
+        let payload = match self.spec.framing {
+            Framing::Pms5003 => match pms5003::Reading::parse(&frame) {
+                Some(r) => Bytes::from(pms_json(&r).to_string()),
+                None => return,
+            },
+            _ => frame,
+        };
+        self.stats.frames.fetch_add(1, Ordering::Relaxed);
+        if let (Some(local), Some(topic)) = (&self.mirror, &self.spec.mirror_topic)
+            && let Err(e) = local
+                .publish(
+                    topic.clone(),
+                    rumqttc::QoS::AtMostOnce,
+                    false,
+                    payload.to_vec(),
+                )
+                .await
+        {
+            tracing::warn!(source = %self.spec.name, error = %e, "Serial frame not mirrored.");
+        }
+        let mut event = Event::new(SourceKind::Serial, self.spec.topic.clone(), payload);
+        event.attributes = vec![
+            ("port".into(), self.spec.name.clone()),
+            ("path".into(), self.spec.path.display().to_string()),
+            ("framing".into(), self.spec.framing.name().into()),
+        ];
+        ctx.router.dispatch(event).await;
+    }
+}
+
+fn pms_json(r: &pms5003::Reading) -> serde_json::Value {
+    serde_json::json!({
+        "pm1_0_cf1": r.pm1_0_cf1,
+        "pm2_5_cf1": r.pm2_5_cf1,
+        "pm10_cf1": r.pm10_cf1,
+        "pm1_0": r.pm1_0,
+        "pm2_5": r.pm2_5,
+        "pm10": r.pm10,
+        "particles_0_3um": r.particles_0_3um,
+        "particles_0_5um": r.particles_0_5um,
+        "particles_1_0um": r.particles_1_0um,
+        "particles_2_5um": r.particles_2_5um,
+        "particles_5_0um": r.particles_5_0um,
+        "particles_10um": r.particles_10um,
+    })
+}
