@@ -1,6 +1,7 @@
-//! edgefn: a gateway daemon that takes sensor events (MQTT now; serial ports
-//! and I2C sensors next), runs them through sandboxed WebAssembly functions
-//! (wasmtime components) and forwards what they produce to the cloud.
+//! edgefn: a gateway daemon that takes sensor events (MQTT, serial ports,
+//! I2C sensors), runs them through sandboxed WebAssembly functions (wasmtime
+//! components) and forwards what they produce to the cloud through a
+//! durable outbox.
 //!
 //! # Layout
 //! - [`cli`]: the `edgefn` command line (`run`, `check`, `invoke`).
@@ -8,13 +9,15 @@
 //!   [`config::ValidConfig`] that nothing else re-checks.
 //! - [`supervisor`]: builds everything from the config, drains on shutdown.
 //! - [`broker`]: the embedded rumqttd broker.
-//! - [`sources`]: where events come from ([`sources::mqtt`]).
+//! - [`sources`]: where events come from ([`sources::mqtt`],
+//!   [`sources::serial`], [`sources::i2c`]).
 //! - [`router`]: topic-filter dispatch to per-function bounded queues.
 //! - [`runtime`]: wasmtime engine, component loading, limits, the host side
 //!   of the WIT imports.
 //! - [`output`]: sends a successful invocation's publishes and forwards.
 //! - [`outbox`]: the durable SQLite store-and-forward queue (group commit).
-//! - [`sinks`]: cloud destinations ([`sinks::mqtt`]) and the envelope.
+//! - [`sinks`]: cloud delivery from the outbox ([`sinks::mqtt`],
+//!   [`sinks::http`]) and the envelope.
 //! - [`topic`]: MQTT topic names and filters.
 //! - [`event`], [`metrics`], [`mqtt`], [`simulate`]: shared pieces.
 
