@@ -63,6 +63,25 @@ pub struct DeliveryStats {
     pub failures: AtomicU64,
 }
 
+impl SinkContext {
+    /// What a delivery task reads from: its own outbox connection and the
+    /// commit notifications of `sink`. `None` (logged) if the outbox cannot
+    /// be read; the sink then does not run and its records wait.
+    pub fn delivery_inputs(
+        &self,
+        sink: &str,
+    ) -> Option<(crate::outbox::Reader, tokio::sync::watch::Receiver<u64>)> {
+        let committed = self.outbox.committed(sink)?;
+        match self.outbox.reader() {
+            Ok(r) => Some((r, committed)),
+            Err(e) => {
+                tracing::error!(sink, error = %e, "Sink cannot read the outbox.");
+                None
+            }
+        }
+    }
+}
+
 /// Settings every sink kind has.
 #[derive(Debug, Clone)]
 pub struct SinkCommon {

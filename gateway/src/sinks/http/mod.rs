@@ -83,16 +83,8 @@ impl Sink for HttpSink {
                 return;
             }
         };
-        let (reader, Some(mut committed)) = (ctx.outbox.reader(), ctx.outbox.committed(&self.name))
-        else {
+        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.name) else {
             return;
-        };
-        let reader = match reader {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(sink = %self.name, error = %e, "Sink cannot read the outbox.");
-                return;
-            }
         };
         let content_type = match self.format {
             EnvelopeFormat::Json => "application/json",

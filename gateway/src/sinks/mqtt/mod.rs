@@ -198,14 +198,7 @@ impl Sink for MqttSink {
 
     async fn run(self, ctx: SinkContext) {
         let spec = self.spec.clone();
-        let reader = match ctx.outbox.reader() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(sink = %self.name, error = %e, "Sink cannot read the outbox.");
-                return;
-            }
-        };
-        let Some(mut committed) = ctx.outbox.committed(&self.name) else {
+        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.name) else {
             return;
         };
         let mut failures = 0u32;
