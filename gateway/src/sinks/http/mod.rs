@@ -25,10 +25,7 @@ const MAX_ERROR_BODY: usize = 1024;
 
 /// The HTTP sink.
 pub struct HttpSink {
-    name: String,
-    format: EnvelopeFormat,
-    batch_max: usize,
-    batch_linger: Duration,
+    common: SinkCommon,
     spec: HttpSinkSpec,
 }
 
@@ -66,10 +63,7 @@ impl Sink for HttpSink {
 
     fn build(common: SinkCommon, spec: &HttpSinkSpec) -> Self {
         Self {
-            name: common.name,
-            format: common.format,
-            batch_max: common.batch_max,
-            batch_linger: common.batch_linger,
+            common,
             spec: spec.clone(),
         }
     }
@@ -79,23 +73,24 @@ impl Sink for HttpSink {
         let client = match client(&spec) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(sink = %self.name, error = %e, "HTTP sink cannot start.");
+                tracing::error!(sink = %self.common.name, error = %e, "HTTP sink cannot start.");
                 return;
             }
         };
-        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.name) else {
+        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
             return;
         };
-        let content_type = match self.format {
+        let content_type = match self.common.format {
             EnvelopeFormat::Json => "application/json",
             EnvelopeFormat::Cbor => "application/cbor",
         };
         let mut after = 0u64;
         'batches: while !ctx.stop.is_cancelled() {
-            let mut batch = match reader.next_batch(&self.name, after, self.batch_max) {
+            let mut batch = match reader.next_batch(&self.common.name, after, self.common.batch_max)
+            {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::error!(sink = %self.name, error = %e, "Outbox read failed.");
+                    tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
                     Vec::new()
                 }
             };
@@ -106,17 +101,18 @@ impl Sink for HttpSink {
                 }
                 continue;
             }
-            if batch.len() < self.batch_max && !self.batch_linger.is_zero() {
+            if batch.len() < self.common.batch_max && !self.common.batch_linger.is_zero() {
                 tokio::select! {
                     () = ctx.stop.cancelled() => break,
-                    () = tokio::time::sleep(self.batch_linger) => {}
+                    () = tokio::time::sleep(self.common.batch_linger) => {}
                 }
-                if let Ok(more) = reader.next_batch(&self.name, after, self.batch_max) {
+                if let Ok(more) = reader.next_batch(&self.common.name, after, self.common.batch_max)
+                {
                     batch = more;
                 }
             }
             let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
-            let body = envelope::encode_batch(self.format, &ctx.gateway_id, &batch, true);
+            let body = envelope::encode_batch(self.common.format, &ctx.gateway_id, &batch, true);
             let key = format!("{}-{first}-{last}", ctx.gateway_id);
             let mut attempt = 0u32;
             loop {
@@ -159,7 +155,7 @@ impl Sink for HttpSink {
                             ctx.stats
                                 .resent
                                 .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                            tracing::info!(sink = %self.name, attempts = attempt + 1, "Batch delivered after retries.");
+                            tracing::info!(sink = %self.common.name, attempts = attempt + 1, "Batch delivered after retries.");
                         }
                         ctx.stats
                             .delivered
@@ -167,13 +163,13 @@ impl Sink for HttpSink {
                         ctx.metrics
                             .sink_acked
                             .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                        ctx.outbox.confirm(&self.name, seqs);
+                        ctx.outbox.confirm(&self.common.name, seqs);
                         after = last;
                         break;
                     }
                     Outcome::Rejected(reason) => {
-                        dead_letter(&ctx, &self.name, &reason, &batch).await;
-                        ctx.outbox.confirm(&self.name, seqs);
+                        dead_letter(&ctx, &self.common.name, &reason, &batch).await;
+                        ctx.outbox.confirm(&self.common.name, seqs);
                         after = last;
                         break;
                     }
@@ -185,9 +181,9 @@ impl Sink for HttpSink {
                         let jitter: f64 = rand::rng().random_range(0.5..1.0);
                         let wait = base.mul_f64(jitter);
                         if attempt == 0 {
-                            tracing::warn!(sink = %self.name, reason = %reason, records = batch.len(), "HTTP delivery failed; retrying with back-off.");
+                            tracing::warn!(sink = %self.common.name, reason = %reason, records = batch.len(), "HTTP delivery failed; retrying with back-off.");
                         } else {
-                            tracing::debug!(sink = %self.name, reason = %reason, attempt, "HTTP delivery failed again.");
+                            tracing::debug!(sink = %self.common.name, reason = %reason, attempt, "HTTP delivery failed again.");
                         }
                         attempt = attempt.saturating_add(1);
                         tokio::select! {
@@ -198,6 +194,6 @@ impl Sink for HttpSink {
                 }
             }
         }
-        tracing::debug!(sink = %self.name, "Sink stopped.");
+        tracing::debug!(sink = %self.common.name, "Sink stopped.");
     }
 }

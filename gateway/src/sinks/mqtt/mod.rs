@@ -20,22 +20,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rumqttc::{Outgoing, QoS, Transport};
 use tokio::sync::mpsc;
 
 use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
 use crate::config::schema::MqttProtocol;
-use crate::config::{EnvelopeFormat, MqttSinkSpec, render_topic};
+use crate::config::{MqttSinkSpec, render_topic};
 use crate::outbox::StoredRecord;
 
 /// The MQTT sink.
 pub struct MqttSink {
-    name: String,
-    format: EnvelopeFormat,
-    batch_max: usize,
-    batch_linger: Duration,
+    common: SinkCommon,
     spec: MqttSinkSpec,
 }
 
@@ -188,17 +185,14 @@ impl Sink for MqttSink {
 
     fn build(common: SinkCommon, spec: &MqttSinkSpec) -> Self {
         Self {
-            name: common.name,
-            format: common.format,
-            batch_max: common.batch_max,
-            batch_linger: common.batch_linger,
+            common,
             spec: spec.clone(),
         }
     }
 
     async fn run(self, ctx: SinkContext) {
         let spec = self.spec.clone();
-        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.name) else {
+        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
             return;
         };
         let mut failures = 0u32;
@@ -220,24 +214,28 @@ impl Sink for MqttSink {
                 if connected && stopping_since.is_none() {
                     while queued.len() + by_pkid.len() < usize::from(spec.max_inflight) {
                         let mut batch = match reader.next_batch(
-                            &self.name,
+                            &self.common.name,
                             last_sent,
-                            self.batch_max,
+                            self.common.batch_max,
                         ) {
                             Ok(b) => b,
                             Err(e) => {
-                                tracing::error!(sink = %self.name, error = %e, "Outbox read failed.");
+                                tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
                                 break;
                             }
                         };
                         if batch.is_empty() {
                             break;
                         }
-                        if batch.len() < self.batch_max && !self.batch_linger.is_zero() {
-                            tokio::time::sleep(self.batch_linger).await;
-                            if let Ok(more) =
-                                reader.next_batch(&self.name, last_sent, self.batch_max)
-                            {
+                        if batch.len() < self.common.batch_max
+                            && !self.common.batch_linger.is_zero()
+                        {
+                            tokio::time::sleep(self.common.batch_linger).await;
+                            if let Ok(more) = reader.next_batch(
+                                &self.common.name,
+                                last_sent,
+                                self.common.batch_max,
+                            ) {
                                 batch = more;
                             }
                         }
@@ -253,14 +251,14 @@ impl Sink for MqttSink {
                             &spec.topic_template,
                             &ctx.gateway_id,
                             &first.function,
-                            &self.name,
+                            &self.common.name,
                             &first.topic,
                         );
                         let body = envelope::encode_batch(
-                            self.format,
+                            self.common.format,
                             &ctx.gateway_id,
                             &batch,
-                            self.batch_max > 1,
+                            self.common.batch_max > 1,
                         );
                         let key = envelope::idempotency_key(&ctx.gateway_id, first.seq);
                         if let Err(e) = client.publish(topic, body, key).await {
@@ -289,7 +287,7 @@ impl Sink for MqttSink {
                             connected = true;
                             failures = 0;
                             ctx.stats.connects.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(sink = %self.name, "Sink connected.");
+                            tracing::info!(sink = %self.common.name, "Sink connected.");
                         }
                         Some(Wire::Sent(pkid)) => {
                             if let Some(f) = queued.pop_front() {
@@ -300,12 +298,12 @@ impl Sink for MqttSink {
                             if let Some(f) = by_pkid.remove(&pkid) {
                                 let seqs: Vec<u64> = f.records.iter().map(|r| r.seq).collect();
                                 if let Some(reason) = rejected {
-                                    dead_letter(&ctx, &self.name, &reason, &f.records).await;
+                                    dead_letter(&ctx, &self.common.name, &reason, &f.records).await;
                                 } else {
                                     ctx.stats.delivered.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                                     ctx.metrics.sink_acked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                                 }
-                                ctx.outbox.confirm(&self.name, seqs);
+                                ctx.outbox.confirm(&self.common.name, seqs);
                             }
                         }
                         Some(Wire::Closed(e)) => break e,
@@ -337,12 +335,12 @@ impl Sink for MqttSink {
                 // Refused TLS (unknown CA, bad client certificate), refused
                 // credentials, or nothing listening: say so once per outage.
                 if failures == 0 {
-                    tracing::error!(sink = %self.name, host = %spec.endpoint.host, port = spec.endpoint.port, error = %reason, "Sink cannot connect; retrying with back-off.");
+                    tracing::error!(sink = %self.common.name, host = %spec.endpoint.host, port = spec.endpoint.port, error = %reason, "Sink cannot connect; retrying with back-off.");
                 }
             } else if failures == 0 {
-                tracing::warn!(sink = %self.name, error = %reason, unconfirmed, "Sink connection lost; unconfirmed records will be sent again.");
+                tracing::warn!(sink = %self.common.name, error = %reason, unconfirmed, "Sink connection lost; unconfirmed records will be sent again.");
             } else {
-                tracing::debug!(sink = %self.name, error = %reason, attempt = failures, "Sink reconnect failed.");
+                tracing::debug!(sink = %self.common.name, error = %reason, attempt = failures, "Sink reconnect failed.");
             }
             let wait = crate::mqtt::backoff(failures);
             failures = failures.saturating_add(1);
@@ -351,7 +349,7 @@ impl Sink for MqttSink {
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        tracing::debug!(sink = %self.name, "Sink stopped.");
+        tracing::debug!(sink = %self.common.name, "Sink stopped.");
     }
 }
 
