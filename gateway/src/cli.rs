@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `invoke`.
+//! The command line: `run`, `check`, `invoke`, `compile`.
 //!
 //! This is the binary's edge: errors are `anyhow` with context, and each
 //! command returns the process exit code.
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ValidConfig};
 use crate::event::{Event, SourceKind};
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, RuntimeOptions};
 use crate::supervisor::{Gateway, load_functions};
 
 /// edgefn: sensor events in, sandboxed WebAssembly functions, results out.
@@ -86,6 +86,23 @@ pub enum Command {
         #[arg(long)]
         payload_file: Option<PathBuf>,
     },
+    /// Compile the configured functions ahead of time. Without `--target`:
+    /// fills the gateway's compile cache in its data dir, so the next start
+    /// does not compile. With `--target`: writes `<function>.cwasm` files
+    /// for another machine (e.g. `aarch64-unknown-linux-gnu`, or
+    /// `armv7-unknown-linux-gnueabihf` = `pulley32`, the interpreter armv7
+    /// boards run), to list as `component` in that board's configuration.
+    Compile {
+        /// The configuration file (its functions and `[runtime]` settings).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Target triple to compile for.
+        #[arg(long, requires = "out_dir")]
+        target: Option<String>,
+        /// Where to write the `.cwasm` files.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Runs the CLI: parses arguments, sets up logging, dispatches.
@@ -150,7 +167,105 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
             };
             invoke(&config, &function, &topic, payload, out)
         }
+        Command::Compile {
+            config,
+            target,
+            out_dir,
+        } => compile(&config, target.as_deref(), out_dir.as_deref(), out),
     }
+}
+
+/// The wasmtime target for a board's triple: 32-bit ARM has no Cranelift
+/// backend and runs the Pulley interpreter.
+fn wasm_target(triple: &str) -> String {
+    if triple.starts_with("armv7") || triple.starts_with("arm-") || triple.starts_with("thumbv7") {
+        "pulley32".to_owned()
+    } else {
+        triple.to_owned()
+    }
+}
+
+fn compile(
+    path: &Path,
+    target: Option<&str>,
+    out_dir: Option<&Path>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let config = load_config(path)?;
+    let Some(out_dir) = out_dir else {
+        // For this machine: load every function through the gateway's own
+        // cache (no pool needed to compile).
+        let mut opts = RuntimeOptions::for_gateway(&config);
+        opts.spec.pooling = false;
+        opts.cache_dir = Some(config.data_dir.join("cache"));
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating `{}`", config.data_dir.display()))?;
+        let runtime = Runtime::new(&opts)?;
+        let mut failed = 0;
+        for spec in &config.functions {
+            match runtime.load(spec, &config.gateway_id, Default::default()) {
+                Ok(f) => writeln!(
+                    out,
+                    "{}: {} ({})",
+                    spec.name,
+                    if f.from_cache() { "cached" } else { "compiled" },
+                    f.version()
+                )?,
+                Err(e) => {
+                    failed += 1;
+                    writeln!(out, "{}: {e}", path.display())?;
+                }
+            }
+        }
+        return Ok(if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    };
+    let mut opts = RuntimeOptions::ephemeral(config.runtime.clone());
+    opts.spec.pooling = false;
+    opts.epoch_interruption = true;
+    let wasm_target = target.map(wasm_target);
+    opts.target = wasm_target.clone();
+    let runtime = Runtime::new(&opts)?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("creating `{}`", out_dir.display()))?;
+    let mut failed = 0;
+    for spec in &config.functions {
+        let result = std::fs::read(&spec.component)
+            .map_err(|e| format!("cannot read `{}`: {e}", spec.component.display()))
+            .and_then(|bytes| {
+                runtime
+                    .engine()
+                    .precompile_component(&bytes)
+                    .map_err(|e| format!("`{}`: {e:#}", spec.component.display()))
+            });
+        match result {
+            Ok(code) => {
+                let file = out_dir.join(format!("{}.cwasm", spec.name));
+                crate::runtime::cache::write_atomically(&file, &code)
+                    .with_context(|| format!("writing `{}`", file.display()))?;
+                writeln!(
+                    out,
+                    "{}: {} ({} bytes, {})",
+                    spec.name,
+                    file.display(),
+                    code.len(),
+                    wasm_target.as_deref().unwrap_or("this machine")
+                )?;
+            }
+            Err(e) => {
+                failed += 1;
+                writeln!(out, "{}: function `{}`: {e}", path.display(), spec.name)?;
+            }
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn load_config(path: &Path) -> anyhow::Result<ValidConfig> {
@@ -165,6 +280,7 @@ async fn run(
     // Handlers first: a SIGTERM during start-up is a clean stop too.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let gateway = tokio::select! {
         g = Gateway::start(&config) => g.with_context(|| format!("starting the gateway from `{}`", config.path.display()))?,
         _ = term.recv() => return Ok(ExitCode::SUCCESS),
@@ -181,9 +297,23 @@ async fn run(
             sim_cancel.clone(),
         ));
     }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = interrupt.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                tracing::info!(config = %config.path.display(), "SIGHUP: reloading the configuration.");
+                match config::load(&config.path) {
+                    Ok(new) => {
+                        let switched = gateway.reload(new).await;
+                        tracing::info!(switched, "Configuration reloaded.");
+                    }
+                    Err(errors) => {
+                        tracing::error!(problems = %errors, "The new configuration is invalid; nothing was changed.");
+                    }
+                }
+            }
+        }
     }
     tracing::info!("Stopping: draining in-flight events.");
     sim_cancel.cancel();
@@ -203,7 +333,7 @@ fn check(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let runtime = Runtime::new()?;
+    let runtime = Runtime::new(&RuntimeOptions::ephemeral(config.runtime.clone()))?;
     match load_functions(&runtime, &config) {
         Ok(functions) => {
             writeln!(
@@ -248,8 +378,8 @@ fn invoke(
         );
     };
     crate::topic::validate_topic_name(topic).with_context(|| format!("--topic `{topic}`"))?;
-    let runtime = Runtime::new()?;
-    let loaded = runtime.load(spec, &config.gateway_id)?;
+    let runtime = Runtime::new(&RuntimeOptions::ephemeral(config.runtime.clone()))?;
+    let loaded = runtime.load(spec, &config.gateway_id, Default::default())?;
     let event = Event::new(SourceKind::Manual, topic, payload);
     let invocation = loaded.invoke(&event);
     let elapsed_us = invocation.elapsed.as_micros();

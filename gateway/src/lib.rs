@@ -4,7 +4,8 @@
 //! durable outbox.
 //!
 //! # Layout
-//! - [`cli`]: the `edgefn` command line (`run`, `check`, `invoke`).
+//! - [`cli`]: the `edgefn` command line (`run`, `check`, `invoke`,
+//!   `compile`).
 //! - [`config`]: the TOML schema, `${VAR}` interpolation, validation into a
 //!   [`config::ValidConfig`] that nothing else re-checks.
 //! - [`supervisor`]: builds everything from the config, drains on shutdown.
@@ -12,9 +13,12 @@
 //! - [`sources`]: where events come from ([`sources::mqtt`],
 //!   [`sources::serial`], [`sources::i2c`]).
 //! - [`router`]: topic-filter dispatch to per-function bounded queues.
-//! - [`runtime`]: wasmtime engine, component loading, limits, the host side
-//!   of the WIT imports.
-//! - [`output`]: sends a successful invocation's publishes and forwards.
+//! - [`runtime`]: wasmtime engine and instance pool, component loading and
+//!   the compile cache, limits, the host side of the WIT imports, durable
+//!   `kv` state, and each function's queue, worker, circuit breaker and hot
+//!   reload.
+//! - [`output`]: sends a successful invocation's publishes and forwards,
+//!   and failed events to the dead-letter topic.
 //! - [`outbox`]: the durable SQLite store-and-forward queue (group commit).
 //! - [`sinks`]: cloud delivery from the outbox ([`sinks::mqtt`],
 //!   [`sinks::http`]) and the envelope.

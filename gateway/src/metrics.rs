@@ -1,7 +1,8 @@
 //! Counters kept by the gateway, readable while it runs (tests, logs, and
 //! later the admin endpoint).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 /// Why an invocation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,22 @@ pub struct FunctionMetrics {
     pub published: AtomicU64,
     /// Records handed to sinks.
     pub forwarded: AtomicU64,
+    /// Events dropped by a full queue under `drop_oldest`.
+    pub dropped: AtomicU64,
+    /// Events published on the function's dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_opens: AtomicU64,
+    /// The breaker's state: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: AtomicU8,
+    /// New versions switched in (hot reload).
+    pub reloads: AtomicU64,
+    /// New versions refused or rolled back.
+    pub rollbacks: AtomicU64,
+    /// Whether the running version's code came from the compile cache.
+    pub from_cache: AtomicBool,
+    /// The running version (first 12 hex digits of the component's SHA-256).
+    pub version: Mutex<String>,
 }
 
 impl FunctionMetrics {
@@ -90,7 +107,28 @@ impl FunctionMetrics {
             over_limit: r(&self.over_limit),
             published: r(&self.published),
             forwarded: r(&self.forwarded),
+            dropped: r(&self.dropped),
+            dead_lettered: r(&self.dead_lettered),
+            breaker_opens: r(&self.breaker_opens),
+            reloads: r(&self.reloads),
+            rollbacks: r(&self.rollbacks),
         }
+    }
+
+    /// The running version's hash.
+    pub fn version(&self) -> String {
+        self.version
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Records which version runs.
+    pub fn set_version(&self, version: &str, from_cache: bool) {
+        let mut v = self.version.lock().unwrap_or_else(|p| p.into_inner());
+        v.clear();
+        v.push_str(version);
+        self.from_cache.store(from_cache, Ordering::Relaxed);
     }
 }
 
@@ -108,6 +146,11 @@ pub struct FunctionCounts {
     pub over_limit: u64,
     pub published: u64,
     pub forwarded: u64,
+    pub dropped: u64,
+    pub dead_lettered: u64,
+    pub breaker_opens: u64,
+    pub reloads: u64,
+    pub rollbacks: u64,
 }
 
 /// Gateway-wide counters.

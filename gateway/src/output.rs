@@ -112,6 +112,58 @@ impl OutputPort {
     }
 }
 
+/// The dead-letter topic of `function` (`$`-topics cannot be used: the
+/// embedded broker refuses subscriptions to them).
+pub fn dead_letter_topic(function: &str) -> String {
+    format!("edgefn/deadletter/functions/{function}")
+}
+
+impl OutputPort {
+    /// Publishes `event` on `function`'s dead-letter topic (QoS 1) with the
+    /// reason, instead of letting it vanish, and counts it.
+    pub async fn dead_letter(
+        &self,
+        function: &crate::runtime::LoadedFunction,
+        event: &Event,
+        kind: &str,
+        reason: &str,
+        elapsed: Option<Duration>,
+    ) {
+        use base64::Engine as _;
+        let mut body = serde_json::json!({
+            "function": function.name(),
+            "version": function.version(),
+            "failure": kind,
+            "reason": reason,
+            "topic": event.topic,
+            "received_at_ms": event.received_at_ms,
+        });
+        match std::str::from_utf8(&event.payload) {
+            Ok(text) => body["payload"] = text.into(),
+            Err(_) => {
+                body["payload_base64"] = base64::engine::general_purpose::STANDARD
+                    .encode(&event.payload)
+                    .into();
+            }
+        }
+        if let Some(e) = elapsed {
+            body["elapsed_us"] = u64::try_from(e.as_micros()).unwrap_or(u64::MAX).into();
+        }
+        function
+            .metrics()
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+        let topic = dead_letter_topic(function.name());
+        if let Err(e) = self
+            .local
+            .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+            .await
+        {
+            tracing::error!(function = %function.name(), error = %e, "Dead letter could not be queued.");
+        }
+    }
+}
+
 /// Connects the local publisher: returns the client and the task that polls
 /// its event loop until the client disconnects (or, unconnected, until `stop`).
 pub fn local_publisher(

@@ -1,17 +1,17 @@
 //! Routing: each event goes to every function whose trigger filters match its
 //! topic, through that function's bounded queue.
 //!
-//! A full queue makes the source wait (back-pressure) instead of dropping the
-//! event. Events for one function are handled in arrival order; different
+//! A full queue applies the function's policy: the source waits
+//! (back-pressure, the default) or the oldest queued event is dropped and
+//! counted. Events for one function are handled in arrival order; different
 //! functions run in parallel.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
-
 use crate::event::Event;
 use crate::metrics::GatewayMetrics;
+use crate::runtime::queue::{Pushed, QueueSender};
 use crate::topic::{FilterSet, TopicFilter};
 
 /// One function's entry in the routing table.
@@ -22,7 +22,7 @@ pub struct Route {
     /// Its trigger filters.
     pub triggers: FilterSet,
     /// Its queue.
-    pub queue: mpsc::Sender<Arc<Event>>,
+    pub queue: QueueSender,
 }
 
 /// The routing table. Dropping it closes every function's queue, which lets
@@ -47,8 +47,14 @@ impl Router {
         for route in &self.routes {
             if route.triggers.matches(&event.topic) {
                 matched += 1;
-                if route.queue.send(event.clone()).await.is_err() {
-                    tracing::warn!(function = %route.function, topic = %event.topic, "Function worker has stopped; event not queued.");
+                match route.queue.push(event.clone()).await {
+                    Pushed::Queued => {}
+                    Pushed::DroppedOldest => {
+                        tracing::debug!(function = %route.function, "Queue full: dropped the oldest event.");
+                    }
+                    Pushed::Closed => {
+                        tracing::warn!(function = %route.function, topic = %event.topic, "Function worker has stopped; event not queued.");
+                    }
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! Builds the whole gateway from a [`ValidConfig`] and shuts it down.
 //!
 //! Start order: data dir, engine and every function (all load errors are
-//! collected), broker, sinks, local publisher, function workers, sources. No
-//! task starts before everything that can fail has been checked.
+//! collected), broker, sinks, local publisher, function workers, sources, the
+//! file watch for hot reload. No task starts before everything that can fail
+//! has been checked.
 //!
 //! Shutdown is a drain, not an abort: cancelling stops the sources; dropping
 //! the router closes each function's queue, so the workers finish what is
@@ -23,13 +24,15 @@ use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::config::SinkKind;
 use crate::config::SourceSpec;
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
-use crate::event::Event;
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxConfig, OutboxError};
 use crate::output::SerialWriters;
 use crate::output::{OutputPort, local_publisher};
 use crate::router::{Route, Router};
-use crate::runtime::{EngineError, LoadError, LoadedFunction, Runtime};
+use crate::runtime::queue::queue;
+use crate::runtime::reload::{Reloader, Slot, watch_files};
+use crate::runtime::worker::Worker;
+use crate::runtime::{EngineError, LoadError, LoadedFunction, Runtime, RuntimeOptions};
 use crate::sinks::http::HttpSink;
 use crate::sinks::mqtt::MqttSink;
 use crate::sinks::{DeliveryStats, Sink, SinkCommon, SinkContext};
@@ -77,7 +80,7 @@ pub fn load_functions(
     let mut loaded = Vec::new();
     let mut errors = Vec::new();
     for spec in &config.functions {
-        match runtime.load(spec, &config.gateway_id) {
+        match runtime.load(spec, &config.gateway_id, Arc::default()) {
             Ok(f) => loaded.push(f),
             Err(e) => errors.push(e),
         }
@@ -100,6 +103,8 @@ pub struct Gateway {
     outbox: Outbox,
     sinks: Vec<(String, Arc<DeliveryStats>)>,
     sources: Vec<(String, Arc<SourceStats>)>,
+    reloader: Arc<Reloader>,
+    pooling: bool,
 }
 
 enum Parts {
@@ -114,7 +119,14 @@ impl Gateway {
             path: config.data_dir.clone(),
             reason: e.to_string(),
         })?;
-        let runtime = Arc::new(Runtime::new()?);
+        let runtime = {
+            let opts = RuntimeOptions::for_gateway(config);
+            Arc::new(
+                tokio::task::spawn_blocking(move || Runtime::new(&opts))
+                    .await
+                    .map_err(|e| StartError::Engine(EngineError::from_join(&e)))??,
+            )
+        };
         let loaded = {
             let runtime = runtime.clone();
             let config = config.clone();
@@ -205,21 +217,40 @@ impl Gateway {
         let workers = TaskTracker::new();
         let mut routes = Vec::new();
         let mut functions = Vec::new();
-        for function in loaded {
-            let function = Arc::new(function);
-            let (tx, rx) = mpsc::channel(function.limits().queue);
+        let mut slots = Vec::new();
+        for (function, spec) in loaded.into_iter().zip(&config.functions) {
+            let metrics = function.metrics().clone();
+            tracing::info!(
+                function = %spec.name,
+                version = %function.version(),
+                cached = function.from_cache(),
+                instance = ?spec.instance,
+                "Function loaded."
+            );
+            let (tx, rx) = queue(spec.limits.queue, spec.limits.queue_policy, metrics.clone());
             routes.push(Route {
-                function: function.name().to_owned(),
-                triggers: config
-                    .functions
-                    .iter()
-                    .find(|s| s.name == function.name())
-                    .map(|s| s.triggers.clone())
-                    .unwrap_or_default(),
+                function: spec.name.clone(),
+                triggers: spec.triggers.clone(),
                 queue: tx,
             });
-            functions.push((function.name().to_owned(), function.metrics().clone()));
-            workers.spawn(run_worker(function, rx, port.clone()));
+            functions.push((spec.name.clone(), metrics.clone()));
+            let (versions_tx, versions) = tokio::sync::watch::channel(Arc::new(function));
+            slots.push(Slot::new(spec.clone(), versions_tx, metrics));
+            workers.spawn(
+                Worker {
+                    versions,
+                    queue: rx,
+                    port: port.clone(),
+                    breaker: spec.breaker.clone(),
+                    rollback_after: config.runtime.rollback_after,
+                }
+                .run(),
+            );
+        }
+        let pooling = runtime.pooling();
+        let reloader = Arc::new(Reloader::new(runtime, config.clone(), slots));
+        if let Some(interval) = config.runtime.watch {
+            tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
         }
         drop(port);
         workers.close();
@@ -271,6 +302,8 @@ impl Gateway {
             outbox,
             sinks,
             sources: source_stats,
+            reloader,
+            pooling,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an
@@ -329,6 +362,24 @@ impl Gateway {
         self.sinks.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
+    /// Whether function instances come from the pre-reserved pool (`false`
+    /// after a fallback to on-demand allocation).
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// Applies a re-read configuration (`SIGHUP`): functions whose settings
+    /// or component changed are reloaded without a restart. Returns how many
+    /// new versions were switched in.
+    pub async fn reload(&self, config: ValidConfig) -> usize {
+        self.reloader.apply(config).await
+    }
+
+    /// Checks the component files now (the file watch does it periodically).
+    pub async fn check_files(&self) -> usize {
+        self.reloader.check_files().await
+    }
+
     /// Gateway-wide counters.
     pub fn metrics(&self) -> &Arc<GatewayMetrics> {
         &self.metrics
@@ -360,31 +411,4 @@ fn loopback_for(addr: SocketAddr) -> IpAddr {
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     }
-}
-
-async fn run_worker(
-    function: Arc<LoadedFunction>,
-    mut queue: mpsc::Receiver<Arc<Event>>,
-    port: OutputPort,
-) {
-    while let Some(event) = queue.recv().await {
-        let f = function.clone();
-        let ev = event.clone();
-        match tokio::task::spawn_blocking(move || f.invoke(&ev)).await {
-            Ok(invocation) => {
-                if let Ok(outputs) = invocation.outcome {
-                    port.deliver(function.name(), &event, outputs, function.metrics())
-                        .await;
-                }
-            }
-            Err(e) => {
-                function
-                    .metrics()
-                    .traps
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(function = %function.name(), error = %e, "Invocation failed in the host; event dropped.");
-            }
-        }
-    }
-    tracing::debug!(function = %function.name(), "Function worker stopped.");
 }

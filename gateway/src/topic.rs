@@ -216,7 +216,7 @@ impl fmt::Display for TopicFilter {
 }
 
 /// A set of filters; matches when any of them does.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FilterSet(Vec<TopicFilter>);
 
 impl FilterSet {

@@ -23,7 +23,7 @@ fn check_accepts_the_demo() {
     guest("threshold");
     let (code, out) = run(Command::Check { config: demo() });
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
-    assert!(out.contains("ok (3 functions, 1 sink)"), "{out}");
+    assert!(out.contains("ok (4 functions, 1 sink)"), "{out}");
 }
 
 #[test]
@@ -57,10 +57,9 @@ fn invoke_prints_what_the_function_published_and_forwarded() {
 
     let mut sink = Vec::new();
     let err = execute(invoke("nope", "{}"), &mut sink).unwrap_err();
-    assert!(
-        format!("{err:#}")
-            .contains("no function named `nope` (configured: threshold, enrich, cbor-decode)")
-    );
+    assert!(format!("{err:#}").contains(
+        "no function named `nope` (configured: threshold, enrich, moving-average, cbor-decode)"
+    ));
 }
 
 #[test]
@@ -106,7 +105,7 @@ fn check_reports_every_broken_component_by_name() {
     );
     assert!(
         out.contains("function `command`:")
-            && out.contains("does not implement the `edgefn:function/function@0.1.1` world"),
+            && out.contains("does not implement the `edgefn:function/function@0.1.2` world"),
         "{out}"
     );
     assert!(!out.contains("function `good`"), "{out}");

@@ -15,6 +15,7 @@ mod bad_input;
 mod cli;
 mod durability;
 mod pipeline;
+mod runtime;
 mod serial;
 mod sinks;
 mod support;

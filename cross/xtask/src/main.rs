@@ -16,7 +16,13 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 
 /// Every guest package: the examples and the test guests.
-const GUESTS: &[&str] = &["threshold", "enrich", "cbor-decode", "edgefn-test-guests"];
+const GUESTS: &[&str] = &[
+    "threshold",
+    "enrich",
+    "cbor-decode",
+    "moving-average",
+    "edgefn-test-guests",
+];
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> ExitCode {

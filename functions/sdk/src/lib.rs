@@ -22,7 +22,8 @@
 //! Every host call is checked against the function's configuration: a publish
 //! outside its `publish` filters or a forward to a sink not in its `sinks`
 //! returns [`Error`] and never reaches a broker. Publishes and forwards are
-//! sent only if the handler returns `Ok`.
+//! sent only if the handler returns `Ok`; so are writes to the function's
+//! durable state ([`kv`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,6 +54,8 @@ pub use bindings::Guest as Function;
 pub use bindings::edgefn::function::types::Event;
 pub use bindings::edgefn::function::types::{CallError, Level, Qos, SourceKind};
 pub use bindings::edgefn::function::{host, serial};
+
+pub mod kv;
 /// Exports a type implementing [`Function`] as the component's handler:
 /// `edgefn_sdk::export!(MyFunction);`.
 pub use bindings::export;
@@ -184,6 +187,6 @@ pub fn log(level: Level, message: &str) {
     host::log(level, message);
 }
 
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
+pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value).map_err(|e| Error(format!("cannot encode JSON: {e}")))
 }

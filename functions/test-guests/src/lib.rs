@@ -10,11 +10,37 @@
 //! (grows memory without bound), `publish-denied` (publishes outside its
 //! allowlist, then reports the refusal on `allowed/denied`), `forward-denied`
 //! (forwards to an unlisted sink, then reports), `flood` (publishes until a
-//! limit stops it, then reports), `partial` (publishes, then fails).
+//! limit stops it, then reports), `partial` (publishes, then fails),
+//! `recurse` (unbounded recursion), `huge` (hands a 10 MB string to host
+//! imports, then reports what the host said on `allowed/huge`), `count`
+//! (increments a `count` key in its durable state and publishes the new
+//! value on `count/<topic>`), `count-then-fail` (increments, then fails: the
+//! write must not be kept), `compute:<n>` (n rounds of arithmetic, for
+//! benchmarks; publishes nothing) and `warm` (publishes how many events this
+//! instance has handled, on `warm/<topic>`).
 
-use edgefn_sdk::{Event, Function, config, publish};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use edgefn_sdk::{Event, Function, Level, config, kv, log, publish};
 
 struct Misbehave;
+
+/// Events this instance has handled (in `reuse` mode it keeps counting).
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+
+#[inline(never)]
+#[allow(unconditional_recursion, reason = "the point: a stack overflow")]
+fn recurse(depth: u64, pad: &mut [u8; 64]) -> u64 {
+    pad[(depth % 64) as usize] = depth as u8;
+    let mut next = *pad;
+    std::hint::black_box(recurse(depth + 1, &mut next)) + u64::from(next[0])
+}
+
+fn count() -> Result<u64, String> {
+    let n: u64 = kv::get_json("count")?.unwrap_or(0) + 1;
+    kv::set_json("count", &n)?;
+    Ok(n)
+}
 
 impl Function for Misbehave {
     fn handle(event: Event) -> Result<(), String> {
@@ -27,7 +53,43 @@ impl Function for Misbehave {
         let mode = from_payload
             .or_else(|| config("mode"))
             .unwrap_or_else(|| "echo".into());
+        let handled = HANDLED.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(rounds) = mode.strip_prefix("compute:") {
+            let rounds: u64 = rounds.parse().map_err(|_| "bad rounds".to_owned())?;
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            for _ in 0..rounds {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+            }
+            std::hint::black_box(x);
+            return Ok(());
+        }
         match mode.as_str() {
+            "warm" => publish(&format!("warm/{}", event.topic), handled.to_string())?,
+            "recurse" => {
+                let mut pad = [0u8; 64];
+                std::hint::black_box(recurse(0, &mut pad));
+            }
+            "huge" => {
+                let big = "x".repeat(10 * 1024 * 1024);
+                let payload = publish("allowed/huge", &big).err().map(|e| e.to_string());
+                let topic = publish(&big, b"x").err().map(|e| e.to_string());
+                let key = kv::set(&big, b"x").err().map(|e| e.to_string());
+                log(Level::Info, &big);
+                publish(
+                    "allowed/huge",
+                    format!("payload: {payload:?}; topic: {topic:?}; key: {key:?}"),
+                )?;
+            }
+            "count" => {
+                let n = count()?;
+                publish(&format!("count/{}", event.topic), n.to_string())?;
+            }
+            "count-then-fail" => {
+                count()?;
+                return Err("failed after counting".into());
+            }
             "echo" => publish(&format!("echo/{}", event.topic), &event.payload)?,
             "error" => return Err("this function always fails".into()),
             "serial-echo" => {

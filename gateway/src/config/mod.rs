@@ -84,6 +84,39 @@ pub struct ValidConfig {
     pub outbox_commits_per_sec: u32,
     /// Serial and I2C sources, in file order.
     pub sources: Vec<SourceSpec>,
+    /// `[runtime]`.
+    pub runtime: RuntimeSpec,
+}
+
+/// Validated `[runtime]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSpec {
+    /// Use the pooling allocator (falls back to on-demand if it cannot).
+    pub pooling: bool,
+    /// Instance slots in the pool.
+    pub pool_instances: u32,
+    /// Size of one pool slot's linear memory, in bytes.
+    pub max_memory_bytes: u64,
+    /// Cache compiled components in the data dir.
+    pub compile_cache: bool,
+    /// File-watch interval; `None` = off.
+    pub watch: Option<Duration>,
+    /// Failures in a row that roll a new version back.
+    pub rollback_after: u32,
+}
+
+impl Default for RuntimeSpec {
+    fn default() -> Self {
+        let s = schema::RuntimeSettings::default();
+        Self {
+            pooling: s.pooling,
+            pool_instances: 16,
+            max_memory_bytes: s.max_memory_mib * 1024 * 1024,
+            compile_cache: s.compile_cache,
+            watch: Some(Duration::from_millis(s.watch_ms)),
+            rollback_after: s.rollback_after,
+        }
+    }
 }
 
 /// A validated serial or I2C source.
@@ -187,7 +220,7 @@ impl fmt::Debug for TlsMaterial {
 }
 
 /// A validated function.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionSpec {
     /// Unique name.
     pub name: String,
@@ -205,7 +238,70 @@ pub struct FunctionSpec {
     pub config: BTreeMap<String, String>,
     /// Its limits.
     pub limits: Limits,
+    /// Warm or fresh instances.
+    pub instance: schema::InstanceMode,
+    /// Circuit breaker settings.
+    pub breaker: BreakerSpec,
+    /// Key-value state quotas.
+    pub state: StateQuota,
 }
+
+/// Validated circuit-breaker settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakerSpec {
+    /// Consecutive failures that open it; 0 = never.
+    pub failures: u32,
+    /// First open period.
+    pub backoff: Duration,
+    /// Longest open period.
+    pub max_backoff: Duration,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        Self::from(&schema::BreakerConfig::default())
+    }
+}
+
+impl From<&schema::BreakerConfig> for BreakerSpec {
+    fn from(c: &schema::BreakerConfig) -> Self {
+        Self {
+            failures: c.failures,
+            backoff: Duration::from_millis(c.backoff_ms),
+            max_backoff: Duration::from_millis(c.max_backoff_ms),
+        }
+    }
+}
+
+/// Validated key-value quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateQuota {
+    /// Longest key.
+    pub max_key_bytes: usize,
+    /// Largest value.
+    pub max_value_bytes: usize,
+    /// Keys plus values.
+    pub max_total_bytes: u64,
+}
+
+impl Default for StateQuota {
+    fn default() -> Self {
+        Self::from(&schema::StateConfig::default())
+    }
+}
+
+impl From<&schema::StateConfig> for StateQuota {
+    fn from(c: &schema::StateConfig) -> Self {
+        Self {
+            max_key_bytes: c.max_key_bytes,
+            max_value_bytes: c.max_value_bytes,
+            max_total_bytes: c.max_total_bytes,
+        }
+    }
+}
+
+/// The largest `limits.max_table_elements` (the pool's table slot size).
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Validated per-function limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +316,14 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Queue length in front of the function.
     pub queue: usize,
+    /// What a full queue does.
+    pub queue_policy: schema::QueuePolicy,
+    /// Core instances per store.
+    pub max_instances: usize,
+    /// Tables per store.
+    pub max_tables: usize,
+    /// Elements per table.
+    pub max_table_elements: usize,
 }
 
 impl Default for Limits {
@@ -237,6 +341,10 @@ impl From<&schema::LimitsConfig> for Limits {
             max_calls: c.max_calls,
             max_payload_bytes: c.max_payload_bytes,
             queue: c.queue,
+            queue_policy: c.queue_policy,
+            max_instances: c.max_instances,
+            max_tables: c.max_tables,
+            max_table_elements: c.max_table_elements,
         }
     }
 }
@@ -577,6 +685,37 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         })
         .collect();
 
+    let rt = &config.runtime;
+    if !(1..=4096).contains(&rt.max_memory_mib) {
+        p.add("runtime.max_memory_mib", "must be between 1 and 4096 MiB");
+    }
+    if let Some(n) = rt.pool_instances
+        && !(1..=10_000).contains(&n)
+    {
+        p.add("runtime.pool_instances", "must be between 1 and 10000");
+    }
+    if rt.watch_ms != 0 && rt.watch_ms < 50 {
+        p.add(
+            "runtime.watch_ms",
+            "must be 0 (off) or at least 50 milliseconds",
+        );
+    }
+    if rt.rollback_after == 0 {
+        p.add("runtime.rollback_after", "must be at least 1");
+    }
+    let runtime = RuntimeSpec {
+        pooling: rt.pooling,
+        pool_instances: rt.pool_instances.unwrap_or_else(|| {
+            u32::try_from(config.functions.len())
+                .unwrap_or(u32::MAX)
+                .saturating_mul(2)
+                .saturating_add(8)
+        }),
+        max_memory_bytes: rt.max_memory_mib.saturating_mul(1024 * 1024),
+        compile_cache: rt.compile_cache,
+        watch: (rt.watch_ms > 0).then(|| Duration::from_millis(rt.watch_ms)),
+        rollback_after: rt.rollback_after,
+    };
     let mut functions = Vec::new();
     let mut function_names = BTreeSet::new();
     for (i, f) in config.functions.iter().enumerate() {
@@ -596,7 +735,14 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                 );
             }
         }
-        if let Some(spec) = function(&mut p, &key, f, &sink_names, &resolve) {
+        if let Some(spec) = function(
+            &mut p,
+            &key,
+            f,
+            &sink_names,
+            &resolve,
+            config.runtime.max_memory_mib,
+        ) {
             functions.push(spec);
         }
     }
@@ -625,6 +771,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             sinks,
             outbox_commits_per_sec: config.outbox.max_commits_per_sec,
             sources,
+            runtime,
         }),
         _ => Err(ConfigErrors(p.list)),
     }
@@ -771,6 +918,7 @@ fn function(
     f: &FunctionConfig,
     sink_names: &BTreeSet<String>,
     resolve: &dyn Fn(&Path) -> PathBuf,
+    max_memory_mib: u64,
 ) -> Option<FunctionSpec> {
     if f.triggers.is_empty() {
         p.add(format!("{key}.triggers"), "needs at least one topic filter");
@@ -808,6 +956,51 @@ fn function(
     if !(1..=1_000_000).contains(&l.queue) {
         p.add(format!("{lkey}.queue"), "must be between 1 and 1000000");
     }
+    if l.memory_mib > max_memory_mib {
+        p.add(
+            format!("{lkey}.memory_mib"),
+            format!("{} MiB does not fit a pool slot: raise runtime.max_memory_mib (now {max_memory_mib})", l.memory_mib),
+        );
+    }
+    for (name, v, max) in [
+        ("max_instances", l.max_instances, 10_000),
+        ("max_tables", l.max_tables, 10_000),
+        (
+            "max_table_elements",
+            l.max_table_elements,
+            MAX_TABLE_ELEMENTS,
+        ),
+    ] {
+        if !(1..=max).contains(&v) {
+            p.add(
+                format!("{lkey}.{name}"),
+                format!("must be between 1 and {max}"),
+            );
+        }
+    }
+    let b = &f.breaker;
+    if b.backoff_ms == 0 || b.backoff_ms > b.max_backoff_ms {
+        p.add(
+            format!("{key}.breaker.backoff_ms"),
+            "must be at least 1 and at most breaker.max_backoff_ms",
+        );
+    }
+    let st = &f.state;
+    if !(1..=65_536).contains(&st.max_key_bytes) {
+        p.add(
+            format!("{key}.state.max_key_bytes"),
+            "must be between 1 and 65536",
+        );
+    }
+    if !(1..=16 * 1024 * 1024).contains(&st.max_value_bytes) {
+        p.add(
+            format!("{key}.state.max_value_bytes"),
+            "must be between 1 and 16777216",
+        );
+    }
+    if st.max_total_bytes == 0 {
+        p.add(format!("{key}.state.max_total_bytes"), "must be at least 1");
+    }
     Some(FunctionSpec {
         name: f.name.clone(),
         component: resolve(&f.component),
@@ -817,6 +1010,9 @@ fn function(
         serial_ports: f.serial_ports.iter().cloned().collect(),
         config: f.config.clone(),
         limits: Limits::from(l),
+        instance: f.instance,
+        breaker: BreakerSpec::from(&f.breaker),
+        state: StateQuota::from(&f.state),
     })
 }
 

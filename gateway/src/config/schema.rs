@@ -30,6 +30,67 @@ pub struct Config {
     /// Event sources besides the MQTT broker: serial ports and I2C sensors.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// The function runtime: instance pool, compile cache, hot reload.
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+}
+
+/// `[runtime]`: settings shared by every function.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Pre-reserve instance slots (pooling allocator with copy-on-write
+    /// memory images) so that starting an instance costs microseconds. If the
+    /// reservation fails (a small address space, `ulimit -v`), the gateway
+    /// falls back to on-demand allocation with a warning.
+    #[serde(default = "default_true")]
+    pub pooling: bool,
+    /// Instance slots in the pool. Default: 2 per function plus 8 (a warm
+    /// instance, a reload candidate, and room for `edgefn invoke`).
+    #[serde(default)]
+    pub pool_instances: Option<u32>,
+    /// The largest linear memory any function may have, in MiB: the size of
+    /// one pool slot. Every function's `limits.memory_mib` must fit.
+    #[serde(default = "default_max_memory_mib")]
+    pub max_memory_mib: u64,
+    /// Keep compiled components in `<data_dir>/cache`, keyed by content hash
+    /// and engine, so a restart does not recompile.
+    #[serde(default = "default_true")]
+    pub compile_cache: bool,
+    /// How often component files are checked for changes, in milliseconds
+    /// (hot reload); 0 turns the file watch off (`SIGHUP` still reloads).
+    #[serde(default = "default_watch_ms")]
+    pub watch_ms: u64,
+    /// A new version that fails this many invocations in a row before its
+    /// first success is rolled back to the previous one.
+    #[serde(default = "default_rollback_after")]
+    pub rollback_after: u32,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self {
+            pooling: true,
+            pool_instances: None,
+            max_memory_mib: default_max_memory_mib(),
+            compile_cache: true,
+            watch_ms: default_watch_ms(),
+            rollback_after: default_rollback_after(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_memory_mib() -> u64 {
+    64
+}
+fn default_watch_ms() -> u64 {
+    1000
+}
+fn default_rollback_after() -> u32 {
+    3
 }
 
 /// `[[sources]]`: a serial port or an I2C sensor, chosen by `kind`.
@@ -341,6 +402,113 @@ pub struct FunctionConfig {
     /// Resource limits enforced by the host.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// `reuse` (default): one warm instance handles events one after
+    /// another, so in-memory state persists between events (like a Worker
+    /// isolate); it is thrown away after any trap, timeout or limit. `fresh`:
+    /// a new instance for every event, for the strongest isolation.
+    #[serde(default)]
+    pub instance: InstanceMode,
+    /// When to stop calling a function that keeps failing.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Quotas of the function's durable key-value state (`kv` interface).
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// How instances are used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceMode {
+    /// A warm instance serves events one after another.
+    #[default]
+    Reuse,
+    /// A new instance per event.
+    Fresh,
+}
+
+/// What a full function queue does to the next event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueuePolicy {
+    /// The source waits until there is room (back-pressure; nothing lost).
+    #[default]
+    Block,
+    /// The oldest queued event is dropped and counted.
+    DropOldest,
+}
+
+/// `[functions.breaker]`: the per-function circuit breaker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive crashed invocations (trap, timeout, memory) that open the
+    /// breaker; 0 disables it. A handler's `Err` does not count: it is the
+    /// function rejecting a bad input.
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    /// How long the breaker stays open the first time, in milliseconds; it
+    /// doubles after each failed probe.
+    #[serde(default = "default_breaker_backoff_ms")]
+    pub backoff_ms: u64,
+    /// The longest the breaker stays open, in milliseconds.
+    #[serde(default = "default_breaker_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: default_breaker_failures(),
+            backoff_ms: default_breaker_backoff_ms(),
+            max_backoff_ms: default_breaker_max_backoff_ms(),
+        }
+    }
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_backoff_ms() -> u64 {
+    1000
+}
+fn default_breaker_max_backoff_ms() -> u64 {
+    60_000
+}
+
+/// `[functions.state]`: quotas of the durable key-value state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Longest key, in bytes.
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes.
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
+    /// Keys plus values of this function, in bytes.
+    #[serde(default = "default_max_total_bytes")]
+    pub max_total_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: default_max_key_bytes(),
+            max_value_bytes: default_max_value_bytes(),
+            max_total_bytes: default_max_total_bytes(),
+        }
+    }
+}
+
+fn default_max_key_bytes() -> usize {
+    256
+}
+fn default_max_value_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_total_bytes() -> u64 {
+    1024 * 1024
 }
 
 /// `[functions.limits]`: what one invocation may use.
@@ -361,10 +529,24 @@ pub struct LimitsConfig {
     /// Cap on the size of one published or forwarded payload, in bytes.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
-    /// Events waiting for this function; when full, the source waits
-    /// (back-pressure) rather than dropping events.
+    /// Events waiting for this function (its own queue: a slow function
+    /// never delays another one's events).
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// When the queue is full: `block` (default) makes the source wait, so
+    /// nothing is lost; `drop_oldest` drops the oldest queued event and
+    /// counts it (for readings where only the latest matters).
+    #[serde(default)]
+    pub queue_policy: QueuePolicy,
+    /// Core instances one invocation may create (a component holds several).
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    /// Tables one invocation may create.
+    #[serde(default = "default_max_tables")]
+    pub max_tables: usize,
+    /// Elements one table may grow to.
+    #[serde(default = "default_max_table_elements")]
+    pub max_table_elements: usize,
 }
 
 impl Default for LimitsConfig {
@@ -375,8 +557,22 @@ impl Default for LimitsConfig {
             max_calls: default_max_calls(),
             max_payload_bytes: default_max_payload_bytes(),
             queue: default_queue(),
+            queue_policy: QueuePolicy::default(),
+            max_instances: default_max_instances(),
+            max_tables: default_max_tables(),
+            max_table_elements: default_max_table_elements(),
         }
     }
+}
+
+fn default_max_instances() -> usize {
+    32
+}
+fn default_max_tables() -> usize {
+    16
+}
+fn default_max_table_elements() -> usize {
+    20_000
 }
 
 fn default_timeout_ms() -> u64 {

@@ -59,7 +59,10 @@ fn demo_config_is_valid() {
         matches!(c.broker, Broker::Embedded { listen } if listen.to_string() == "127.0.0.1:1883")
     );
     let names: Vec<&str> = c.functions.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["threshold", "enrich", "cbor-decode"]);
+    assert_eq!(
+        names,
+        ["threshold", "enrich", "moving-average", "cbor-decode"]
+    );
     assert_eq!(c.sinks[0].name, "cloud");
     assert_eq!(
         (
@@ -325,4 +328,41 @@ fn serial_and_i2c_sources_are_validated() {
     assert_eq!(e[0].key, "sources[1].address");
     let e = errors(&base.replace("kind = \"i2c\"", "kind = \"spi\""));
     assert_eq!(e[0].key, "sources[1].kind");
+}
+
+#[test]
+fn runtime_settings_have_defaults_and_are_checked() {
+    let c = parse_str(MINIMAL).expect("valid");
+    let f = &c.functions[0];
+    assert_eq!(f.instance, schema::InstanceMode::Reuse);
+    assert_eq!(f.limits.queue_policy, schema::QueuePolicy::Block);
+    assert_eq!(f.breaker.failures, 5);
+    assert_eq!(f.state.max_key_bytes, 256);
+    assert_eq!(f.state.max_value_bytes, 64 * 1024);
+    assert_eq!(f.state.max_total_bytes, 1024 * 1024);
+    assert!(c.runtime.pooling);
+    assert_eq!(c.runtime.pool_instances, 2 + 8, "2 per function + 8");
+    assert_eq!(c.runtime.max_memory_bytes, 64 * 1024 * 1024);
+    assert_eq!(c.runtime.watch, Some(Duration::from_millis(1000)));
+
+    let text = format!(
+        "{MINIMAL}instance = \"fresh\"\nlimits = {{ memory_mib = 128, queue_policy = \"drop_oldest\" }}\nbreaker = {{ backoff_ms = 0 }}\n[runtime]\nwatch_ms = 10\nrollback_after = 0\n"
+    );
+    let e = errors(&text);
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"functions[0].limits.memory_mib"), "{keys:?}");
+    assert!(
+        keys.contains(&"functions[0].breaker.backoff_ms"),
+        "{keys:?}"
+    );
+    assert!(keys.contains(&"runtime.watch_ms"), "{keys:?}");
+    assert!(keys.contains(&"runtime.rollback_after"), "{keys:?}");
+    let memory = e
+        .iter()
+        .find(|e| e.key == "functions[0].limits.memory_mib")
+        .unwrap();
+    assert!(memory.reason.contains("runtime.max_memory_mib"), "{memory}");
+
+    let e = errors(&format!("{MINIMAL}instance = \"sometimes\"\n"));
+    assert_eq!(e[0].key, "functions[0].instance", "{e:?}");
 }

@@ -15,8 +15,10 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::edgefn::function::host::Host;
-use crate::bindings::edgefn::function::serial;
 use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
+use crate::bindings::edgefn::function::{kv, serial};
+use crate::config::Limits;
+use crate::runtime::state::{KvRefusal, KvTxn};
 use crate::topic::{FilterSet, validate_topic_name};
 
 /// Longest log message kept from a guest; the rest is cut.
@@ -85,28 +87,30 @@ pub struct Outputs {
     pub serial_writes: Vec<SerialWrite>,
 }
 
-/// Caps linear memory and tables, and remembers whether a cap was hit so a
-/// resulting trap can be reported as "memory".
+/// Caps linear memory, tables and instances, and remembers whether a cap was
+/// hit so a resulting trap can be reported as "memory".
 #[derive(Debug)]
 pub struct Limiter {
     memory_bytes: usize,
+    table_elements: usize,
+    instances: usize,
+    tables: usize,
     /// Set when a grow was refused.
     pub exceeded: bool,
 }
 
 impl Limiter {
-    /// A limiter allowing `memory_bytes` of linear memory per memory.
-    pub fn new(memory_bytes: usize) -> Self {
+    /// A limiter enforcing `limits`.
+    pub fn new(limits: &Limits) -> Self {
         Self {
-            memory_bytes,
+            memory_bytes: limits.memory_bytes,
+            table_elements: limits.max_table_elements,
+            instances: limits.max_instances,
+            tables: limits.max_tables,
             exceeded: false,
         }
     }
 }
-
-/// Elements one table may hold; generous for Rust guests, small enough that a
-/// guest cannot use tables to get around the memory cap.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
@@ -131,13 +135,26 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > MAX_TABLE_ELEMENTS {
+        if desired > self.table_elements {
             self.exceeded = true;
             return Err(wasmtime::Error::msg(format!(
-                "table limit of {MAX_TABLE_ELEMENTS} elements exceeded (asked for {desired})"
+                "table limit of {} elements exceeded (asked for {desired})",
+                self.table_elements
             )));
         }
         Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        self.instances
+    }
+
+    fn tables(&self) -> usize {
+        self.tables
+    }
+
+    fn memories(&self) -> usize {
+        self.instances
     }
 }
 
@@ -156,22 +173,39 @@ pub struct HostState {
     pub denied: u32,
     /// Calls refused because of a limit.
     pub over_limit: u32,
+    /// This invocation's view of the function's durable state.
+    pub kv: Option<KvTxn>,
 }
 
 impl HostState {
     /// Fresh state: a WASI context that grants nothing (no files, no
     /// environment, no network, no stdio), and empty outputs.
-    pub fn new(caps: Arc<Capabilities>, memory_bytes: usize) -> Self {
+    pub fn new(caps: Arc<Capabilities>, limits: &Limits, kv: Option<KvTxn>) -> Self {
         Self {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
-            limiter: Limiter::new(memory_bytes),
+            limiter: Limiter::new(limits),
             caps,
             outputs: Outputs::default(),
             calls: 0,
             log_lines: 0,
             denied: 0,
             over_limit: 0,
+            kv,
+        }
+    }
+
+    /// Readies a warm instance's state for the next event: empty outputs,
+    /// fresh per-invocation budgets, no pending state writes.
+    pub fn begin(&mut self) {
+        self.outputs = Outputs::default();
+        self.calls = 0;
+        self.log_lines = 0;
+        self.denied = 0;
+        self.over_limit = 0;
+        self.limiter.exceeded = false;
+        if let Some(kv) = &mut self.kv {
+            kv.reset();
         }
     }
 
@@ -220,11 +254,12 @@ impl types::Host for HostState {}
 impl Host for HostState {
     fn publish(&mut self, topic: String, payload: Vec<u8>, qos: Qos) -> Result<(), CallError> {
         if let Err(e) = validate_topic_name(&topic) {
-            return Err(CallError::Invalid(format!("topic `{topic}`: {e}")));
+            return Err(CallError::Invalid(format!("topic {}: {e}", shown(&topic))));
         }
         if !self.caps.publish.matches(&topic) {
             return Err(self.deny(format!(
-                "publishing on `{topic}` is not allowed (allowed: {})",
+                "publishing on {} is not allowed (allowed: {})",
+                shown(&topic),
                 list(self.caps.publish.filters().iter().map(|f| f.as_str()))
             )));
         }
@@ -245,7 +280,8 @@ impl Host for HostState {
     fn forward(&mut self, sink: String, payload: Vec<u8>) -> Result<(), CallError> {
         if !self.caps.sinks.contains(&sink) {
             return Err(self.deny(format!(
-                "forwarding to sink `{sink}` is not allowed (allowed: {})",
+                "forwarding to sink {} is not allowed (allowed: {})",
+                shown(&sink),
                 list(self.caps.sinks.iter().map(String::as_str))
             )));
         }
@@ -294,7 +330,8 @@ impl serial::Host for HostState {
     fn write(&mut self, port: String, data: Vec<u8>) -> Result<(), CallError> {
         if !self.caps.serial_ports.contains(&port) {
             return Err(self.deny(format!(
-                "writing to serial port `{port}` is not allowed (allowed: {})",
+                "writing to serial port {} is not allowed (allowed: {})",
+                shown(&port),
                 list(self.caps.serial_ports.iter().map(String::as_str))
             )));
         }
@@ -305,6 +342,74 @@ impl serial::Host for HostState {
         });
         Ok(())
     }
+}
+
+impl HostState {
+    fn kv_refused(&mut self, r: KvRefusal) -> CallError {
+        match r {
+            KvRefusal::OverLimit(m) => self.over(format!("state: {m}")),
+            KvRefusal::Invalid(m) => CallError::Invalid(format!("state: {m}")),
+            KvRefusal::Store(e) => {
+                tracing::error!(function = %self.caps.function, error = %e, "State store failed.");
+                CallError::Invalid(format!("state store unavailable: {e}"))
+            }
+        }
+    }
+
+    fn kv_missing(&self) -> CallError {
+        CallError::Denied("this function has no state store".into())
+    }
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        let kv = self.kv.as_ref()?;
+        match kv.get(&key) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(function = %self.caps.function, error = %e, "State store failed.");
+                None
+            }
+        }
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), CallError> {
+        let Some(kv) = self.kv.as_mut() else {
+            return Err(self.kv_missing());
+        };
+        kv.set(key, value).map_err(|r| self.kv_refused(r))
+    }
+
+    fn delete(&mut self, key: String) -> Result<(), CallError> {
+        let Some(kv) = self.kv.as_mut() else {
+            return Err(self.kv_missing());
+        };
+        kv.delete(key).map_err(|r| self.kv_refused(r))
+    }
+
+    fn list_keys(&mut self, prefix: String) -> Vec<String> {
+        let Some(kv) = self.kv.as_ref() else {
+            return Vec::new();
+        };
+        kv.keys(&prefix).unwrap_or_else(|e| {
+            tracing::error!(function = %self.caps.function, error = %e, "State store failed.");
+            Vec::new()
+        })
+    }
+}
+
+/// A guest-supplied string for an error message: quoted, and cut short so a
+/// hostile guest cannot make the host hand megabytes back into its memory.
+fn shown(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return format!("`{s}`");
+    }
+    let mut cut = MAX;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("`{}…` ({} bytes)", &s[..cut], s.len())
 }
 
 fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
