@@ -9,6 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 pub enum Failure {
     /// The handler returned `Err(message)`.
     Error(String),
+    /// The handler failed after the host refused a call for a limit
+    /// (calls per invocation, payload size, state quota).
+    Quota(String),
+    /// The handler failed after the host refused a call outside its
+    /// allowlists.
+    Denied(String),
     /// The handler ran past its time budget and was interrupted.
     Timeout,
     /// The guest tried to grow memory or tables past its cap.
@@ -18,10 +24,18 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Whether the guest ran to completion and returned `Err` (as opposed to
+    /// crashing: trap, timeout, memory). Only crashes trip the breaker.
+    pub fn is_verdict(&self) -> bool {
+        matches!(self, Self::Error(_) | Self::Quota(_) | Self::Denied(_))
+    }
+
     /// A short, stable name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Error(_) => "error",
+            Self::Quota(_) => "quota",
+            Self::Denied(_) => "denied",
             Self::Timeout => "timeout",
             Self::Memory(_) => "memory",
             Self::Trap(_) => "trap",
@@ -33,6 +47,8 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Error(m) => write!(f, "the function returned an error: {m}"),
+            Self::Quota(m) => write!(f, "the function failed after going over a limit: {m}"),
+            Self::Denied(m) => write!(f, "the function failed after a denied call: {m}"),
             Self::Timeout => f.write_str("the function ran past its timeout and was interrupted"),
             Self::Memory(m) => write!(f, "the function went over its memory limit: {m}"),
             Self::Trap(m) => write!(f, "the function trapped: {m}"),
@@ -49,6 +65,10 @@ pub struct FunctionMetrics {
     pub ok: AtomicU64,
     /// Invocations whose handler returned `Err`.
     pub errors: AtomicU64,
+    /// Invocations that failed after a call was refused for a limit.
+    pub quota_failures: AtomicU64,
+    /// Invocations that failed after a call was refused by an allowlist.
+    pub denied_failures: AtomicU64,
     /// Invocations that trapped.
     pub traps: AtomicU64,
     /// Invocations interrupted by the deadline.
@@ -86,6 +106,8 @@ impl FunctionMetrics {
     pub fn count_failure(&self, failure: &Failure) {
         let counter = match failure {
             Failure::Error(_) => &self.errors,
+            Failure::Quota(_) => &self.quota_failures,
+            Failure::Denied(_) => &self.denied_failures,
             Failure::Timeout => &self.timeouts,
             Failure::Memory(_) => &self.memory,
             Failure::Trap(_) => &self.traps,
@@ -100,6 +122,8 @@ impl FunctionMetrics {
             invocations: r(&self.invocations),
             ok: r(&self.ok),
             errors: r(&self.errors),
+            quota_failures: r(&self.quota_failures),
+            denied_failures: r(&self.denied_failures),
             traps: r(&self.traps),
             timeouts: r(&self.timeouts),
             memory: r(&self.memory),
@@ -139,6 +163,8 @@ pub struct FunctionCounts {
     pub invocations: u64,
     pub ok: u64,
     pub errors: u64,
+    pub quota_failures: u64,
+    pub denied_failures: u64,
     pub traps: u64,
     pub timeouts: u64,
     pub memory: u64,

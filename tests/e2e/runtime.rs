@@ -135,7 +135,7 @@ limits = {{ timeout_ms = 5000, max_payload_bytes = 65536 }}
         ("loop", "timeout"),
         ("alloc", "memory"),
         ("recurse", "trap"),
-        ("flood", "error"),
+        ("flood", "quota"),
         ("trap", "trap"),
     ];
     for (mode, kind) in cases {
@@ -194,8 +194,8 @@ limits = {{ timeout_ms = 5000, max_payload_bytes = 65536 }}
 
     let m = gw.function_metrics("hostile").unwrap().snapshot();
     assert_eq!(
-        (m.timeouts, m.memory, m.traps, m.errors),
-        (1, 1, 2, 1),
+        (m.timeouts, m.memory, m.traps, m.quota_failures, m.errors),
+        (1, 1, 2, 1, 0),
         "{m:?}"
     );
     assert!(m.over_limit >= 1, "the flood was refused: {m:?}");

@@ -593,6 +593,10 @@ impl LoadedFunction {
                     None => Ok(Outputs::default()),
                 }
             }
+            // A refused call usually ends the handler through `?`: name the
+            // failure after the refusal.
+            Ok(Err(message)) if over_limit > 0 => Err(Failure::Quota(message)),
+            Ok(Err(message)) if denied > 0 => Err(Failure::Denied(message)),
             Ok(Err(message)) => Err(Failure::Error(message)),
             Err(e) if exceeded => Err(Failure::Memory(root_message(&e))),
             Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(Failure::Timeout),
@@ -601,7 +605,7 @@ impl LoadedFunction {
         // Keep a healthy instance warm; anything that trapped or hit a limit
         // is dropped here (its pool slot is wiped and reused).
         if self.mode == InstanceMode::Reuse
-            && matches!(outcome, Ok(_) | Err(Failure::Error(_)))
+            && outcome.as_ref().err().is_none_or(Failure::is_verdict)
             && let Some(mut w) = warm
         {
             if let Some(kv) = &mut w.store.data_mut().kv {

@@ -2,11 +2,11 @@
 //! arrival order, runs them on a blocking thread, and settles each one.
 //!
 //! - Success: outputs go to the [`OutputPort`]; the breaker closes.
-//! - Failure (error, trap, timeout, memory): the event goes to the function's
-//!   dead-letter topic with the reason. Traps, timeouts and memory failures
-//!   count towards the breaker; a handler's `Err` does not (it is the
-//!   function's verdict on a bad input, and a burst of bad readings must not
-//!   shut out the good ones).
+//! - Failure (error, quota, denied, trap, timeout, memory): the event goes to
+//!   the function's dead-letter topic with the reason. Traps, timeouts and
+//!   memory failures count towards the breaker; a handler's `Err` does not
+//!   (it is the function's verdict on a bad input, and a burst of bad
+//!   readings must not shut out the good ones).
 //! - Breaker open: the event is dead-lettered without running.
 //! - New version (hot reload): switched in between two events, so an event
 //!   never sees half a swap. Until its first success the new version is on
@@ -157,7 +157,7 @@ impl Worker {
                     .await;
             }
             Err(failure) => {
-                if matches!(failure, Failure::Error(_)) {
+                if failure.is_verdict() {
                     // The guest ran to completion and rejected the input.
                     breaker.success();
                 } else if let Some(backoff) = breaker.failure(Instant::now()) {
