@@ -37,7 +37,7 @@ use crate::sinks::http::HttpSink;
 use crate::sinks::mqtt::MqttSink;
 use crate::sinks::{DeliveryStats, Sink, SinkCommon, SinkContext};
 use crate::sources::i2c::{I2cParts, I2cSource};
-use crate::sources::mqtt::{MqttSource, MqttSourceConfig};
+use crate::sources::mqtt::{AckPoint, MqttSource, MqttSourceConfig};
 use crate::sources::serial::{SerialParts, SerialSource, SourceStats, WRITE_QUEUE};
 use crate::sources::{Source, SourceContext, SourceError};
 
@@ -287,6 +287,10 @@ impl Gateway {
         let source = MqttSource::build(
             MqttSourceConfig {
                 endpoint: local.clone(),
+                ack: match config.broker {
+                    Broker::Embedded { .. } => AckPoint::Queued,
+                    Broker::External(_) => AckPoint::Handled,
+                },
             },
             &ctx,
         )?;

@@ -16,7 +16,6 @@
 )]
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,13 +26,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 const RATE_PER_S: u64 = 1000;
 const RUNS: usize = 5;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::free_port;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {

@@ -161,6 +161,15 @@ impl QueueReceiver {
         }
     }
 
+    /// The next event if one is waiting (never waits).
+    pub fn try_pop(&mut self) -> Option<Arc<Event>> {
+        let e = self.shared.lock().items.pop_front();
+        if e.is_some() {
+            self.shared.drained.notify_one();
+        }
+        e
+    }
+
     /// Events waiting.
     pub fn len(&self) -> usize {
         self.shared.lock().items.len()

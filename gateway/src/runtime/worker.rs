@@ -48,13 +48,13 @@ struct Probation {
     failures: u32,
 }
 
-/// Runs `event` on `f` on a blocking thread.
-async fn invoke(f: &Arc<LoadedFunction>, event: &Arc<Event>) -> Invocation {
-    let (f2, ev) = (f.clone(), event.clone());
-    match tokio::task::spawn_blocking(move || f2.invoke(&ev)).await {
+/// Runs `event` on `f` on the current thread; a panic in the host (a bug,
+/// never guest behaviour) fails this invocation instead of the worker.
+fn invoke(f: &LoadedFunction, event: &Event) -> Invocation {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.invoke(event))) {
         Ok(inv) => inv,
-        Err(e) => {
-            let failure = Failure::Trap(format!("the host failed during the call: {e}"));
+        Err(_) => {
+            let failure = Failure::Trap("the host failed during the call".into());
             f.metrics().count_failure(&failure);
             Invocation {
                 outcome: Err(failure),
@@ -65,15 +65,32 @@ async fn invoke(f: &Arc<LoadedFunction>, event: &Arc<Event>) -> Invocation {
 }
 
 impl Worker {
-    /// Runs until the queue is closed and drained.
-    pub async fn run(mut self) {
+    /// Runs until the queue is closed and drained, on a thread of its own
+    /// (guest calls block): events are taken and invoked there without a
+    /// hand-off to another thread per event; only waiting for the next event
+    /// and handing outputs to async connections go through the runtime.
+    pub async fn run(self) {
+        let rt = tokio::runtime::Handle::current();
+        if let Err(e) = tokio::task::spawn_blocking(move || self.run_blocking(&rt)).await {
+            tracing::error!(error = %e, "Function worker failed.");
+        }
+    }
+
+    fn run_blocking(mut self, rt: &tokio::runtime::Handle) {
         let mut current = self.versions.borrow_and_update().clone();
         let metrics = current.metrics().clone();
         metrics.set_version(current.version(), current.from_cache());
         let name = current.name().to_owned();
         let mut breaker = Breaker::new(self.breaker.clone());
         let mut probation: Option<Probation> = None;
-        while let Some(event) = self.queue.pop().await {
+        loop {
+            let event = match self.queue.try_pop() {
+                Some(e) => e,
+                None => match rt.block_on(self.queue.pop()) {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
             if self.versions.has_changed().unwrap_or(false) {
                 let next = self.versions.borrow_and_update().clone();
                 tracing::info!(function = %name, from = %current.version(), to = %next.version(), "Switched to the new version.");
@@ -90,16 +107,17 @@ impl Worker {
                     "the circuit breaker is open for another {} ms",
                     left.as_millis()
                 );
-                self.port
-                    .dead_letter(&current, &event, "breaker-open", &reason, None)
-                    .await;
+                rt.block_on(
+                    self.port
+                        .dead_letter(&current, &event, "breaker-open", &reason, None),
+                );
                 continue;
             }
-            let inv = invoke(&current, &event).await;
+            let inv = invoke(&current, &event);
             let inv = match (inv.outcome, probation.as_mut()) {
                 (Err(failure), Some(p)) => {
                     let previous = p.previous.clone();
-                    let retry = invoke(&previous, &event).await;
+                    let retry = invoke(&previous, &event);
                     if retry.outcome.is_ok() {
                         p.failures += 1;
                         if p.failures >= self.rollback_after {
@@ -131,7 +149,7 @@ impl Worker {
                     }
                 }
             };
-            self.settle(&current, &mut breaker, &event, inv).await;
+            rt.block_on(self.settle(&current, &mut breaker, &event, inv));
             metrics
                 .breaker_state
                 .store(breaker.state() as u8, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, reason = "not every test module uses every helper")]
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,14 +36,9 @@ pub fn guest(name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../benches/common/mod.rs"]
+mod common;
+pub use common::free_port;
 
 /// Writes `toml` into a fresh directory and loads it.
 pub fn config(toml: &str) -> (ValidConfig, tempfile::TempDir) {

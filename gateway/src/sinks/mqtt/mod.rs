@@ -30,6 +30,9 @@ use crate::config::schema::MqttProtocol;
 use crate::config::{MqttSinkSpec, render_topic};
 use crate::outbox::StoredRecord;
 
+/// Records read from the outbox per query at most.
+const READ_AHEAD: usize = 1000;
+
 /// The MQTT sink.
 pub struct MqttSink {
     common: SinkCommon,
@@ -212,23 +215,22 @@ impl Sink for MqttSink {
             let reason: String = 'conn: loop {
                 // Fill the in-flight window from the outbox.
                 if connected && stopping_since.is_none() {
-                    while queued.len() + by_pkid.len() < usize::from(spec.max_inflight) {
-                        let mut batch = match reader.next_batch(
-                            &self.common.name,
-                            last_sent,
-                            self.common.batch_max,
-                        ) {
+                    'fill: while queued.len() + by_pkid.len() < usize::from(spec.max_inflight) {
+                        // One query for the whole free window (not one per
+                        // message): each SQLite read takes and drops a lock.
+                        let free = usize::from(spec.max_inflight) - queued.len() - by_pkid.len();
+                        let want = free.saturating_mul(self.common.batch_max).min(READ_AHEAD);
+                        let mut rows = match reader.next_batch(&self.common.name, last_sent, want) {
                             Ok(b) => b,
                             Err(e) => {
                                 tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
                                 break;
                             }
                         };
-                        if batch.is_empty() {
+                        if rows.is_empty() {
                             break;
                         }
-                        if batch.len() < self.common.batch_max
-                            && !self.common.batch_linger.is_zero()
+                        if rows.len() < self.common.batch_max && !self.common.batch_linger.is_zero()
                         {
                             tokio::time::sleep(self.common.batch_linger).await;
                             if let Ok(more) = reader.next_batch(
@@ -236,38 +238,46 @@ impl Sink for MqttSink {
                                 last_sent,
                                 self.common.batch_max,
                             ) {
-                                batch = more;
+                                rows = more;
                             }
                         }
-                        let Some(last) = batch.last() else { break };
-                        last_sent = last.seq;
-                        let resent = batch.iter().filter(|r| r.seq <= high_water).count();
-                        if resent > 0 {
-                            ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
+                        let mut rows = rows.into_iter().peekable();
+                        while rows.peek().is_some() {
+                            let batch: Vec<StoredRecord> =
+                                rows.by_ref().take(self.common.batch_max).collect();
+                            let Some(last) = batch.last() else { break };
+                            last_sent = last.seq;
+                            let resent = batch.iter().filter(|r| r.seq <= high_water).count();
+                            if resent > 0 {
+                                ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
+                            }
+                            high_water = high_water.max(last_sent);
+                            let first = &batch[0];
+                            let topic = render_topic(
+                                &spec.topic_template,
+                                &ctx.gateway_id,
+                                &first.function,
+                                &self.common.name,
+                                &first.topic,
+                            );
+                            let body = envelope::encode_batch(
+                                self.common.format,
+                                &ctx.gateway_id,
+                                &batch,
+                                self.common.batch_max > 1,
+                            );
+                            let key = envelope::idempotency_key(&ctx.gateway_id, first.seq);
+                            if let Err(e) = client.publish(topic, body, key).await {
+                                break 'conn e;
+                            }
+                            queued.push_back(InFlight {
+                                records: batch,
+                                sent_at: Instant::now(),
+                            });
+                            if queued.len() + by_pkid.len() >= usize::from(spec.max_inflight) {
+                                break 'fill;
+                            }
                         }
-                        high_water = high_water.max(last_sent);
-                        let first = &batch[0];
-                        let topic = render_topic(
-                            &spec.topic_template,
-                            &ctx.gateway_id,
-                            &first.function,
-                            &self.common.name,
-                            &first.topic,
-                        );
-                        let body = envelope::encode_batch(
-                            self.common.format,
-                            &ctx.gateway_id,
-                            &batch,
-                            self.common.batch_max > 1,
-                        );
-                        let key = envelope::idempotency_key(&ctx.gateway_id, first.seq);
-                        if let Err(e) = client.publish(topic, body, key).await {
-                            break 'conn e;
-                        }
-                        queued.push_back(InFlight {
-                            records: batch,
-                            sent_at: Instant::now(),
-                        });
                     }
                 }
                 let oldest = by_pkid
