@@ -18,6 +18,10 @@ use crate::event::{Event, SourceKind};
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::supervisor::{Gateway, load_functions};
 
+/// How long the process waits for blocking threads after the gateway has
+/// stopped (or its shutdown timed out).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
 /// edgefn: sensor events in, sandboxed WebAssembly functions, results out.
 #[derive(Debug, Parser)]
 #[command(name = "edgefn", version, about, long_about = None)]
@@ -145,11 +149,15 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(run(
+            let result = rt.block_on(run(
                 config,
                 simulate.then(|| Duration::from_millis(simulate_interval_ms.max(10))),
                 Duration::from_secs(shutdown_timeout_s),
-            ))
+            ));
+            // A shutdown that timed out may leave function workers (blocking
+            // threads) mid-drain: exit anyway rather than wait for them.
+            rt.shutdown_timeout(EXIT_GRACE);
+            result
         }
         Command::Check { config } => check(&config, out),
         Command::Invoke {
