@@ -32,8 +32,6 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -212,31 +210,37 @@ const SEQ_SPAN: u64 = 1_000_000;
 /// `sensors` clients publish `total` readings
 /// `{"value": <send µs>, "sensor": "s<k>"}` on
 /// `sensors/s<k>/temperature`, as fast as the broker takes them (QoS 1
-/// flow control) or at `rate` per second in all. Returns when all are sent.
-async fn sensors(port: u16, sensors: usize, total: usize, rate: Option<f64>, qos: QoS) {
+/// flow control) or at `rate` per second in all. Returns when the broker
+/// has acknowledged all of them.
+async fn sensors(port: u16, sensors: usize, total: usize, rate: Option<f64>) {
     let epoch = *EPOCH.get().unwrap();
-    let sent = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for k in 0..sensors {
         let mut opts = MqttOptions::new(format!("load-sensor-{port}-{k}"), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(60));
         opts.set_inflight(100);
         let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-        let done = tokio_util_like_token();
-        let poll_done = done.clone();
+        // The broker's PUBACKs, counted: the sensor disconnects once all its
+        // readings are acknowledged.
+        let (acked_tx, mut acked) = tokio::sync::watch::channel(0usize);
         tokio::spawn(async move {
+            let mut n = 0;
             loop {
-                tokio::select! {
-                    r = eventloop.poll() => if let Err(e) = r {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        n += 1;
+                        acked_tx.send_replace(n);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
                         eprintln!("sensor {k}: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                    },
-                    () = poll_done.notified() => break,
+                    }
                 }
             }
         });
         let share = total / sensors + usize::from(k < total % sensors);
-        let sent = sent.clone();
         tasks.push(tokio::spawn(async move {
             let interval = rate.map(|r| Duration::from_secs_f64(sensors as f64 / r));
             let start = Instant::now();
@@ -251,25 +255,27 @@ async fn sensors(port: u16, sensors: usize, total: usize, rate: Option<f64>, qos
                 let value = now_us(epoch) * SEQ_SPAN + i as u64;
                 let payload = format!("{{\"value\": {value}, \"sensor\": \"s{k}\"}}");
                 client
-                    .publish(format!("sensors/s{k}/temperature"), qos, false, payload)
+                    .publish(
+                        format!("sensors/s{k}/temperature"),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
                     .await
                     .unwrap();
-                sent.fetch_add(1, Ordering::Relaxed);
             }
-            // Let the event loop flush and collect the last acks.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let all_acked = matches!(
+                tokio::time::timeout(Duration::from_secs(60), acked.wait_for(|n| *n >= share))
+                    .await,
+                Ok(Ok(_))
+            );
+            assert!(all_acked, "sensor {k}: not every reading was acknowledged");
             let _ = client.disconnect().await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            done.notify_one();
         }));
     }
     for t in tasks {
         t.await.unwrap();
     }
-}
-
-fn tokio_util_like_token() -> Arc<tokio::sync::Notify> {
-    Arc::new(tokio::sync::Notify::new())
 }
 
 /// Collects `n` messages (or gives up after `idle` without one).
@@ -346,13 +352,7 @@ async fn measure(
 ) -> Run {
     let epoch = *EPOCH.get().unwrap();
     let start = now_us(epoch);
-    let send = tokio::spawn(sensors(
-        sensor_port,
-        sensors_n,
-        events,
-        rate,
-        QoS::AtLeastOnce,
-    ));
+    let send = tokio::spawn(sensors(sensor_port, sensors_n, events, rate));
     let got = collect(rx, events, Duration::from_secs(10)).await;
     send.await.unwrap();
     let last = got.last().map_or(start, |(t, _)| *t);

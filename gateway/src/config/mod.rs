@@ -105,20 +105,6 @@ pub struct RuntimeSpec {
     pub rollback_after: u32,
 }
 
-impl Default for RuntimeSpec {
-    fn default() -> Self {
-        let s = schema::RuntimeSettings::default();
-        Self {
-            pooling: s.pooling,
-            pool_instances: 16,
-            max_memory_bytes: s.max_memory_mib * 1024 * 1024,
-            compile_cache: s.compile_cache,
-            watch: Some(Duration::from_millis(s.watch_ms)),
-            rollback_after: s.rollback_after,
-        }
-    }
-}
-
 /// A validated serial or I2C source.
 #[derive(Debug, Clone)]
 pub enum SourceSpec {
@@ -255,12 +241,6 @@ pub struct BreakerSpec {
     pub backoff: Duration,
     /// Longest open period.
     pub max_backoff: Duration,
-}
-
-impl Default for BreakerSpec {
-    fn default() -> Self {
-        Self::from(&schema::BreakerConfig::default())
-    }
 }
 
 impl From<&schema::BreakerConfig> for BreakerSpec {

@@ -169,16 +169,6 @@ impl QueueReceiver {
         }
         e
     }
-
-    /// Events waiting.
-    pub fn len(&self) -> usize {
-        self.shared.lock().items.len()
-    }
-
-    /// Whether no event is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Drop for QueueReceiver {

@@ -124,11 +124,11 @@ impl Reloader {
             }
             let mut next = spec.clone();
             next.triggers = slot.spec.triggers.clone();
-            let file_changed = stamp(&next.component) != slot.stamp;
-            if next == slot.spec && !file_changed {
+            let now = stamp(&next.component);
+            if next == slot.spec && now == slot.stamp {
                 continue;
             }
-            slot.stamp = stamp(&next.component);
+            slot.stamp = now;
             if self
                 .reload(slot, next, &new.gateway_id, "configuration reloaded")
                 .await

@@ -199,9 +199,9 @@ pub struct KvTxn {
     function: Arc<str>,
     quota: StateQuota,
     pending: BTreeMap<String, Option<Vec<u8>>>,
-    /// Committed total at the first write of this invocation.
-    base_total: Option<u64>,
-    total: u64,
+    /// Bytes the function would hold with the pending writes; read from the
+    /// store at this invocation's first write.
+    total: Option<u64>,
 }
 
 impl KvTxn {
@@ -212,15 +212,14 @@ impl KvTxn {
             function,
             quota,
             pending: BTreeMap::new(),
-            base_total: None,
-            total: 0,
+            total: None,
         }
     }
 
     /// Drops pending writes (a failed call, or the start of the next one).
     pub fn reset(&mut self) {
         self.pending.clear();
-        self.base_total = None;
+        self.total = None;
     }
 
     /// The value of `key` as this invocation sees it.
@@ -249,13 +248,16 @@ impl KvTxn {
         Ok(())
     }
 
-    fn begin(&mut self) -> Result<(), StateError> {
-        if self.base_total.is_none() {
-            let t = self.store.total(&self.function)?;
-            self.base_total = Some(t);
-            self.total = t;
+    /// The total as it stands with the pending writes.
+    fn total(&mut self) -> Result<u64, StateError> {
+        match self.total {
+            Some(t) => Ok(t),
+            None => {
+                let t = self.store.total(&self.function)?;
+                self.total = Some(t);
+                Ok(t)
+            }
         }
-        Ok(())
     }
 
     /// Stores `value` under `key` (pending), within the quotas.
@@ -268,17 +270,16 @@ impl KvTxn {
                 self.quota.max_value_bytes
             )));
         }
-        self.begin()?;
         let old = self.size_of(&key)?;
         let new = (key.len() + value.len()) as u64;
-        let total = self.total - old + new;
+        let total = self.total()? - old + new;
         if total > self.quota.max_total_bytes {
             return Err(KvRefusal::OverLimit(format!(
                 "state would grow to {total} bytes, over the function's limit of {}",
                 self.quota.max_total_bytes
             )));
         }
-        self.total = total;
+        self.total = Some(total);
         self.pending.insert(key, Some(value));
         Ok(())
     }
@@ -286,9 +287,8 @@ impl KvTxn {
     /// Removes `key` (pending).
     pub fn delete(&mut self, key: String) -> Result<(), KvRefusal> {
         self.check_key(&key)?;
-        self.begin()?;
         let old = self.size_of(&key)?;
-        self.total -= old;
+        self.total = Some(self.total()? - old);
         self.pending.insert(key, None);
         Ok(())
     }
@@ -318,7 +318,8 @@ impl KvTxn {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let r = self.store.commit(&self.function, &self.pending, self.total);
+        let total = self.total()?;
+        let r = self.store.commit(&self.function, &self.pending, total);
         self.reset();
         r
     }
