@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ValidConfig};
 use crate::event::{Event, SourceKind};
 use crate::runtime::{Runtime, RuntimeOptions};
-use crate::supervisor::{Gateway, load_functions};
+use crate::supervisor::{Gateway, load_functions, systemd};
 
 /// How long the process waits for blocking threads after the gateway has
 /// stopped (or its shutdown timed out).
@@ -37,7 +37,9 @@ pub struct Cli {
 /// Log formats.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
-    /// Human-readable lines (journald-friendly: no colours when not a tty).
+    /// Human-readable lines; no colours when not a terminal. Under systemd
+    /// (stderr connected to the journal) without timestamps and with a
+    /// `<N>` priority prefix, so the journal records each line's level.
     Text,
     /// One JSON object per line.
     Json,
@@ -58,9 +60,10 @@ pub enum Command {
         /// Milliseconds between simulated readings.
         #[arg(long, default_value_t = 1000)]
         simulate_interval_ms: u64,
-        /// Seconds to wait for in-flight events when stopping.
-        #[arg(long, default_value_t = 10)]
-        shutdown_timeout_s: u64,
+        /// Seconds to wait for in-flight events when stopping (overrides
+        /// `gateway.shutdown_timeout_s`, default 10).
+        #[arg(long)]
+        shutdown_timeout_s: Option<u64>,
     },
     /// Validate the configuration and load every function; list every problem.
     Check {
@@ -130,9 +133,54 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
+        LogFormat::Text if stderr_is_journal() => builder
+            .without_time()
+            .event_format(Journald(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
+            .try_init(),
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether stderr goes to journald: systemd sets `$JOURNAL_STREAM` to the
+/// `device:inode` of the stream it connected (see systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| stream == format!("{}:{}", m.dev(), m.ino()))
+}
+
+/// Text lines for journald: no timestamp (the journal adds its own) and a
+/// `<N>` syslog priority prefix, so `journalctl -p warning` filters by level.
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// Executes one command, writing its report to `out`.
@@ -149,10 +197,12 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            let shutdown_timeout =
+                shutdown_timeout_s.map_or(config.shutdown_timeout, Duration::from_secs);
             let result = rt.block_on(run(
                 config,
                 simulate.then(|| Duration::from_millis(simulate_interval_ms.max(10))),
-                Duration::from_secs(shutdown_timeout_s),
+                shutdown_timeout,
             ));
             // A shutdown that timed out may leave function workers (blocking
             // threads) mid-drain: exit anyway rather than wait for them.
@@ -294,6 +344,15 @@ async fn run(
         _ = term.recv() => return Ok(ExitCode::SUCCESS),
         _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
     };
+    let watchdog = CancellationToken::new();
+    systemd::spawn_watchdog(watchdog.clone());
+    systemd::ready(&format!(
+        "serving {} function(s); admin {}",
+        config.functions.len(),
+        gateway
+            .admin_addr()
+            .map_or_else(|| "off".to_owned(), |a| a.to_string())
+    ));
     let sim_cancel = CancellationToken::new();
     if let Some(interval) = simulate {
         let (host, port) = gateway.local_broker();
@@ -323,9 +382,14 @@ async fn run(
             }
         }
     }
-    tracing::info!("Stopping: draining in-flight events.");
+    tracing::info!(
+        timeout_ms = shutdown_timeout.as_millis() as u64,
+        "Stopping: draining in-flight events."
+    );
+    systemd::stopping();
     sim_cancel.cancel();
     let clean = gateway.shutdown(shutdown_timeout).await;
+    watchdog.cancel();
     Ok(if clean {
         ExitCode::SUCCESS
     } else {

@@ -8,7 +8,8 @@
 //!   `compile`).
 //! - [`config`]: the TOML schema, `${VAR}` interpolation, validation into a
 //!   [`config::ValidConfig`] that nothing else re-checks.
-//! - [`supervisor`]: builds everything from the config, drains on shutdown.
+//! - [`supervisor`]: builds everything from the config, drains on shutdown,
+//!   tells systemd when it is ready and pings its watchdog.
 //! - [`broker`]: the embedded rumqttd broker.
 //! - [`sources`]: where events come from ([`sources::mqtt`],
 //!   [`sources::serial`], [`sources::i2c`]).
@@ -22,6 +23,8 @@
 //! - [`outbox`]: the durable SQLite store-and-forward queue (group commit).
 //! - [`sinks`]: cloud delivery from the outbox ([`sinks::mqtt`],
 //!   [`sinks::http`]) and the envelope.
+//! - [`admin`]: the admin HTTP endpoint (health, readiness, Prometheus
+//!   metrics, the function list).
 //! - [`topic`]: MQTT topic names and filters.
 //! - [`event`], [`metrics`], [`mqtt`], [`simulate`]: shared pieces.
 
@@ -34,6 +37,7 @@ pub mod bindings {
     });
 }
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -1,5 +1,5 @@
-//! Counters kept by the gateway, readable while it runs (tests, logs, and
-//! later the admin endpoint).
+//! Counters kept by the gateway, readable while it runs (tests, logs and
+//! the admin endpoint's `/metrics`).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -99,6 +99,44 @@ pub struct FunctionMetrics {
     pub from_cache: AtomicBool,
     /// The running version (first 12 hex digits of the component's SHA-256).
     pub version: Mutex<String>,
+    /// How long invocations took (successful or not).
+    pub latency: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in microseconds: from a warm call
+/// (a few µs) to the longest sensible deadline.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000,
+];
+
+/// A fixed-bucket latency histogram, lock-free to update.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket (`le` order, the last is `+Inf` = the
+    /// total) and the sum in microseconds.
+    pub fn cumulative(&self) -> ([u64; LATENCY_BUCKETS_US.len() + 1], u64) {
+        let mut out = [0; LATENCY_BUCKETS_US.len() + 1];
+        let mut total = 0;
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            total += b.load(Ordering::Relaxed);
+            *o = total;
+        }
+        (out, self.sum_us.load(Ordering::Relaxed))
+    }
 }
 
 impl FunctionMetrics {
@@ -157,7 +195,7 @@ impl FunctionMetrics {
 }
 
 /// A copy of [`FunctionMetrics`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[allow(missing_docs, reason = "same fields as FunctionMetrics")]
 pub struct FunctionCounts {
     pub invocations: u64,
@@ -190,6 +228,28 @@ pub struct GatewayMetrics {
     pub sink_acked: AtomicU64,
     /// Records a sink could not encode or send.
     pub sink_failed: AtomicU64,
-    /// Reconnects of MQTT connections.
-    pub reconnects: AtomicU64,
+    /// Reconnects of the MQTT source's connection to the local broker.
+    pub source_reconnects: AtomicU64,
+    /// Reconnects of the local publisher's connection.
+    pub publisher_reconnects: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_bounds_inclusive() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(5));
+        h.observe(Duration::from_micros(6));
+        h.observe(Duration::from_secs(5));
+        let (c, sum) = h.cumulative();
+        assert_eq!(c[0], 1, "5 µs is in the `le=5` bucket");
+        assert_eq!(c[1], 2);
+        assert_eq!(c[LATENCY_BUCKETS_US.len() - 1], 2);
+        assert_eq!(c[LATENCY_BUCKETS_US.len()], 3, "+Inf holds everything");
+        assert_eq!(sum, 5_000_011);
+    }
 }

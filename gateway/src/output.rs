@@ -196,7 +196,7 @@ async fn poll_publisher(
             Ok(_) => {}
             Err(_) if stop.is_cancelled() => break,
             Err(e) => {
-                metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                metrics.publisher_reconnects.fetch_add(1, Ordering::Relaxed);
                 if failures == 0 {
                     tracing::warn!(error = %e, "Local publisher lost its connection; reconnecting.");
                 }

@@ -70,6 +70,9 @@ pub enum StartError {
     /// The outbox could not be opened.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// The admin endpoint could not listen.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// Loads every function of `config`, collecting all errors.
@@ -105,6 +108,7 @@ pub struct Gateway {
     sources: Vec<(String, Arc<SourceStats>)>,
     reloader: Arc<Reloader>,
     pooling: bool,
+    admin: Option<SocketAddr>,
 }
 
 enum Parts {
@@ -134,6 +138,10 @@ impl Gateway {
                 .await
                 .map_err(|e| StartError::Engine(EngineError::from_join(&e)))?
                 .map_err(StartError::Functions)?
+        };
+        let admin_listener = match &config.admin {
+            Some(a) => Some(crate::admin::bind(a.listen).await?),
+            None => None,
         };
         let local = match &config.broker {
             Broker::Embedded { listen } => {
@@ -295,6 +303,44 @@ impl Gateway {
             &ctx,
         )?;
         tracker.spawn(source.run(ctx));
+        let admin = match admin_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                let state = Arc::new(crate::admin::AdminState {
+                    gateway_id: config.gateway_id.clone(),
+                    functions: functions.clone(),
+                    metrics: metrics.clone(),
+                    sources: config
+                        .sources
+                        .iter()
+                        .zip(&source_stats)
+                        .map(|(spec, (name, stats))| {
+                            let kind = match spec {
+                                SourceSpec::Serial(_) => "serial",
+                                SourceSpec::I2c(_) => "i2c",
+                            };
+                            (name.clone(), kind, stats.clone())
+                        })
+                        .collect(),
+                    sinks: sinks.clone(),
+                    outbox: outbox.clone(),
+                    ready: ready.clone(),
+                    stopping: cancel.clone(),
+                    token: config.admin.as_ref().and_then(|a| a.token.clone()),
+                });
+                // Served until the drain has finished, so a scraper sees
+                // `/readyz` turn 503 while the gateway stops.
+                let stop = CancellationToken::new();
+                tokio::spawn(crate::admin::serve(listener, state, stop.clone()));
+                let done = tracker.clone();
+                tokio::spawn(async move {
+                    done.wait().await;
+                    stop.cancel();
+                });
+                addr
+            }
+            None => None,
+        };
         tracker.close();
         let gateway = Self {
             cancel,
@@ -308,6 +354,7 @@ impl Gateway {
             sources: source_stats,
             reloader,
             pooling,
+            admin,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an
@@ -336,6 +383,12 @@ impl Gateway {
             tokio::time::timeout(timeout, ready.wait_for(|r| *r)).await,
             Ok(Ok(_))
         )
+    }
+
+    /// Where the admin endpoint listens, if configured (the bound address,
+    /// so port 0 in the configuration gives the real port).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// The local broker's host and port (for clients and tests).
@@ -414,5 +467,71 @@ fn loopback_for(addr: SocketAddr) -> IpAddr {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
+    }
+}
+
+/// systemd's service notification protocol (`Type=notify`): readiness,
+/// stopping, and watchdog pings. Every call is a no-op when the gateway was
+/// not started by systemd (`$NOTIFY_SOCKET` unset).
+pub mod systemd {
+    use std::time::Duration;
+
+    use sd_notify::NotifyState;
+    use tokio_util::sync::CancellationToken;
+
+    fn send(states: &[NotifyState<'_>]) {
+        if let Err(e) = sd_notify::notify(false, states) {
+            tracing::warn!(error = %e, "Could not notify systemd.");
+        }
+    }
+
+    /// Start-up is complete: sources, functions and sinks run.
+    pub fn ready(status: &str) {
+        send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    /// The gateway is draining and will exit.
+    pub fn stopping() {
+        send(&[
+            NotifyState::Stopping,
+            NotifyState::Status("draining in-flight events"),
+        ]);
+    }
+
+    /// `$WATCHDOG_USEC` if the watchdog is meant for this process: as
+    /// `sd_watchdog_enabled(3)`, a `$WATCHDOG_PID` that names another process
+    /// disables it, an absent one does not.
+    fn watchdog_usec() -> Option<u64> {
+        let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok()?;
+        let for_us = std::env::var("WATCHDOG_PID")
+            .ok()
+            .is_none_or(|pid| pid.parse::<u32>().ok() == Some(std::process::id()));
+        (for_us && usec > 0).then_some(usec)
+    }
+
+    /// Pings the watchdog at half its interval (`WatchdogSec=` sets
+    /// `$WATCHDOG_USEC`) until `stop` is cancelled. The pings come from a
+    /// task on the gateway's async runtime: when the runtime stalls (all its
+    /// threads blocked, a deadlock), the pings stop and systemd restarts the
+    /// service.
+    pub fn spawn_watchdog(stop: CancellationToken) {
+        let Some(usec) = watchdog_usec() else {
+            return;
+        };
+        let period = Duration::from_micros(usec / 2).max(Duration::from_millis(10));
+        tracing::info!(
+            period_ms = period.as_millis() as u64,
+            "systemd watchdog enabled."
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => send(&[NotifyState::Watchdog]),
+                }
+            }
+        });
     }
 }

@@ -158,19 +158,48 @@ fn integrity_ok(db: &std::path::Path) {
     assert_eq!(result, "ok", "outbox integrity after kill -9");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_killed_with_sigkill_loses_nothing_mosquitto_accepted() {
+/// A persistent Mosquitto (broker and cloud), a subscriber to `cloud/#`,
+/// and the `enrich` config of gateway `gw-<name>` on a file.
+struct ExternalSetup {
+    port: u16,
+    _broker: Mosquitto,
+    cloud_sub: Subscriber,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+}
+
+async fn external_setup(name: &str, gateway_extra: &str) -> Option<ExternalSetup> {
     let port = free_port();
-    let Some(_broker) = Mosquitto::start_persistent(port) else {
-        return;
-    };
-    let mut cloud_sub = persistent_subscriber(port, "cloud-watcher-kill", &["cloud/#"]).await;
+    let broker = Mosquitto::start_persistent(port)?;
+    let cloud_sub =
+        persistent_subscriber(port, &format!("cloud-watcher-{name}"), &["cloud/#"]).await;
     let dir = tempfile::tempdir().unwrap();
     let header = format!(
-        "[gateway]\nid = \"gw-kill\"\ndata_dir = \"data\"\n\n[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:{port}\"\n"
+        "[gateway]\nid = \"gw-{name}\"\ndata_dir = \"data\"\n{gateway_extra}\n[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:{port}\"\n"
     );
     let config = dir.path().join("edgefn.toml");
     std::fs::write(&config, enrich_config(&header, port, "")).unwrap();
+    Some(ExternalSetup {
+        port,
+        _broker: broker,
+        cloud_sub,
+        dir,
+        config,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_with_sigkill_loses_nothing_mosquitto_accepted() {
+    let Some(ExternalSetup {
+        port,
+        _broker,
+        mut cloud_sub,
+        dir,
+        config,
+    }) = external_setup("kill", "").await
+    else {
+        return;
+    };
     let db = dir.path().join("data/outbox.sqlite");
 
     // A first run creates the gateway's persistent session on Mosquitto:
@@ -244,6 +273,167 @@ async fn gateway_killed_with_sigkill_loses_nothing_mosquitto_accepted() {
     integrity_ok(&db);
 }
 
+/// Collects systemd notifications sent to a `$NOTIFY_SOCKET` of our own.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf).await {
+                for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                    if tx.send(line.to_owned()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { path, rx }
+    }
+
+    /// Waits for a line equal to `want`; returns the lines seen before it.
+    async fn wait_for(&mut self, want: &str) -> Vec<String> {
+        let mut before = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.rx.recv()).await {
+                Ok(Some(line)) if line == want => return before,
+                Ok(Some(line)) => before.push(line),
+                _ => panic!("no `{want}` from the gateway; got {before:?}"),
+            }
+        }
+    }
+}
+
+/// SIGTERM while sensors publish: systemd hears READY, watchdog pings and
+/// STOPPING; the gateway stops intake, finishes and commits what it took,
+/// exits 0 within `gateway.shutdown_timeout_s`; after a restart every
+/// reading Mosquitto accepted reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_in_time_and_loses_nothing() {
+    let timeout_s = 5;
+    let Some(ExternalSetup {
+        port,
+        _broker,
+        mut cloud_sub,
+        dir,
+        config,
+    }) = external_setup("term", &format!("shutdown_timeout_s = {timeout_s}\n")).await
+    else {
+        return;
+    };
+    let mut notify = NotifySocket::bind(dir.path());
+    // stderr "is the journal": the file whose device:inode $JOURNAL_STREAM
+    // names, as systemd sets it.
+    let log_path = dir.path().join("journal.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let journal_stream = {
+        use std::os::unix::fs::MetadataExt;
+        let m = log.metadata().unwrap();
+        format!("{}:{}", m.dev(), m.ino())
+    };
+    let mut child = KillOnDrop(
+        Command::new(edgefn_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("EDGEFN_LOG", "info")
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("WATCHDOG_USEC", "100000")
+            .env("JOURNAL_STREAM", journal_stream)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_for("READY=1").await;
+    // The watchdog is pinged while the gateway runs (every 50 ms here).
+    notify.wait_for("WATCHDOG=1").await;
+    notify.wait_for("WATCHDOG=1").await;
+
+    let n = events(3000);
+    let (sent_tx, mut sent) = tokio::sync::watch::channel(0u64);
+    let sensor = tokio::spawn(async move {
+        let mut sensor = Publisher::connect("127.0.0.1", port).await;
+        for i in 1..=n {
+            sensor
+                .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+                .await;
+            sent_tx.send_replace(i);
+        }
+    });
+    // Stop in the middle of the stream, with readings in flight.
+    sent.wait_for(|&i| i >= n / 3).await.unwrap();
+    let stop = Instant::now();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.0.id().to_string())
+        .status();
+    let seen = notify.wait_for("STOPPING=1").await;
+    assert!(
+        seen.iter()
+            .all(|l| l == "WATCHDOG=1" || l.starts_with("STATUS=")),
+        "{seen:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+    let took = stop.elapsed();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    assert!(
+        took < Duration::from_secs(timeout_s),
+        "stopping took {took:?}, more than shutdown_timeout_s = {timeout_s}"
+    );
+    integrity_ok(&dir.path().join("data/outbox.sqlite"));
+    // Journal lines: a syslog priority prefix, no timestamp of our own.
+    let journal = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.starts_with("<6>") && l.contains("Gateway started.")),
+        "{journal}"
+    );
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.starts_with("<6>") && l.contains("Gateway stopped.")),
+        "{journal}"
+    );
+    assert!(
+        journal
+            .lines()
+            .all(|l| l.starts_with('<') && !l.contains("Z ") && !l.contains('\x1b')),
+        "{journal}"
+    );
+    tokio::time::timeout(Duration::from_secs(120), sensor)
+        .await
+        .expect("sensor finished")
+        .unwrap();
+    // What the first run did not take is still queued for it on Mosquitto.
+    let mut child = KillOnDrop(spawn_gateway(&config));
+    let seen = collect_range(&mut cloud_sub, 1, n + 1, Duration::from_secs(120)).await;
+    assert_eq!(seen.len() as u64, n);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.0.id().to_string())
+        .status();
+    assert!(child.0.wait().unwrap().success());
+}
+
+/// A gateway process that a failing test does not leave behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn order_config(header: &str) -> String {
     format!(
         r#"
@@ -291,7 +481,7 @@ async fn acks_in_order(header: &str, broker_port: Option<u16>, n: usize) {
         got.insert(out.next().await.0);
     }
     assert_eq!(
-        gw.metrics().reconnects.load(Ordering::Relaxed),
+        gw.metrics().source_reconnects.load(Ordering::Relaxed),
         0,
         "no disconnect from a bad ack"
     );

@@ -6,6 +6,8 @@
 //! - `cargo xtask test`: builds every guest (examples and test guests), then
 //!   runs the whole test suite.
 //! - `cargo xtask functions`: builds the guests only.
+//! - `cargo xtask cross | smoke | deb`: ARM cross-builds, the qemu smoke
+//!   test, the `.deb` packages (see [`board`]).
 //!
 //! Guests are built with `--profile guest --target wasm32-wasip2` into the
 //! workspace's one target dir (`target/wasm32-wasip2/guest/*.wasm`).
@@ -14,6 +16,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
+
+mod board;
 
 /// Every guest package: the examples and the test guests.
 const GUESTS: &[&str] = &[
@@ -54,25 +58,99 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         "test" => {
             build_functions()?;
             // The durability tests run the real binary (kill -9 cycles).
-            let mut build = cargo();
-            build.args(["build", "--package", "edgefn"]);
-            exec(build)?;
+            host_binary()?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--exclude", "xtask"])
                 .args(rest);
-            exec_tests(cmd)
+            exec_tests(cmd)?;
+            boards_in_test()
+        }
+        "cross" => {
+            let (profile, boards) = board::parse_args(rest, "dist")?;
+            for b in boards {
+                board::build(b, profile)?;
+            }
+            Ok(())
+        }
+        "smoke" => {
+            let (profile, boards) = board::parse_args(rest, "dist")?;
+            build_functions()?;
+            for b in boards {
+                board::build(b, profile)?;
+                board::smoke(b, profile)?;
+            }
+            Ok(())
+        }
+        "deb" => {
+            let (profile, boards) = board::parse_args(rest, "dist")?;
+            build_functions()?;
+            host_binary()?;
+            for b in boards {
+                board::build(b, profile)?;
+                let deb = board::package(b, profile)?;
+                board::check_package(b, &deb)?;
+            }
+            Ok(())
         }
         "help" | "--help" | "-h" => {
-            println!("cargo xtask <demo | test | functions>");
+            println!(
+                "cargo xtask <demo | test | functions | cross | smoke | deb> \
+                 (cross/smoke/deb: [--profile P] [TARGET…], default profile dist)"
+            );
             Ok(())
         }
         other => bail!("unknown task `{other}` (try `cargo xtask help`)"),
     }
 }
 
+/// The test suite's board part: for each ARM target, a cross-build, the
+/// qemu smoke test, the `.deb` and its checks. Required in CI; elsewhere
+/// skipped (with what to install) when the cross toolchain is missing.
+///
+/// CI builds the boards with the `board-test` profile (light optimisation,
+/// no LTO, no debug info): the smoke test exercises the same code, and a
+/// `dist` (fat LTO) build for two targets takes ~11 min each on two cores,
+/// a `dev` one (debug info) as long. `cargo xtask deb` builds the shipped
+/// packages with `dist`.
+fn boards_in_test() -> anyhow::Result<()> {
+    let ci = std::env::var_os("CI").is_some();
+    let profile = std::env::var("EDGEFN_BOARD_PROFILE").unwrap_or_else(|_| "board-test".into());
+    for b in &board::BOARDS {
+        if !ci && !board::can_cross(b) {
+            println!(
+                "xtask: skipping the {} board tests: {}",
+                b.triple,
+                board::missing_tools(b)
+            );
+            continue;
+        }
+        board::build(b, &profile)?;
+        board::smoke(b, &profile)?;
+        let deb = board::package(b, &profile)?;
+        board::check_package(b, &deb)?;
+    }
+    Ok(())
+}
+
+/// Builds the host `edgefn` (debug): the tests run it, and it precompiles
+/// functions for the boards.
+fn host_binary() -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--package", "edgefn"]);
+    exec(build)
+}
+
+/// The workspace's one target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
 fn root() -> PathBuf {
     // cross/xtask -> workspace root
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 fn cargo() -> Command {
@@ -124,9 +202,9 @@ fn exec_tests(mut cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds the wasm target if rustup lacks it (this machine sets
+/// Adds a target if rustup lacks it (this machine sets
 /// `RUSTUP_AUTO_INSTALL=0`, so rust-toolchain.toml alone does not).
-fn ensure_wasm_target() -> anyhow::Result<()> {
+fn ensure_target(target: &str) -> anyhow::Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .current_dir(root())
@@ -135,13 +213,13 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
         Ok(out)
             if String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .any(|l| l.trim() == WASM_TARGET) =>
+                .any(|l| l.trim() == target) =>
         {
             Ok(())
         }
         Ok(_) => {
             let mut cmd = Command::new("rustup");
-            cmd.args(["target", "add", WASM_TARGET]).current_dir(root());
+            cmd.args(["target", "add", target]).current_dir(root());
             exec(cmd)
         }
         // No rustup: assume the toolchain already has the target.
@@ -150,7 +228,7 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
 }
 
 fn build_functions() -> anyhow::Result<()> {
-    ensure_wasm_target()?;
+    ensure_target(WASM_TARGET)?;
     let mut cmd = cargo();
     cmd.args(["build", "--profile", "guest", "--target", WASM_TARGET]);
     for g in GUESTS {

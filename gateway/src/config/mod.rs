@@ -86,6 +86,58 @@ pub struct ValidConfig {
     pub sources: Vec<SourceSpec>,
     /// `[runtime]`.
     pub runtime: RuntimeSpec,
+    /// `[admin]`, if configured.
+    pub admin: Option<AdminSpec>,
+    /// `gateway.shutdown_timeout_s`.
+    pub shutdown_timeout: Duration,
+}
+
+/// Validated `[admin]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSpec {
+    /// Where the endpoint listens.
+    pub listen: SocketAddr,
+    /// The bearer token requests must carry, if any.
+    pub token: Option<String>,
+}
+
+/// Shortest bearer token accepted.
+const MIN_TOKEN_LEN: usize = 16;
+
+fn admin(p: &mut Problems<'_>, settings: &schema::AdminSettings) -> Option<AdminSpec> {
+    let listen = match settings.listen.parse::<SocketAddr>() {
+        Ok(listen) => listen,
+        Err(_) => {
+            p.add(
+                "admin.listen",
+                format!(
+                    "`{}` is not an IP address and port such as `127.0.0.1:9180`",
+                    settings.listen
+                ),
+            );
+            return None;
+        }
+    };
+    match &settings.token {
+        Some(t) if t.len() < MIN_TOKEN_LEN => {
+            p.add(
+                "admin.token",
+                format!("must be at least {MIN_TOKEN_LEN} characters"),
+            );
+            None
+        }
+        None if !listen.ip().is_loopback() => {
+            p.add(
+                "admin.token",
+                format!("required when `admin.listen` (`{listen}`) is not a loopback address: anyone who can reach it could read the gateway's metrics"),
+            );
+            None
+        }
+        token => Some(AdminSpec {
+            listen,
+            token: token.clone(),
+        }),
+    }
 }
 
 /// Validated `[runtime]` settings.
@@ -741,6 +793,14 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         }
     }
 
+    let admin = config.admin.as_ref().map(|a| admin(&mut p, a));
+    if !(1..=3600).contains(&config.gateway.shutdown_timeout_s) {
+        p.add(
+            "gateway.shutdown_timeout_s",
+            "must be between 1 and 3600 seconds",
+        );
+    }
+
     match (p.list.is_empty(), broker) {
         (true, Some(broker)) => Ok(ValidConfig {
             path: path.to_owned(),
@@ -752,6 +812,8 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             outbox_commits_per_sec: config.outbox.max_commits_per_sec,
             sources,
             runtime,
+            admin: admin.flatten(),
+            shutdown_timeout: Duration::from_secs(config.gateway.shutdown_timeout_s),
         }),
         _ => Err(ConfigErrors(p.list)),
     }

@@ -33,6 +33,27 @@ pub struct Config {
     /// The function runtime: instance pool, compile cache, hot reload.
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    /// The admin HTTP endpoint (health, readiness, Prometheus metrics, the
+    /// function list). Off when the table is absent.
+    pub admin: Option<AdminSettings>,
+}
+
+/// `[admin]`: the operations endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address to listen on. Loopback by default, so only the board itself
+    /// (or an SSH tunnel) can read it; any other address needs `token`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token every request must carry (`Authorization: Bearer …`).
+    /// Required when `listen` is not a loopback address; use
+    /// `${EDGEFN_ADMIN_TOKEN}` to keep it out of the file.
+    pub token: Option<String>,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9180".to_owned()
 }
 
 /// `[runtime]`: settings shared by every function.
@@ -303,10 +324,20 @@ pub struct GatewayConfig {
     /// paths are resolved against the configuration file's directory.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Seconds a stop (SIGTERM) may take: intake stops at once, in-flight
+    /// invocations finish and their forwards are committed to the outbox
+    /// within this time; what is still running after it is abandoned. Keep
+    /// it below systemd's `TimeoutStopSec`.
+    #[serde(default = "default_shutdown_timeout_s")]
+    pub shutdown_timeout_s: u64,
 }
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("data")
+}
+
+fn default_shutdown_timeout_s() -> u64 {
+    10
 }
 
 /// `[broker]`: the local MQTT broker.

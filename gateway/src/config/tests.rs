@@ -72,6 +72,8 @@ fn demo_config_is_valid() {
         ("127.0.0.1", 1883)
     );
     assert_eq!(mqtt(&c.sinks[0]).topic_template, "cloud/{gateway}/{topic}");
+    let admin = c.admin.expect("the demo has the admin endpoint");
+    assert_eq!(admin.listen.to_string(), "127.0.0.1:9180");
 }
 
 #[test]
@@ -365,4 +367,36 @@ fn runtime_settings_have_defaults_and_are_checked() {
 
     let e = errors(&format!("{MINIMAL}instance = \"sometimes\"\n"));
     assert_eq!(e[0].key, "functions[0].instance", "{e:?}");
+}
+
+#[test]
+fn admin_and_shutdown_settings() {
+    let c = parse_str(MINIMAL).expect("valid");
+    assert_eq!(c.admin, None, "no [admin] table, no endpoint");
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+
+    // The token comes from the environment; off loopback it is required.
+    let text = format!(
+        "{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:9180\"\ntoken = \"${{EDGEFN_ADMIN_TOKEN}}\"\n"
+    )
+    .replace("id = \"gw1\"", "id = \"gw1\"\nshutdown_timeout_s = 3");
+    let env = |name: &str| (name == "EDGEFN_ADMIN_TOKEN").then(|| "0123456789abcdef".to_owned());
+    let c = parse(Path::new("/etc/edgefn/test.toml"), &text, &env).expect("valid");
+    let admin = c.admin.expect("admin configured");
+    assert_eq!(admin.listen, "0.0.0.0:9180".parse().expect("address"));
+    assert_eq!(admin.token.as_deref(), Some("0123456789abcdef"));
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
+
+    let e = errors(&MINIMAL.replace("id = \"gw1\"", "id = \"gw1\"\nshutdown_timeout_s = 0"));
+    assert_eq!(e[0].key, "gateway.shutdown_timeout_s");
+    let e = errors(&format!("{MINIMAL}\n[admin]\nlisten = \"[::]:9180\"\n"));
+    assert_eq!(e[0].key, "admin.token");
+    assert!(
+        e[0].reason.contains("not a loopback address"),
+        "{}",
+        e[0].reason
+    );
+    // IPv6 loopback needs no token.
+    let c = parse_str(&format!("{MINIMAL}\n[admin]\nlisten = \"[::1]:9180\"\n")).expect("valid");
+    assert!(c.admin.is_some_and(|a| a.token.is_none()));
 }

@@ -571,6 +571,7 @@ impl LoadedFunction {
             Err(e) => (Err(e), None),
         };
         let elapsed = started.elapsed();
+        self.metrics.latency.observe(elapsed);
         let mut warm = warm;
         let (denied, over_limit, exceeded) = warm.as_ref().map_or((0, 0, false), |w| {
             let s = w.store.data();

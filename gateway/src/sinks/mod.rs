@@ -61,6 +61,8 @@ pub struct DeliveryStats {
     pub connects: AtomicU64,
     /// Failed attempts: connection errors, timeouts, 5xx.
     pub failures: AtomicU64,
+    /// Connections torn down and re-established (MQTT sinks).
+    pub reconnects: AtomicU64,
 }
 
 impl SinkContext {

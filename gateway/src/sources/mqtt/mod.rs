@@ -193,7 +193,9 @@ impl Source for MqttSource {
                     if router.is_none() {
                         break;
                     }
-                    ctx.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics
+                        .source_reconnects
+                        .fetch_add(1, Ordering::Relaxed);
                     let wait = crate::mqtt::backoff(failures);
                     failures = failures.saturating_add(1);
                     if failures == 1 {

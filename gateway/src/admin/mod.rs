@@ -1,0 +1,217 @@
+//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics` (Prometheus
+//! text format) and `/functions` (JSON).
+//!
+//! It listens on loopback by default; configuration refuses any other
+//! address without a bearer token, and when a token is set every request
+//! must carry it. Only `GET` is served, nothing here changes the gateway.
+//! Connections are capped and a client that does not send its headers in
+//! time is dropped, so a scraper cannot tie up the daemon.
+
+mod render;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::outbox::Outbox;
+use crate::sinks::DeliveryStats;
+use crate::sources::serial::SourceStats;
+
+pub use render::{functions_json, prometheus};
+
+/// Admin connections served at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the admin endpoint did not start.
+#[derive(Debug, thiserror::Error)]
+#[error("admin.listen: cannot listen on `{addr}`: {reason}")]
+pub struct AdminError {
+    /// The configured address.
+    pub addr: SocketAddr,
+    /// The OS error.
+    pub reason: String,
+}
+
+/// Everything the endpoint reads: shared handles to the gateway's counters.
+pub struct AdminState {
+    /// `gateway.id`.
+    pub gateway_id: String,
+    /// Per-function counters, in configuration order.
+    pub functions: Vec<(String, Arc<FunctionMetrics>)>,
+    /// Gateway-wide counters.
+    pub metrics: Arc<GatewayMetrics>,
+    /// Serial and I2C sources: name, kind, counters.
+    pub sources: Vec<(String, &'static str, Arc<SourceStats>)>,
+    /// Sinks: name and delivery counters.
+    pub sinks: Vec<(String, Arc<DeliveryStats>)>,
+    /// The outbox (depth per sink, oldest record).
+    pub outbox: Outbox,
+    /// Whether the MQTT source is subscribed.
+    pub ready: watch::Receiver<bool>,
+    /// Cancelled when the gateway starts stopping.
+    pub stopping: CancellationToken,
+    /// Required bearer token, if configured.
+    pub token: Option<String>,
+}
+
+/// Binds the admin address (before any task starts, so a taken port is a
+/// start-up error).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr).await.map_err(|e| AdminError {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+/// Serves requests until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, auth = state.token.is_some(), "Admin endpoint listening.");
+    }
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "Admin endpoint could not accept a connection.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&state, &req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "Admin connection ended with an error.");
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Reply {
+    reply(status, "text/plain; charset=utf-8", body)
+}
+
+/// Whether `req` carries the bearer token (compared in constant time).
+fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
+    let Some(token) = token else { return true };
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn handle(state: &AdminState, req: &Request<Incoming>) -> Reply {
+    if !authorized(state.token.as_deref(), req) {
+        let mut r = text(StatusCode::UNAUTHORIZED, "bearer token required\n");
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"edgefn\""),
+        );
+        return r;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.stopping.is_cancelled() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
+            } else if *state.ready.borrow() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not subscribed to the local broker\n",
+                )
+            }
+        }
+        "/metrics" => {
+            let oldest = oldest_records(state).await;
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                prometheus(state, &oldest),
+            )
+        }
+        "/functions" => reply(StatusCode::OK, "application/json", functions_json(state)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz, /readyz, /metrics, /functions\n",
+        ),
+    }
+}
+
+/// Each sink's oldest stored record's forward time (ms since the epoch),
+/// read on a blocking thread (SQLite).
+async fn oldest_records(state: &AdminState) -> Vec<Option<u64>> {
+    let outbox = state.outbox.clone();
+    let sinks: Vec<String> = state.sinks.iter().map(|(n, _)| n.clone()).collect();
+    let read = tokio::task::spawn_blocking(move || {
+        let reader = outbox.reader()?;
+        sinks
+            .iter()
+            .map(|s| reader.oldest_ts(s))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    match read {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "Admin endpoint could not read the outbox.");
+            vec![None; state.sinks.len()]
+        }
+        Err(_) => vec![None; state.sinks.len()],
+    }
+}

@@ -1,0 +1,412 @@
+//! What the admin endpoint says: the Prometheus text exposition of every
+//! counter, and the JSON function list.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::AdminState;
+use crate::metrics::LATENCY_BUCKETS_US;
+
+/// The breaker state's name for a `breaker_state` value.
+fn breaker_name(state: u8) -> &'static str {
+    match state {
+        0 => "closed",
+        1 => "open",
+        _ => "half-open",
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn esc(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Builds one metric family: `# HELP`, `# TYPE`, then samples.
+struct Family<'a> {
+    out: &'a mut String,
+    name: &'static str,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &'static str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        Self { out, name }
+    }
+
+    /// One sample; `labels` are `(name, value)` pairs.
+    fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) -> &mut Self {
+        self.sample_suffixed("", labels, value)
+    }
+
+    fn sample_suffixed(
+        &mut self,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) -> &mut Self {
+        let _ = write!(self.out, "{}{suffix}", self.name);
+        if !labels.is_empty() {
+            let inner: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+                .collect();
+            let _ = write!(self.out, "{{{}}}", inner.join(","));
+        }
+        let _ = writeln!(self.out, " {value}");
+        self
+    }
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Every metric in the Prometheus text format (version 0.0.4).
+/// `oldest_ms[i]` is sink `i`'s oldest stored record's time, if any.
+pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let m = &state.metrics;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+
+    Family::new(
+        &mut out,
+        "edgefn_info",
+        "gauge",
+        "The gateway's identity; always 1.",
+    )
+    .sample(
+        &[
+            ("gateway", &state.gateway_id),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ],
+        1,
+    );
+    Family::new(
+        &mut out,
+        "edgefn_ready",
+        "gauge",
+        "1 when the MQTT source is subscribed and the gateway is not stopping.",
+    )
+    .sample(
+        &[],
+        u8::from(*state.ready.borrow() && !state.stopping.is_cancelled()),
+    );
+
+    // Sources.
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_source_events_total",
+            "counter",
+            "Events taken in, per source.",
+        );
+        f.sample(&[("source", "mqtt"), ("kind", "mqtt")], get(&m.events_in));
+        for (name, kind, s) in &state.sources {
+            f.sample(&[("source", name), ("kind", kind)], get(&s.frames));
+        }
+    }
+    let per_source = |out: &mut String, name, help, value: &dyn Fn(&_) -> u64| {
+        let mut f = Family::new(out, name, "counter", help);
+        for (source, _, s) in &state.sources {
+            f.sample(&[("source", source)], value(s));
+        }
+    };
+    per_source(
+        &mut out,
+        "edgefn_source_invalid_frames_total",
+        "Malformed or overlong frames skipped, per serial source.",
+        &|s| get(&s.invalid) + get(&s.oversize),
+    );
+    per_source(
+        &mut out,
+        "edgefn_source_failures_total",
+        "Failed opens, read errors and failed polls, per serial or I2C source.",
+        &|s| get(&s.failures),
+    );
+    per_source(
+        &mut out,
+        "edgefn_source_writes_total",
+        "Frames written to a serial device by functions, per source.",
+        &|s| get(&s.written),
+    );
+    Family::new(
+        &mut out,
+        "edgefn_events_unmatched_total",
+        "counter",
+        "Events that matched no function's triggers.",
+    )
+    .sample(&[], get(&m.unmatched));
+
+    // Functions.
+    let per_function = |out: &mut String, name, kind: &str, help, value: &dyn Fn(&_) -> u64| {
+        let mut f = Family::new(out, name, kind, help);
+        for (function, fm) in &state.functions {
+            f.sample(&[("function", function)], value(fm));
+        }
+    };
+    per_function(
+        &mut out,
+        "edgefn_function_invocations_total",
+        "counter",
+        "Invocations started, per function.",
+        &|f| get(&f.invocations),
+    );
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_function_results_total",
+            "counter",
+            "Invocations ended, per function and result: ok, error (the handler returned Err), quota, denied, trap, timeout, memory.",
+        );
+        for (function, fm) in &state.functions {
+            for (result, c) in [
+                ("ok", &fm.ok),
+                ("error", &fm.errors),
+                ("quota", &fm.quota_failures),
+                ("denied", &fm.denied_failures),
+                ("trap", &fm.traps),
+                ("timeout", &fm.timeouts),
+                ("memory", &fm.memory),
+            ] {
+                f.sample(&[("function", function), ("result", result)], get(c));
+            }
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_function_duration_seconds",
+            "histogram",
+            "Time per invocation, instantiation included, per function.",
+        );
+        for (function, fm) in &state.functions {
+            let (cumulative, sum_us) = fm.latency.cumulative();
+            for (bound, count) in LATENCY_BUCKETS_US.iter().zip(&cumulative) {
+                let le = format!("{}", *bound as f64 / 1e6);
+                f.sample_suffixed("_bucket", &[("function", function), ("le", &le)], count);
+            }
+            let total = cumulative[LATENCY_BUCKETS_US.len()];
+            f.sample_suffixed("_bucket", &[("function", function), ("le", "+Inf")], total);
+            f.sample_suffixed("_sum", &[("function", function)], sum_us as f64 / 1e6);
+            f.sample_suffixed("_count", &[("function", function)], total);
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_function_calls_refused_total",
+            "counter",
+            "publish/forward/state calls the host refused, per function and reason: denied (allowlist) or limit.",
+        );
+        for (function, fm) in &state.functions {
+            f.sample(
+                &[("function", function), ("reason", "denied")],
+                get(&fm.denied),
+            );
+            f.sample(
+                &[("function", function), ("reason", "limit")],
+                get(&fm.over_limit),
+            );
+        }
+    }
+    per_function(
+        &mut out,
+        "edgefn_function_published_total",
+        "counter",
+        "Messages published on the local broker, per function.",
+        &|f| get(&f.published),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_forwarded_total",
+        "counter",
+        "Records handed to the outbox for a sink, per function.",
+        &|f| get(&f.forwarded),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_dropped_total",
+        "counter",
+        "Events dropped by a full queue (drop_oldest), per function.",
+        &|f| get(&f.dropped),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_dead_lettered_total",
+        "counter",
+        "Events published on the function's dead-letter topic.",
+        &|f| get(&f.dead_lettered),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_breaker_state",
+        "gauge",
+        "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+        &|f| u64::from(f.breaker_state.load(Ordering::Relaxed)),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_breaker_opens_total",
+        "counter",
+        "Times the circuit breaker opened.",
+        &|f| get(&f.breaker_opens),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_reloads_total",
+        "counter",
+        "New versions switched in by hot reload.",
+        &|f| get(&f.reloads),
+    );
+    per_function(
+        &mut out,
+        "edgefn_function_rollbacks_total",
+        "counter",
+        "New versions refused or rolled back.",
+        &|f| get(&f.rollbacks),
+    );
+
+    // Sinks and the outbox.
+    let per_sink = |out: &mut String, name, kind: &str, help, value: &dyn Fn(usize) -> u64| {
+        let mut f = Family::new(out, name, kind, help);
+        for (i, (sink, _)) in state.sinks.iter().enumerate() {
+            f.sample(&[("sink", sink)], value(i));
+        }
+    };
+    let delivery = |i: usize| &state.sinks[i].1;
+    let stored = |i: usize| state.outbox.sink_stats(&state.sinks[i].0);
+    per_sink(
+        &mut out,
+        "edgefn_sink_delivered_total",
+        "counter",
+        "Records confirmed by the cloud (events out), per sink.",
+        &|i| get(&delivery(i).delivered),
+    );
+    per_sink(
+        &mut out,
+        "edgefn_sink_resent_total",
+        "counter",
+        "Records sent again after a reconnect or retry, per sink.",
+        &|i| get(&delivery(i).resent),
+    );
+    per_sink(
+        &mut out,
+        "edgefn_sink_dead_lettered_total",
+        "counter",
+        "Records the cloud rejected, dead-lettered, per sink.",
+        &|i| get(&delivery(i).dead_lettered),
+    );
+    per_sink(
+        &mut out,
+        "edgefn_sink_failures_total",
+        "counter",
+        "Failed delivery attempts (connection errors, timeouts, 5xx), per sink.",
+        &|i| get(&delivery(i).failures),
+    );
+    per_sink(
+        &mut out,
+        "edgefn_outbox_records",
+        "gauge",
+        "Records waiting in the outbox, per sink.",
+        &|i| stored(i).map_or(0, |s| get(&s.rows)),
+    );
+    per_sink(
+        &mut out,
+        "edgefn_outbox_bytes",
+        "gauge",
+        "Payload bytes waiting in the outbox, per sink.",
+        &|i| stored(i).map_or(0, |s| get(&s.bytes)),
+    );
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_outbox_oldest_record_age_seconds",
+            "gauge",
+            "Age of the oldest record waiting in the outbox, per sink (0 when empty).",
+        );
+        for (i, (sink, _)) in state.sinks.iter().enumerate() {
+            let age_ms = oldest_ms
+                .get(i)
+                .copied()
+                .flatten()
+                .map_or(0, |ts| now_ms.saturating_sub(ts));
+            f.sample(&[("sink", sink)], age_ms as f64 / 1e3);
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_outbox_lost_total",
+            "counter",
+            "Records removed undelivered, per sink and reason: full (drop_oldest) or ttl.",
+        );
+        for (i, (sink, _)) in state.sinks.iter().enumerate() {
+            let s = stored(i);
+            f.sample(
+                &[("sink", sink), ("reason", "full")],
+                s.as_ref().map_or(0, |s| get(&s.dropped_full)),
+            );
+            f.sample(
+                &[("sink", sink), ("reason", "ttl")],
+                s.as_ref().map_or(0, |s| get(&s.expired)),
+            );
+        }
+    }
+    Family::new(
+        &mut out,
+        "edgefn_outbox_commits_total",
+        "counter",
+        "Outbox transactions committed (one fsync each).",
+    )
+    .sample(&[], get(&state.outbox.stats().commits));
+
+    // Connections.
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_connection_reconnects_total",
+            "counter",
+            "Reconnects per MQTT connection: the source and the local publisher (to the local broker), and each MQTT sink.",
+        );
+        f.sample(&[("connection", "mqtt-source")], get(&m.source_reconnects));
+        f.sample(
+            &[("connection", "local-publisher")],
+            get(&m.publisher_reconnects),
+        );
+        for (sink, d) in &state.sinks {
+            f.sample(
+                &[("connection", &format!("sink/{sink}"))],
+                get(&d.reconnects),
+            );
+        }
+    }
+    out
+}
+
+/// `/functions`: name, version hash, breaker state and counters of each
+/// function, as a JSON array.
+pub fn functions_json(state: &AdminState) -> String {
+    let list: Vec<serde_json::Value> = state
+        .functions
+        .iter()
+        .map(|(name, m)| {
+            let (cumulative, sum_us) = m.latency.cumulative();
+            let count = cumulative[LATENCY_BUCKETS_US.len()];
+            serde_json::json!({
+                "name": name,
+                "version": m.version(),
+                "state": breaker_name(m.breaker_state.load(Ordering::Relaxed)),
+                "from_cache": m.from_cache.load(Ordering::Relaxed),
+                "mean_us": sum_us.checked_div(count).unwrap_or(0),
+                "counters": m.snapshot(),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_owned())
+}
