@@ -160,6 +160,7 @@ async fn admin_endpoint_reports_health_and_counters_that_move() {
 
     let after = parse(&get(addr, "/metrics", None).await.1);
     let v = |k: &str| value(&after, k);
+    assert_eq!(v("edgefn_ready"), 1.0);
     assert_eq!(
         v(r#"edgefn_source_events_total{source="mqtt",kind="mqtt"}"#),
         5.0
@@ -325,4 +326,32 @@ fn admin_off_loopback_needs_a_token_and_says_so() {
     let ok = load("").unwrap().unwrap();
     assert_eq!(ok.listen, "127.0.0.1:9180".parse().unwrap());
     assert!(ok.token.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_broker_while_health_answers() {
+    // An external broker that is not there: the gateway starts (and keeps
+    // retrying) but is not ready.
+    let (gw, _dir) = gateway(&format!(
+        "[gateway]\nid = \"gw-unready\"\ndata_dir = \"data\"\n\n[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        free_port()
+    ))
+    .await;
+    let addr = gw.admin_addr().unwrap();
+    assert_eq!(get(addr, "/healthz", None).await.0, 200);
+    let (status, body) = get(addr, "/readyz", None).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not subscribed to the local broker\n")
+    );
+    let metrics = parse(&get(addr, "/metrics", None).await.1);
+    assert_eq!(value(&metrics, "edgefn_ready"), 0.0);
+    assert!(
+        value(
+            &metrics,
+            r#"edgefn_connection_reconnects_total{connection="mqtt-source"}"#
+        ) >= 1.0,
+        "the source's failed connection attempts are counted"
+    );
+    assert!(gw.shutdown(WAIT).await);
 }
