@@ -134,7 +134,6 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text if stderr_is_journal() => builder
-            .without_time()
             .event_format(Journald(
                 tracing_subscriber::fmt::format()
                     .without_time()

@@ -104,8 +104,8 @@ pub struct Gateway {
     local: MqttEndpoint,
     ready: tokio::sync::watch::Receiver<bool>,
     outbox: Outbox,
-    sinks: Vec<(String, Arc<DeliveryStats>)>,
-    sources: Vec<(String, Arc<SourceStats>)>,
+    sinks: Vec<crate::admin::Named<DeliveryStats>>,
+    sources: Vec<crate::admin::Named<SourceStats>>,
     reloader: Arc<Reloader>,
     pooling: bool,
     admin: Option<SocketAddr>,
@@ -178,7 +178,11 @@ impl Gateway {
         let mut sinks = Vec::new();
         for spec in &config.sinks {
             let stats = Arc::new(DeliveryStats::default());
-            sinks.push((spec.name.clone(), stats.clone()));
+            let kind = match &spec.kind {
+                SinkKind::Mqtt(_) => "mqtt",
+                SinkKind::Http(_) => "http",
+            };
+            sinks.push((spec.name.clone(), kind, stats.clone()));
             let ctx = SinkContext {
                 outbox: outbox.clone(),
                 gateway_id: config.gateway_id.clone(),
@@ -201,7 +205,7 @@ impl Gateway {
             let stats = Arc::new(SourceStats::default());
             match spec {
                 SourceSpec::Serial(s) => {
-                    source_stats.push((s.name.clone(), stats.clone()));
+                    source_stats.push((s.name.clone(), "serial", stats.clone()));
                     let (tx, rx) = mpsc::channel(WRITE_QUEUE);
                     serial_writers.insert(s.name.clone(), (tx, stats.clone()));
                     source_parts.push(Parts::Serial(SerialParts {
@@ -212,7 +216,7 @@ impl Gateway {
                     }));
                 }
                 SourceSpec::I2c(s) => {
-                    source_stats.push((s.name.clone(), stats.clone()));
+                    source_stats.push((s.name.clone(), "i2c", stats.clone()));
                     source_parts.push(Parts::I2c(I2cParts {
                         spec: s.clone(),
                         stats,
@@ -310,20 +314,10 @@ impl Gateway {
                     gateway_id: config.gateway_id.clone(),
                     functions: functions.clone(),
                     metrics: metrics.clone(),
-                    sources: config
-                        .sources
-                        .iter()
-                        .zip(&source_stats)
-                        .map(|(spec, (name, stats))| {
-                            let kind = match spec {
-                                SourceSpec::Serial(_) => "serial",
-                                SourceSpec::I2c(_) => "i2c",
-                            };
-                            (name.clone(), kind, stats.clone())
-                        })
-                        .collect(),
+                    sources: source_stats.clone(),
                     sinks: sinks.clone(),
                     outbox: outbox.clone(),
+                    reader: std::sync::Mutex::new(None),
                     ready: ready.clone(),
                     stopping: cancel.clone(),
                     token: config.admin.as_ref().and_then(|a| a.token.clone()),
@@ -411,12 +405,18 @@ impl Gateway {
 
     /// A serial or I2C source's counters.
     pub fn source_stats(&self, name: &str) -> Option<&Arc<SourceStats>> {
-        self.sources.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+        self.sources
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, s)| s)
     }
 
     /// A sink's delivery counters.
     pub fn sink_stats(&self, name: &str) -> Option<&Arc<DeliveryStats>> {
-        self.sinks.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+        self.sinks
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, s)| s)
     }
 
     /// Whether function instances come from the pre-reserved pool (`false`

@@ -205,12 +205,9 @@ pub fn smoke(board: &Board, profile: &str) -> anyhow::Result<()> {
         }
     }
     let bin = binary(board, profile);
+    // The host binary precompiles `threshold` for the board.
+    crate::host_binary()?;
     let host_bin = target_dir().join("debug/edgefn");
-    if !host_bin.exists() {
-        let mut b = cargo();
-        b.args(["build", "--package", "edgefn"]);
-        exec(b)?;
-    }
     let guests = target_dir().join("wasm32-wasip2/guest");
     let work = target_dir().join("smoke").join(board.triple);
     let _ = std::fs::remove_dir_all(&work);

@@ -107,8 +107,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// qemu smoke test, the `.deb` and its checks. Required in CI; elsewhere
 /// skipped (with what to install) when the cross toolchain is missing.
 ///
-/// CI builds the boards with the `board-test` profile (light optimisation,
-/// no LTO, no debug info): the smoke test exercises the same code, and a
+/// CI builds the boards with the `board-test` profile (no optimisation, no
+/// LTO, no debug info: ~3 min per target): the smoke test exercises the same code, and a
 /// `dist` (fat LTO) build for two targets takes ~11 min each on two cores,
 /// a `dev` one (debug info) as long. `cargo xtask deb` builds the shipped
 /// packages with `dist`.

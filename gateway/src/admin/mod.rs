@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, OutboxError, Reader};
 use crate::sinks::DeliveryStats;
 use crate::sources::serial::SourceStats;
 
@@ -44,6 +44,10 @@ pub struct AdminError {
     pub reason: String,
 }
 
+/// A source or sink: name, kind (`serial`, `i2c`, `mqtt`, `http`) and
+/// counters.
+pub type Named<T> = (String, &'static str, Arc<T>);
+
 /// Everything the endpoint reads: shared handles to the gateway's counters.
 pub struct AdminState {
     /// `gateway.id`.
@@ -52,18 +56,54 @@ pub struct AdminState {
     pub functions: Vec<(String, Arc<FunctionMetrics>)>,
     /// Gateway-wide counters.
     pub metrics: Arc<GatewayMetrics>,
-    /// Serial and I2C sources: name, kind, counters.
-    pub sources: Vec<(String, &'static str, Arc<SourceStats>)>,
-    /// Sinks: name and delivery counters.
-    pub sinks: Vec<(String, Arc<DeliveryStats>)>,
+    /// Serial and I2C sources.
+    pub sources: Vec<Named<SourceStats>>,
+    /// Sinks and their delivery counters.
+    pub sinks: Vec<Named<DeliveryStats>>,
     /// The outbox (depth per sink, oldest record).
     pub outbox: Outbox,
+    /// The outbox read connection for the oldest-record query, opened at the
+    /// first scrape and kept (`None` again after an error).
+    pub reader: std::sync::Mutex<Option<Reader>>,
     /// Whether the MQTT source is subscribed.
     pub ready: watch::Receiver<bool>,
     /// Cancelled when the gateway starts stopping.
     pub stopping: CancellationToken,
     /// Required bearer token, if configured.
     pub token: Option<String>,
+}
+
+impl AdminState {
+    /// Ready, or why not: `/readyz` and `edgefn_ready`.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.stopping.is_cancelled() {
+            Err("stopping")
+        } else if *self.ready.borrow() {
+            Ok(())
+        } else {
+            Err("not subscribed to the local broker")
+        }
+    }
+
+    /// Each sink's oldest stored record's forward time (ms since the
+    /// epoch), on the kept read connection.
+    fn oldest_records(&self) -> Result<Vec<Option<u64>>, OutboxError> {
+        let mut kept = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let reader = match kept.take() {
+            Some(r) => r,
+            None => self.outbox.reader()?,
+        };
+        let result = self
+            .sinks
+            .iter()
+            .map(|(s, _, _)| reader.oldest_ts(s))
+            .collect::<Result<Vec<_>, _>>();
+        // A connection that failed is not kept: the next scrape reopens.
+        if result.is_ok() {
+            *kept = Some(reader);
+        }
+        result
+    }
 }
 
 /// Binds the admin address (before any task starts, so a taken port is a
@@ -105,7 +145,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&state, &req).await) }
+                async move { Ok::<_, std::convert::Infallible>(handle(state, &req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -151,7 +191,7 @@ fn authorized(token: Option<&str>, req: &Request<Incoming>) -> bool {
             == 0
 }
 
-async fn handle(state: &AdminState, req: &Request<Incoming>) -> Reply {
+async fn handle(state: Arc<AdminState>, req: &Request<Incoming>) -> Reply {
     if !authorized(state.token.as_deref(), req) {
         let mut r = text(StatusCode::UNAUTHORIZED, "bearer token required\n");
         r.headers_mut().insert(
@@ -165,53 +205,35 @@ async fn handle(state: &AdminState, req: &Request<Incoming>) -> Reply {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
-            if state.stopping.is_cancelled() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
-            } else if *state.ready.borrow() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not subscribed to the local broker\n",
-                )
-            }
-        }
+        "/readyz" => match state.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("{why}\n"),
+            ),
+        },
         "/metrics" => {
-            let oldest = oldest_records(state).await;
+            // SQLite: on a blocking thread.
+            let s = state.clone();
+            let oldest = match tokio::task::spawn_blocking(move || s.oldest_records()).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Admin endpoint could not read the outbox.");
+                    vec![None; state.sinks.len()]
+                }
+                Err(_) => vec![None; state.sinks.len()],
+            };
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                prometheus(state, &oldest),
+                prometheus(&state, &oldest),
             )
         }
-        "/functions" => reply(StatusCode::OK, "application/json", functions_json(state)),
+        "/functions" => reply(StatusCode::OK, "application/json", functions_json(&state)),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /healthz, /readyz, /metrics, /functions\n",
         ),
-    }
-}
-
-/// Each sink's oldest stored record's forward time (ms since the epoch),
-/// read on a blocking thread (SQLite).
-async fn oldest_records(state: &AdminState) -> Vec<Option<u64>> {
-    let outbox = state.outbox.clone();
-    let sinks: Vec<String> = state.sinks.iter().map(|(n, _)| n.clone()).collect();
-    let read = tokio::task::spawn_blocking(move || {
-        let reader = outbox.reader()?;
-        sinks
-            .iter()
-            .map(|s| reader.oldest_ts(s))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await;
-    match read {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "Admin endpoint could not read the outbox.");
-            vec![None; state.sinks.len()]
-        }
-        Err(_) => vec![None; state.sinks.len()],
     }
 }

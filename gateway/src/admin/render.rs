@@ -93,10 +93,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "gauge",
         "1 when the MQTT source is subscribed and the gateway is not stopping.",
     )
-    .sample(
-        &[],
-        u8::from(*state.ready.borrow() && !state.stopping.is_cancelled()),
-    );
+    .sample(&[], u8::from(state.readiness().is_ok()));
 
     // Sources.
     {
@@ -275,11 +272,11 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     // Sinks and the outbox.
     let per_sink = |out: &mut String, name, kind: &str, help, value: &dyn Fn(usize) -> u64| {
         let mut f = Family::new(out, name, kind, help);
-        for (i, (sink, _)) in state.sinks.iter().enumerate() {
+        for (i, (sink, _, _)) in state.sinks.iter().enumerate() {
             f.sample(&[("sink", sink)], value(i));
         }
     };
-    let delivery = |i: usize| &state.sinks[i].1;
+    let delivery = |i: usize| &state.sinks[i].2;
     let stored = |i: usize| state.outbox.sink_stats(&state.sinks[i].0);
     per_sink(
         &mut out,
@@ -330,7 +327,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             "gauge",
             "Age of the oldest record waiting in the outbox, per sink (0 when empty).",
         );
-        for (i, (sink, _)) in state.sinks.iter().enumerate() {
+        for (i, (sink, _, _)) in state.sinks.iter().enumerate() {
             let age_ms = oldest_ms
                 .get(i)
                 .copied()
@@ -346,7 +343,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             "counter",
             "Records removed undelivered, per sink and reason: full (drop_oldest) or ttl.",
         );
-        for (i, (sink, _)) in state.sinks.iter().enumerate() {
+        for (i, (sink, _, _)) in state.sinks.iter().enumerate() {
             let s = stored(i);
             f.sample(
                 &[("sink", sink), ("reason", "full")],
@@ -379,11 +376,9 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             &[("connection", "local-publisher")],
             get(&m.publisher_reconnects),
         );
-        for (sink, d) in &state.sinks {
-            f.sample(
-                &[("connection", &format!("sink/{sink}"))],
-                get(&d.reconnects),
-            );
+        // An MQTT sink tears its connection down on every failure.
+        for (sink, _, d) in state.sinks.iter().filter(|(_, kind, _)| *kind == "mqtt") {
+            f.sample(&[("connection", &format!("sink/{sink}"))], get(&d.failures));
         }
     }
     out

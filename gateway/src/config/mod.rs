@@ -104,20 +104,20 @@ pub struct AdminSpec {
 /// Shortest bearer token accepted.
 const MIN_TOKEN_LEN: usize = 16;
 
+/// A listen address (`IP:port`); a problem naming `key` if it is not one.
+fn listen_addr(p: &mut Problems<'_>, key: &str, value: &str, example: &str) -> Option<SocketAddr> {
+    let parsed = value.parse::<SocketAddr>().ok();
+    if parsed.is_none() {
+        p.add(
+            key,
+            format!("`{value}` is not an IP address and port such as `{example}`"),
+        );
+    }
+    parsed
+}
+
 fn admin(p: &mut Problems<'_>, settings: &schema::AdminSettings) -> Option<AdminSpec> {
-    let listen = match settings.listen.parse::<SocketAddr>() {
-        Ok(listen) => listen,
-        Err(_) => {
-            p.add(
-                "admin.listen",
-                format!(
-                    "`{}` is not an IP address and port such as `127.0.0.1:9180`",
-                    settings.listen
-                ),
-            );
-            return None;
-        }
-    };
+    let listen = listen_addr(p, "admin.listen", &settings.listen, "127.0.0.1:9180")?;
     match &settings.token {
         Some(t) if t.len() < MIN_TOKEN_LEN => {
             p.add(
@@ -593,16 +593,10 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
     check_name(&mut p, "gateway.id", &gateway_id);
 
     let broker = match &config.broker {
-        BrokerConfig::Embedded { listen } => match listen.parse::<SocketAddr>() {
-            Ok(listen) => Some(Broker::Embedded { listen }),
-            Err(_) => {
-                p.add(
-                    "broker.listen",
-                    format!("`{listen}` is not an IP address and port such as `127.0.0.1:1883`"),
-                );
-                None
-            }
-        },
+        BrokerConfig::Embedded { listen } => {
+            listen_addr(&mut p, "broker.listen", listen, "127.0.0.1:1883")
+                .map(|listen| Broker::Embedded { listen })
+        }
         BrokerConfig::External(ext) => endpoint(
             &mut p,
             "broker",

@@ -59,10 +59,9 @@ pub struct DeliveryStats {
     pub dead_lettered: AtomicU64,
     /// Connections (re)established.
     pub connects: AtomicU64,
-    /// Failed attempts: connection errors, timeouts, 5xx.
+    /// Failed attempts: connection errors, timeouts, 5xx. For an MQTT sink
+    /// each one tears the connection down: its reconnects.
     pub failures: AtomicU64,
-    /// Connections torn down and re-established (MQTT sinks).
-    pub reconnects: AtomicU64,
 }
 
 impl SinkContext {

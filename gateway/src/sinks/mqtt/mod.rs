@@ -339,7 +339,6 @@ impl Sink for MqttSink {
                 break;
             }
             ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
-            ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             let unconfirmed = queued.len() + by_pkid.len();
             if !connected {
                 // Refused TLS (unknown CA, bad client certificate), refused
