@@ -113,8 +113,9 @@ fn invocations(c: &mut Criterion) {
         max_payload_bytes: 1024,
     });
     let limits = edgefn::config::Limits::default();
+    let log_rate = edgefn::runtime::logs::LogRate::new(limits.log_lines_per_s);
     g.bench_function("host-state-only", |b| {
-        b.iter(|| edgefn::runtime::HostState::new(caps.clone(), &limits, None));
+        b.iter(|| edgefn::runtime::HostState::new(caps.clone(), &limits, None, log_rate.clone()));
     });
     g.finish();
 }

@@ -87,6 +87,9 @@ pub struct FunctionMetrics {
     pub dropped: AtomicU64,
     /// Events published on the function's dead-letter topic.
     pub dead_lettered: AtomicU64,
+    /// Guest log lines dropped by the log budget (lines per invocation,
+    /// bytes per invocation, lines per second).
+    pub log_suppressed: AtomicU64,
     /// Times the circuit breaker opened.
     pub breaker_opens: AtomicU64,
     /// The breaker's state: 0 closed, 1 open, 2 half-open.
@@ -171,6 +174,7 @@ impl FunctionMetrics {
             forwarded: r(&self.forwarded),
             dropped: r(&self.dropped),
             dead_lettered: r(&self.dead_lettered),
+            log_suppressed: r(&self.log_suppressed),
             breaker_opens: r(&self.breaker_opens),
             reloads: r(&self.reloads),
             rollbacks: r(&self.rollbacks),
@@ -212,6 +216,7 @@ pub struct FunctionCounts {
     pub forwarded: u64,
     pub dropped: u64,
     pub dead_lettered: u64,
+    pub log_suppressed: u64,
     pub breaker_opens: u64,
     pub reloads: u64,
     pub rollbacks: u64,

@@ -16,6 +16,7 @@ use crate::event::{Event, now_ms};
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{NewRecord, Outbox};
 use crate::runtime::Outputs;
+use crate::runtime::logs::{REASON_BYTES, bounded};
 use crate::sources::serial::SourceStats;
 
 /// Hands outputs to the local broker and the outbox. Cloned into every
@@ -112,6 +113,31 @@ impl OutputPort {
     }
 }
 
+/// The most of an event's payload a dead letter carries when the whole one
+/// would not fit in one message of the local broker.
+pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// Sets `payload` (UTF-8 text) or `payload_base64` (anything else).
+fn put_payload(body: &mut serde_json::Value, payload: &[u8]) {
+    use base64::Engine as _;
+    if let Some(o) = body.as_object_mut() {
+        o.remove("payload");
+        o.remove("payload_base64");
+    }
+    match std::str::from_utf8(payload) {
+        Ok(text) => body["payload"] = text.into(),
+        Err(e) if e.error_len().is_none() && e.valid_up_to() + 4 > payload.len() => {
+            // A cut through a multi-byte character: drop the partial one.
+            body["payload"] = String::from_utf8_lossy(&payload[..e.valid_up_to()]).into();
+        }
+        Err(_) => {
+            body["payload_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(payload)
+                .into();
+        }
+    }
+}
+
 /// The dead-letter topic of `function` (`$`-topics cannot be used: the
 /// embedded broker refuses subscriptions to them).
 pub fn dead_letter_topic(function: &str) -> String {
@@ -120,7 +146,10 @@ pub fn dead_letter_topic(function: &str) -> String {
 
 impl OutputPort {
     /// Publishes `event` on `function`'s dead-letter topic (QoS 1) with the
-    /// reason, instead of letting it vanish, and counts it.
+    /// reason, instead of letting it vanish, and counts it. The reason is at
+    /// most [`REASON_BYTES`] of the guest's text plus its prefix; a payload that would not fit in one message of
+    /// the local broker is cut to [`DEAD_LETTER_PAYLOAD_BYTES`] and marked
+    /// (`payload_bytes`, `payload_cut`), so the dead letter always arrives.
     pub async fn dead_letter(
         &self,
         function: &crate::runtime::LoadedFunction,
@@ -129,22 +158,22 @@ impl OutputPort {
         reason: &str,
         elapsed: Option<Duration>,
     ) {
-        use base64::Engine as _;
         let mut body = serde_json::json!({
             "function": function.name(),
             "version": function.version(),
             "failure": kind,
-            "reason": reason,
+            // The guest's part is already cut to REASON_BYTES; this bounds
+            // the whole (failure prefix included) as a last resort.
+            "reason": bounded(reason, REASON_BYTES + 1024),
             "topic": event.topic,
             "received_at_ms": event.received_at_ms,
         });
-        match std::str::from_utf8(&event.payload) {
-            Ok(text) => body["payload"] = text.into(),
-            Err(_) => {
-                body["payload_base64"] = base64::engine::general_purpose::STANDARD
-                    .encode(&event.payload)
-                    .into();
-            }
+        put_payload(&mut body, &event.payload);
+        if body.to_string().len() > crate::broker::MAX_PAYLOAD_BYTES - 1024 {
+            let cut = &event.payload[..DEAD_LETTER_PAYLOAD_BYTES.min(event.payload.len())];
+            put_payload(&mut body, cut);
+            body["payload_bytes"] = event.payload.len().into();
+            body["payload_cut"] = true.into();
         }
         if let Some(e) = elapsed {
             body["elapsed_us"] = u64::try_from(e.as_micros()).unwrap_or(u64::MAX).into();

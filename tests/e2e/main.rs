@@ -14,6 +14,7 @@
 mod bad_input;
 mod cli;
 mod durability;
+mod guest_limits;
 mod operations;
 mod pipeline;
 mod runtime;

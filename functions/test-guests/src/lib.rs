@@ -18,6 +18,13 @@
 //! write must not be kept), `compute:<n>` (n rounds of arithmetic, for
 //! benchmarks; publishes nothing) and `warm` (publishes how many events this
 //! instance has handled, on `warm/<topic>`).
+//!
+//! Waits and output: `sleep` (`std::thread::sleep` for an hour), `poll`
+//! (`wasi:io/poll` on an hour-long clock pollable), `nap` (sleeps 5 ms, then
+//! publishes on `allowed/nap`), `err-huge` (returns an 8 MiB error),
+//! `panic` (`panic!("boom")`), `log-flood` (5,000 `log` lines and 5,000
+//! stdout lines, then publishes on `allowed/logged`) and `print` (a line to
+//! stdout and one to stderr, then publishes on `allowed/printed`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -64,6 +71,9 @@ impl Function for Misbehave {
             }
             std::hint::black_box(x);
             return Ok(());
+        }
+        if let Some(done) = waits_and_output(&mode)? {
+            return publish(done, b"done").map_err(|e| e.to_string());
         }
         match mode.as_str() {
             "warm" => publish(&format!("warm/{}", event.topic), handled.to_string())?,
@@ -157,6 +167,43 @@ impl Function for Misbehave {
             other => return Err(format!("unknown mode `{other}`")),
         }
         Ok(())
+    }
+}
+
+/// The modes that wait or write output; `Some(topic)` to report on when the
+/// mode returns normally.
+fn waits_and_output(mode: &str) -> Result<Option<&'static str>, String> {
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+    match mode {
+        "sleep" => {
+            std::thread::sleep(HOUR);
+            Ok(Some("allowed/woke"))
+        }
+        "poll" => {
+            let nanos = u64::try_from(HOUR.as_nanos()).unwrap_or(u64::MAX);
+            let pollable = wasip2::clocks::monotonic_clock::subscribe_duration(nanos);
+            wasip2::io::poll::poll(&[&pollable]);
+            Ok(Some("allowed/woke"))
+        }
+        "nap" => {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok(Some("allowed/nap"))
+        }
+        "err-huge" => Err("e".repeat(8 * 1024 * 1024)),
+        "panic" => panic!("boom"),
+        "log-flood" => {
+            for i in 0..5000 {
+                log(Level::Info, &format!("flood line {i}"));
+                println!("stdout flood line {i}");
+            }
+            Ok(Some("allowed/logged"))
+        }
+        "print" => {
+            println!("a line on stdout");
+            eprintln!("a line on stderr");
+            Ok(Some("allowed/printed"))
+        }
+        _ => Ok(None),
     }
 }
 

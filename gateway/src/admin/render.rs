@@ -242,6 +242,13 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     );
     per_function(
         &mut out,
+        "edgefn_function_log_suppressed_total",
+        "counter",
+        "Guest log lines dropped by the function's log budget.",
+        &|f| get(&f.log_suppressed),
+    );
+    per_function(
+        &mut out,
         "edgefn_function_breaker_state",
         "gauge",
         "Circuit breaker: 0 closed, 1 open, 2 half-open.",

@@ -356,6 +356,12 @@ pub struct Limits {
     pub max_tables: usize,
     /// Elements per table.
     pub max_table_elements: usize,
+    /// Guest log lines per invocation.
+    pub log_lines: u32,
+    /// Guest log bytes per invocation.
+    pub log_bytes: usize,
+    /// Guest log lines per second, per function.
+    pub log_lines_per_s: u32,
 }
 
 impl Default for Limits {
@@ -377,6 +383,9 @@ impl From<&schema::LimitsConfig> for Limits {
             max_instances: c.max_instances,
             max_tables: c.max_tables,
             max_table_elements: c.max_table_elements,
+            log_lines: c.log_lines,
+            log_bytes: c.log_bytes,
+            log_lines_per_s: c.log_lines_per_s,
         }
     }
 }
@@ -1011,6 +1020,18 @@ fn function(
             p.add(
                 format!("{lkey}.{name}"),
                 format!("must be between 1 and {max}"),
+            );
+        }
+    }
+    for (name, v, max) in [
+        ("log_lines", u64::from(l.log_lines), 100_000),
+        ("log_bytes", l.log_bytes as u64, 16 * 1024 * 1024),
+        ("log_lines_per_s", u64::from(l.log_lines_per_s), 100_000),
+    ] {
+        if v > max {
+            p.add(
+                format!("{lkey}.{name}"),
+                format!("must be at most {max} (0 silences the function's log)"),
             );
         }
     }

@@ -578,6 +578,18 @@ pub struct LimitsConfig {
     /// Elements one table may grow to.
     #[serde(default = "default_max_table_elements")]
     pub max_table_elements: usize,
+    /// Log lines one invocation may write (`log` calls and stdout/stderr
+    /// lines together): a guest logging in a loop must not fill the SD card
+    /// through journald. The rest is dropped and counted.
+    #[serde(default = "default_log_lines")]
+    pub log_lines: u32,
+    /// Log bytes one invocation may write (same reason as `log_lines`).
+    #[serde(default = "default_log_bytes")]
+    pub log_bytes: usize,
+    /// Log lines a second the function may write over time, across
+    /// invocations: a few lines per event at a high event rate add up.
+    #[serde(default = "default_log_lines_per_s")]
+    pub log_lines_per_s: u32,
 }
 
 impl Default for LimitsConfig {
@@ -592,8 +604,21 @@ impl Default for LimitsConfig {
             max_instances: default_max_instances(),
             max_tables: default_max_tables(),
             max_table_elements: default_max_table_elements(),
+            log_lines: default_log_lines(),
+            log_bytes: default_log_bytes(),
+            log_lines_per_s: default_log_lines_per_s(),
         }
     }
+}
+
+fn default_log_lines() -> u32 {
+    20
+}
+fn default_log_bytes() -> usize {
+    4096
+}
+fn default_log_lines_per_s() -> u32 {
+    50
 }
 
 fn default_max_instances() -> usize {

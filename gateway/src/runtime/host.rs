@@ -7,7 +7,7 @@
 //! emits half of its results.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use wasmtime::ResourceLimiter;
@@ -18,13 +18,10 @@ use crate::bindings::edgefn::function::host::Host;
 use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
 use crate::bindings::edgefn::function::{kv, serial};
 use crate::config::Limits;
+use crate::runtime::logs::{LogBudget, LogRate};
 use crate::runtime::state::{KvRefusal, KvTxn};
+use crate::runtime::wasi::{self, Capture, Deadline};
 use crate::topic::{FilterSet, validate_topic_name};
-
-/// Longest log message kept from a guest; the rest is cut.
-const MAX_LOG_BYTES: usize = 2048;
-/// Log lines kept per invocation; further lines are counted, not written.
-const MAX_LOG_LINES: u32 = 100;
 
 /// What one function is allowed to do, resolved from its configuration.
 #[derive(Debug)]
@@ -162,13 +159,20 @@ impl ResourceLimiter for Limiter {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// The guest's stdout and stderr, kept for its log and panic message.
+    pub stdout: Capture,
+    /// See `stdout`.
+    pub stderr: Capture,
+    /// When this invocation must end, waits included.
+    pub deadline: Deadline,
+    /// What the guest may still write to the log.
+    pub log: LogBudget,
     /// Memory and table caps.
     pub limiter: Limiter,
     caps: Arc<Capabilities>,
     /// What the guest asked to publish and forward so far.
     pub outputs: Outputs,
     calls: u32,
-    log_lines: u32,
     /// Calls refused because of the allowlists.
     pub denied: u32,
     /// Calls refused because of a limit.
@@ -179,16 +183,28 @@ pub struct HostState {
 
 impl HostState {
     /// Fresh state: a WASI context that grants nothing (no files, no
-    /// environment, no network, no stdio), and empty outputs.
-    pub fn new(caps: Arc<Capabilities>, limits: &Limits, kv: Option<KvTxn>) -> Self {
+    /// environment, no network, an empty stdin; stdout and stderr captured
+    /// up to the log budget), and empty outputs. `log_rate` is the
+    /// function's, shared by all its stores.
+    pub fn new(
+        caps: Arc<Capabilities>,
+        limits: &Limits,
+        kv: Option<KvTxn>,
+        log_rate: Arc<Mutex<LogRate>>,
+    ) -> Self {
+        let stdout = Capture::new(limits.log_bytes);
+        let stderr = Capture::new(limits.log_bytes);
         Self {
-            wasi: WasiCtx::builder().build(),
+            wasi: wasi::context(&stdout, &stderr),
             table: ResourceTable::new(),
+            stdout,
+            stderr,
+            deadline: Deadline::default(),
+            log: LogBudget::new(Arc::from(caps.function.as_str()), limits, log_rate),
             limiter: Limiter::new(limits),
             caps,
             outputs: Outputs::default(),
             calls: 0,
-            log_lines: 0,
             denied: 0,
             over_limit: 0,
             kv,
@@ -200,13 +216,20 @@ impl HostState {
     pub fn begin(&mut self) {
         self.outputs = Outputs::default();
         self.calls = 0;
-        self.log_lines = 0;
+        self.log.begin();
+        self.stdout.take();
+        self.stderr.take();
         self.denied = 0;
         self.over_limit = 0;
         self.limiter.exceeded = false;
         if let Some(kv) = &mut self.kv {
             kv.reset();
         }
+    }
+
+    /// The resource table and the deadline, for a bounded wait.
+    pub(crate) fn wait_parts(&mut self) -> (&mut ResourceTable, &mut Deadline) {
+        (&mut self.table, &mut self.deadline)
     }
 
     fn deny(&mut self, reason: String) -> CallError {
@@ -294,27 +317,7 @@ impl Host for HostState {
     }
 
     fn log(&mut self, level: Level, message: String) {
-        self.log_lines += 1;
-        if self.log_lines > MAX_LOG_LINES {
-            return;
-        }
-        let mut message = message;
-        if message.len() > MAX_LOG_BYTES {
-            let mut cut = MAX_LOG_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
-        let function = self.caps.function.as_str();
-        match level {
-            Level::Trace => tracing::trace!(function, guest = true, "{message}"),
-            Level::Debug => tracing::debug!(function, guest = true, "{message}"),
-            Level::Info => tracing::info!(function, guest = true, "{message}"),
-            Level::Warn => tracing::warn!(function, guest = true, "{message}"),
-            Level::Error => tracing::error!(function, guest = true, "{message}"),
-        }
+        self.log.write(level, &message);
     }
 
     fn config(&mut self, key: String) -> Option<String> {

@@ -8,7 +8,11 @@
 //! - **Time**: epoch interruption. One ticker thread per [`Runtime`]
 //!   advances the engine's epoch every [`EPOCH_TICK`]; each invocation gets a
 //!   deadline of `ceil(timeout / tick) + 1` ticks, so a runaway guest is
-//!   stopped at most one tick after its timeout.
+//!   stopped at most one tick after its timeout. A guest waiting in WASI
+//!   (`sleep`, `poll`) is stopped at its timeout by the bounded waits of
+//!   [`wasi`].
+//! - **Output**: what a guest logs, prints or returns as an error is bounded
+//!   ([`logs`]).
 //! - **Memory**: a [`host::Limiter`] caps linear memory and tables per store;
 //!   a refused grow traps and is reported as `memory`.
 //! - **Capabilities**: WASI is linked with a context that grants nothing;
@@ -22,9 +26,11 @@
 pub mod breaker;
 pub mod cache;
 pub mod host;
+pub mod logs;
 pub mod queue;
 pub mod reload;
 pub mod state;
+pub mod wasi;
 pub mod worker;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +41,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use crate::bindings::edgefn::function::types::{self as wit};
+use crate::bindings::edgefn::function::types::{self as wit, Level};
 use crate::bindings::{Function, FunctionPre};
 use crate::config::schema::InstanceMode;
 use crate::config::{FunctionSpec, Limits, MAX_TABLE_ELEMENTS, RuntimeSpec, ValidConfig};
@@ -264,6 +270,7 @@ impl Runtime {
         };
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .and_then(|()| wasi::bound_waits(&mut linker))
             .map_err(|e| EngineError(format!("linking WASI: {e:#}")))?;
         Function::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| EngineError(format!("linking the host interface: {e:#}")))?;
@@ -359,6 +366,7 @@ impl Runtime {
                 max_calls: spec.limits.max_calls,
                 max_payload_bytes: spec.limits.max_payload_bytes,
             }),
+            log_rate: logs::LogRate::new(spec.limits.log_lines_per_s),
             limits: spec.limits.clone(),
             state: self.state.clone(),
             quota: spec.state,
@@ -453,6 +461,8 @@ pub struct LoadedFunction {
     _ticker: Arc<Ticker>,
     caps: Arc<Capabilities>,
     limits: Limits,
+    /// The function's log rate, shared by its stores.
+    log_rate: Arc<Mutex<logs::LogRate>>,
     state: StateStore,
     quota: crate::config::StateQuota,
     metrics: Arc<FunctionMetrics>,
@@ -514,7 +524,12 @@ impl LoadedFunction {
         let kv = KvTxn::new(self.state.clone(), self.name.clone(), self.quota);
         let mut store = Store::new(
             &self.engine,
-            HostState::new(self.caps.clone(), &self.limits, Some(kv)),
+            HostState::new(
+                self.caps.clone(),
+                &self.limits,
+                Some(kv),
+                self.log_rate.clone(),
+            ),
         );
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
@@ -531,6 +546,10 @@ impl LoadedFunction {
             .div_ceil(EPOCH_TICK.as_nanos())
             + 1;
         store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store
+            .data_mut()
+            .deadline
+            .arm(Instant::now() + self.limits.timeout);
     }
 
     /// Runs `event` through the function: on the warm instance (`reuse`) or
@@ -573,36 +592,7 @@ impl LoadedFunction {
         let elapsed = started.elapsed();
         self.metrics.latency.observe(elapsed);
         let mut warm = warm;
-        let (denied, over_limit, exceeded) = warm.as_ref().map_or((0, 0, false), |w| {
-            let s = w.store.data();
-            (s.denied, s.over_limit, s.limiter.exceeded)
-        });
-        self.metrics
-            .denied
-            .fetch_add(u64::from(denied), Ordering::Relaxed);
-        self.metrics
-            .over_limit
-            .fetch_add(u64::from(over_limit), Ordering::Relaxed);
-        let mut outcome = match result {
-            Ok(Ok(())) => {
-                let state = warm.as_mut().map(|w| w.store.data_mut());
-                match state {
-                    Some(s) => match s.kv.as_mut().map(KvTxn::commit).transpose() {
-                        Ok(_) => Ok(std::mem::take(&mut s.outputs)),
-                        Err(e) => Err(Failure::Error(format!("state could not be saved: {e}"))),
-                    },
-                    None => Ok(Outputs::default()),
-                }
-            }
-            // A refused call usually ends the handler through `?`: name the
-            // failure after the refusal.
-            Ok(Err(message)) if over_limit > 0 => Err(Failure::Quota(message)),
-            Ok(Err(message)) if denied > 0 => Err(Failure::Denied(message)),
-            Ok(Err(message)) => Err(Failure::Error(message)),
-            Err(e) if exceeded => Err(Failure::Memory(root_message(&e))),
-            Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(Failure::Timeout),
-            Err(e) => Err(Failure::Trap(root_message(&e))),
-        };
+        let mut outcome = self.settle(result, warm.as_mut().map(|w| w.store.data_mut()));
         // Keep a healthy instance warm; anything that trapped or hit a limit
         // is dropped here (its pool slot is wiped and reused).
         if self.mode == InstanceMode::Reuse
@@ -636,12 +626,74 @@ impl LoadedFunction {
                     topic = %event.topic,
                     elapsed_us,
                     failure = failure.kind(),
-                    reason = %failure,
+                    reason = %logs::bounded(&failure.to_string(), logs::LOG_LINE_BYTES),
                     "Function failed; its outputs were discarded."
                 );
             }
         }
         Invocation { outcome, elapsed }
+    }
+}
+
+impl LoadedFunction {
+    /// Names the outcome of a call from its result and its store's state
+    /// (`None`: no instance could be created), writes what the guest printed
+    /// to its log under the log budget, and bounds every guest-supplied
+    /// reason ([`logs::REASON_BYTES`]).
+    fn settle(
+        &self,
+        result: wasmtime::Result<Result<(), String>>,
+        mut state: Option<&mut HostState>,
+    ) -> Result<Outputs, Failure> {
+        let mut seen = (0, 0, false, false, None);
+        if let Some(s) = state.as_deref_mut() {
+            let stdout = s.stdout.take();
+            let stderr = s.stderr.take();
+            s.log.write_stream(Level::Info, &stdout);
+            s.log.write_stream(Level::Warn, &stderr);
+            s.log.finish(&self.metrics);
+            seen = (
+                s.denied,
+                s.over_limit,
+                s.limiter.exceeded,
+                s.deadline.hit,
+                stderr.panic_message(),
+            );
+        }
+        let (denied, over_limit, exceeded, timed_out, panic) = seen;
+        self.metrics
+            .denied
+            .fetch_add(u64::from(denied), Ordering::Relaxed);
+        self.metrics
+            .over_limit
+            .fetch_add(u64::from(over_limit), Ordering::Relaxed);
+        let cut = |mut m: String| {
+            logs::bound(&mut m, logs::REASON_BYTES);
+            m
+        };
+        match result {
+            // A wait cut short by the deadline: a timeout, whatever the guest
+            // did after it.
+            _ if timed_out => Err(Failure::Timeout),
+            Ok(Ok(())) => match state {
+                Some(s) => match s.kv.as_mut().map(KvTxn::commit).transpose() {
+                    Ok(_) => Ok(std::mem::take(&mut s.outputs)),
+                    Err(e) => Err(Failure::Error(format!("state could not be saved: {e}"))),
+                },
+                None => Ok(Outputs::default()),
+            },
+            // A refused call usually ends the handler through `?`: name the
+            // failure after the refusal.
+            Ok(Err(message)) if over_limit > 0 => Err(Failure::Quota(cut(message))),
+            Ok(Err(message)) if denied > 0 => Err(Failure::Denied(cut(message))),
+            Ok(Err(message)) => Err(Failure::Error(cut(message))),
+            Err(e) if exceeded => Err(Failure::Memory(root_message(&e))),
+            Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(Failure::Timeout),
+            // A panic reaches the host as a bare `unreachable`; its message
+            // is on stderr.
+            Err(_) if panic.is_some() => Err(Failure::Trap(cut(panic.unwrap_or_default()))),
+            Err(e) => Err(Failure::Trap(cut(root_message(&e)))),
+        }
     }
 }
 

@@ -420,3 +420,26 @@ impl Subscriber {
             .flatten()
     }
 }
+
+/// Round trips to the neighbour: publish `ok/<n>`, wait for `echo/ok/<n>`.
+pub async fn round_trips(
+    sensor: &mut Publisher,
+    echoes: &mut Subscriber,
+    n: usize,
+    tag: &str,
+) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let topic = format!("ok/{tag}-{i}");
+        let start = Instant::now();
+        sensor.publish(&topic, "ping").await;
+        loop {
+            let (t, _) = echoes.next().await;
+            if t == format!("echo/{topic}") {
+                break;
+            }
+        }
+        times.push(start.elapsed());
+    }
+    times
+}
