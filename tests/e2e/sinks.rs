@@ -226,6 +226,8 @@ async fn http_sink_dead_letters_a_rejected_batch_and_goes_on() {
     assert!(gw.shutdown(WAIT).await);
 }
 
+/// MQTT 5 batches: each message's `idempotency-key` names its first and last
+/// record, and a batch never mixes rendered topics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_sink_sends_the_idempotency_key_and_batches() {
     let Some(cloud) = Mosquitto::start() else {
@@ -245,7 +247,7 @@ kind = "mqtt"
 name = "cloud"
 url = "mqtt://127.0.0.1:{port}"
 protocol = "5"
-topic = "v5/{{gateway}}"
+topic = "v5/{{gateway}}/{{topic}}"
 batch_max = 5
 batch_linger_ms = 200
 "#,
@@ -271,7 +273,8 @@ batch_linger_ms = 200
                 }
                 Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => {
                     let props = p.properties.map(|p| p.user_properties).unwrap_or_default();
-                    let _ = tx.send(Some((p.payload.to_vec(), props)));
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let _ = tx.send(Some((topic, p.payload.to_vec(), props)));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -290,14 +293,20 @@ batch_linger_ms = 200
     let (gw, _dir) = gateway(&toml).await;
     let (host, port) = gw.local_broker();
     let mut sensor = Publisher::connect(host, port).await;
-    for i in 0..5 {
+    // Two sensors, so two rendered topics, within one linger period.
+    let sensors = ["s1", "s1", "s2", "s2", "s2", "s1", "s1"];
+    for (i, s) in sensors.iter().enumerate() {
         sensor
-            .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+            .publish(
+                &format!("sensors/{s}/temperature"),
+                format!("{{\"value\": {i}}}"),
+            )
             .await;
     }
     let mut readings = Vec::new();
-    while readings.len() < 5 {
-        let (payload, props) = tokio::time::timeout(WAIT, rx.recv())
+    let mut batches = 0;
+    while readings.len() < sensors.len() {
+        let (topic, payload, props) = tokio::time::timeout(WAIT, rx.recv())
             .await
             .unwrap()
             .unwrap()
@@ -308,17 +317,27 @@ batch_linger_ms = 200
             .iter()
             .find(|(k, _)| k == "idempotency-key")
             .map(|(_, v)| v.clone());
+        let (first, last) = (&batch[0]["seq"], &batch[batch.len() - 1]["seq"]);
         assert_eq!(
-            key.as_deref(),
-            batch[0]["id"].as_str(),
-            "the key is the first envelope's id"
+            key,
+            Some(format!("gw-v5-{first}-{last}")),
+            "the key names the batch's first and last record"
         );
+        for e in &batch {
+            assert_eq!(
+                topic,
+                format!("v5/gw-v5/{}", e["topic"].as_str().unwrap()),
+                "a batch never mixes topics: {batch:?}"
+            );
+        }
+        batches += 1;
         readings.extend(
             batch
                 .iter()
                 .map(|e| e["payload"]["celsius"].as_f64().unwrap() as u64),
         );
     }
-    assert_eq!(readings, [0, 1, 2, 3, 4], "in order");
+    assert_eq!(readings, [0, 1, 2, 3, 4, 5, 6], "in order");
+    assert!(batches >= 3, "one message per run of a topic at least");
     assert!(gw.shutdown(WAIT).await);
 }

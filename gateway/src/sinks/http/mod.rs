@@ -111,9 +111,9 @@ impl Sink for HttpSink {
                     batch = more;
                 }
             }
-            let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+            let last = batch[batch.len() - 1].seq;
             let body = envelope::encode_batch(self.common.format, &ctx.gateway_id, &batch, true);
-            let key = format!("{}-{first}-{last}", ctx.gateway_id);
+            let key = envelope::batch_key(&ctx.gateway_id, &batch);
             let mut attempt = 0u32;
             loop {
                 let mut req = client
