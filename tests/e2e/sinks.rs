@@ -5,101 +5,70 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 use crate::support::*;
 
 /// What the test HTTP server does with the next request.
 #[derive(Debug, Clone, Copy)]
-enum Reply {
+pub(crate) enum Reply {
     Status(u16),
     Hang,
     Drop,
 }
 
+/// A request the test server answered 200: body, `Idempotency-Key`, and all
+/// headers (names lower-cased).
+pub(crate) type Accepted = (Vec<u8>, String, Vec<(String, String)>);
+
 /// A tiny scripted HTTP/1.1 server: answers each request per the script
-/// (then 200), and records the bodies it answered 200 to.
-struct Server {
-    port: u16,
-    accepted: tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, String)>,
-    requests: Arc<Mutex<u32>>,
+/// (then 200), and records the requests it answered 200 to.
+pub(crate) struct Server {
+    pub(crate) port: u16,
+    pub(crate) accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    pub(crate) requests: Arc<Mutex<u32>>,
+    /// TLS handshakes that failed (e.g. no valid client certificate).
+    pub(crate) refused: Arc<Mutex<u32>>,
 }
 
 async fn server(script: Vec<Reply>) -> Server {
+    server_with(script, None).await
+}
+
+/// [`server`] over TLS with `tls` when given.
+pub(crate) async fn server_with(
+    script: Vec<Reply>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let script = Arc::new(Mutex::new(VecDeque::from(script)));
     let requests = Arc::new(Mutex::new(0u32));
+    let refused = Arc::new(Mutex::new(0u32));
     let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
-    let counter = requests.clone();
+    let conn = Conn {
+        script,
+        tx,
+        counter: requests.clone(),
+    };
+    let failed = refused.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let script = script.clone();
-            let tx = tx.clone();
-            let counter = counter.clone();
+            let conn = conn.clone();
+            let acceptor = acceptor.clone();
+            let failed = failed.clone();
             tokio::spawn(async move {
-                let mut reader = BufReader::new(stream);
-                loop {
-                    let mut len = 0usize;
-                    let mut key = String::new();
-                    let mut line = String::new();
-                    // Request line and headers.
-                    let mut first = true;
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let l = line.trim_end();
-                        if l.is_empty() && !first {
-                            break;
-                        }
-                        first = false;
-                        let lower = l.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                        if let Some(v) = lower.strip_prefix("idempotency-key:") {
-                            key = v.trim().to_owned();
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    if reader.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    *counter.lock().unwrap() += 1;
-                    let reply = script
-                        .lock()
-                        .unwrap()
-                        .pop_front()
-                        .unwrap_or(Reply::Status(200));
-                    let status = match reply {
-                        Reply::Hang => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                            return;
-                        }
-                        Reply::Drop => return,
-                        Reply::Status(s) => s,
-                    };
-                    let text = if status == 200 {
-                        "ok"
-                    } else {
-                        "nope: bad record"
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if status == 200 {
-                        let _ = tx.send((body, key));
-                    }
+                match acceptor {
+                    None => conn.serve(stream).await,
+                    Some(a) => match a.accept(stream).await {
+                        Ok(s) => conn.serve(s).await,
+                        Err(_) => *failed.lock().unwrap() += 1,
+                    },
                 }
             });
         }
@@ -108,6 +77,84 @@ async fn server(script: Vec<Reply>) -> Server {
         port,
         accepted,
         requests,
+        refused,
+    }
+}
+
+/// One connection's share of the server.
+#[derive(Clone)]
+struct Conn {
+    script: Arc<Mutex<VecDeque<Reply>>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Accepted>,
+    counter: Arc<Mutex<u32>>,
+}
+
+impl Conn {
+    async fn serve(self, stream: impl AsyncRead + AsyncWrite + Unpin) {
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut len = 0usize;
+            let mut key = String::new();
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            // Request line and headers.
+            let mut first = true;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let l = line.trim_end();
+                if l.is_empty() && !first {
+                    break;
+                }
+                first = false;
+                if let Some((name, value)) = l.split_once(':') {
+                    headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+                }
+                let lower = l.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if let Some(v) = lower.strip_prefix("idempotency-key:") {
+                    key = v.trim().to_owned();
+                }
+            }
+            let mut body = vec![0u8; len];
+            if reader.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            *self.counter.lock().unwrap() += 1;
+            let reply = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Reply::Status(200));
+            let status = match reply {
+                Reply::Hang => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                Reply::Drop => return,
+                Reply::Status(s) => s,
+            };
+            let text = if status == 200 {
+                "ok"
+            } else {
+                "nope: bad record"
+            };
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+            if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            if status == 200 {
+                let _ = self.tx.send((body, key, headers));
+            }
+        }
     }
 }
 
@@ -163,7 +210,7 @@ async fn http_sink_retries_through_errors_hangs_and_drops_until_delivered() {
     }
     let mut readings = Vec::new();
     while readings.len() < 3 {
-        let (body, key) = tokio::time::timeout(WAIT, srv.accepted.recv())
+        let (body, key, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
             .await
             .unwrap()
             .unwrap();
@@ -217,7 +264,7 @@ async fn http_sink_dead_letters_a_rejected_batch_and_goes_on() {
     sensor
         .publish("sensors/s1/temperature", r#"{"value": 2}"#)
         .await;
-    let (body, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
+    let (body, _, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
         .await
         .unwrap()
         .unwrap();
