@@ -5,101 +5,70 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 use crate::support::*;
 
 /// What the test HTTP server does with the next request.
 #[derive(Debug, Clone, Copy)]
-enum Reply {
+pub(crate) enum Reply {
     Status(u16),
     Hang,
     Drop,
 }
 
+/// A request the test server answered 200: body, `Idempotency-Key`, and all
+/// headers (names lower-cased).
+pub(crate) type Accepted = (Vec<u8>, String, Vec<(String, String)>);
+
 /// A tiny scripted HTTP/1.1 server: answers each request per the script
-/// (then 200), and records the bodies it answered 200 to.
-struct Server {
-    port: u16,
-    accepted: tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, String)>,
-    requests: Arc<Mutex<u32>>,
+/// (then 200), and records the requests it answered 200 to.
+pub(crate) struct Server {
+    pub(crate) port: u16,
+    pub(crate) accepted: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    pub(crate) requests: Arc<Mutex<u32>>,
+    /// TLS handshakes that failed (e.g. no valid client certificate).
+    pub(crate) refused: Arc<Mutex<u32>>,
 }
 
 async fn server(script: Vec<Reply>) -> Server {
+    server_with(script, None).await
+}
+
+/// [`server`] over TLS with `tls` when given.
+pub(crate) async fn server_with(
+    script: Vec<Reply>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let script = Arc::new(Mutex::new(VecDeque::from(script)));
     let requests = Arc::new(Mutex::new(0u32));
+    let refused = Arc::new(Mutex::new(0u32));
     let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
-    let counter = requests.clone();
+    let conn = Conn {
+        script,
+        tx,
+        counter: requests.clone(),
+    };
+    let failed = refused.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let script = script.clone();
-            let tx = tx.clone();
-            let counter = counter.clone();
+            let conn = conn.clone();
+            let acceptor = acceptor.clone();
+            let failed = failed.clone();
             tokio::spawn(async move {
-                let mut reader = BufReader::new(stream);
-                loop {
-                    let mut len = 0usize;
-                    let mut key = String::new();
-                    let mut line = String::new();
-                    // Request line and headers.
-                    let mut first = true;
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let l = line.trim_end();
-                        if l.is_empty() && !first {
-                            break;
-                        }
-                        first = false;
-                        let lower = l.to_ascii_lowercase();
-                        if let Some(v) = lower.strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                        if let Some(v) = lower.strip_prefix("idempotency-key:") {
-                            key = v.trim().to_owned();
-                        }
-                    }
-                    let mut body = vec![0u8; len];
-                    if reader.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    *counter.lock().unwrap() += 1;
-                    let reply = script
-                        .lock()
-                        .unwrap()
-                        .pop_front()
-                        .unwrap_or(Reply::Status(200));
-                    let status = match reply {
-                        Reply::Hang => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                            return;
-                        }
-                        Reply::Drop => return,
-                        Reply::Status(s) => s,
-                    };
-                    let text = if status == 200 {
-                        "ok"
-                    } else {
-                        "nope: bad record"
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if status == 200 {
-                        let _ = tx.send((body, key));
-                    }
+                match acceptor {
+                    None => conn.serve(stream).await,
+                    Some(a) => match a.accept(stream).await {
+                        Ok(s) => conn.serve(s).await,
+                        Err(_) => *failed.lock().unwrap() += 1,
+                    },
                 }
             });
         }
@@ -108,6 +77,84 @@ async fn server(script: Vec<Reply>) -> Server {
         port,
         accepted,
         requests,
+        refused,
+    }
+}
+
+/// One connection's share of the server.
+#[derive(Clone)]
+struct Conn {
+    script: Arc<Mutex<VecDeque<Reply>>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Accepted>,
+    counter: Arc<Mutex<u32>>,
+}
+
+impl Conn {
+    async fn serve(self, stream: impl AsyncRead + AsyncWrite + Unpin) {
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut len = 0usize;
+            let mut key = String::new();
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            // Request line and headers.
+            let mut first = true;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let l = line.trim_end();
+                if l.is_empty() && !first {
+                    break;
+                }
+                first = false;
+                if let Some((name, value)) = l.split_once(':') {
+                    headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+                }
+                let lower = l.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if let Some(v) = lower.strip_prefix("idempotency-key:") {
+                    key = v.trim().to_owned();
+                }
+            }
+            let mut body = vec![0u8; len];
+            if reader.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            *self.counter.lock().unwrap() += 1;
+            let reply = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Reply::Status(200));
+            let status = match reply {
+                Reply::Hang => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                Reply::Drop => return,
+                Reply::Status(s) => s,
+            };
+            let text = if status == 200 {
+                "ok"
+            } else {
+                "nope: bad record"
+            };
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            );
+            if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            if status == 200 {
+                let _ = self.tx.send((body, key, headers));
+            }
+        }
     }
 }
 
@@ -163,7 +210,7 @@ async fn http_sink_retries_through_errors_hangs_and_drops_until_delivered() {
     }
     let mut readings = Vec::new();
     while readings.len() < 3 {
-        let (body, key) = tokio::time::timeout(WAIT, srv.accepted.recv())
+        let (body, key, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
             .await
             .unwrap()
             .unwrap();
@@ -217,7 +264,7 @@ async fn http_sink_dead_letters_a_rejected_batch_and_goes_on() {
     sensor
         .publish("sensors/s1/temperature", r#"{"value": 2}"#)
         .await;
-    let (body, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
+    let (body, _, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
         .await
         .unwrap()
         .unwrap();
@@ -226,6 +273,8 @@ async fn http_sink_dead_letters_a_rejected_batch_and_goes_on() {
     assert!(gw.shutdown(WAIT).await);
 }
 
+/// MQTT 5 batches: each message's `idempotency-key` names its first and last
+/// record, and a batch never mixes rendered topics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_sink_sends_the_idempotency_key_and_batches() {
     let Some(cloud) = Mosquitto::start() else {
@@ -245,7 +294,7 @@ kind = "mqtt"
 name = "cloud"
 url = "mqtt://127.0.0.1:{port}"
 protocol = "5"
-topic = "v5/{{gateway}}"
+topic = "v5/{{gateway}}/{{topic}}"
 batch_max = 5
 batch_linger_ms = 200
 "#,
@@ -271,7 +320,8 @@ batch_linger_ms = 200
                 }
                 Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => {
                     let props = p.properties.map(|p| p.user_properties).unwrap_or_default();
-                    let _ = tx.send(Some((p.payload.to_vec(), props)));
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let _ = tx.send(Some((topic, p.payload.to_vec(), props)));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -290,14 +340,20 @@ batch_linger_ms = 200
     let (gw, _dir) = gateway(&toml).await;
     let (host, port) = gw.local_broker();
     let mut sensor = Publisher::connect(host, port).await;
-    for i in 0..5 {
+    // Two sensors, so two rendered topics, within one linger period.
+    let sensors = ["s1", "s1", "s2", "s2", "s2", "s1", "s1"];
+    for (i, s) in sensors.iter().enumerate() {
         sensor
-            .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+            .publish(
+                &format!("sensors/{s}/temperature"),
+                format!("{{\"value\": {i}}}"),
+            )
             .await;
     }
     let mut readings = Vec::new();
-    while readings.len() < 5 {
-        let (payload, props) = tokio::time::timeout(WAIT, rx.recv())
+    let mut batches = 0;
+    while readings.len() < sensors.len() {
+        let (topic, payload, props) = tokio::time::timeout(WAIT, rx.recv())
             .await
             .unwrap()
             .unwrap()
@@ -308,17 +364,27 @@ batch_linger_ms = 200
             .iter()
             .find(|(k, _)| k == "idempotency-key")
             .map(|(_, v)| v.clone());
+        let (first, last) = (&batch[0]["seq"], &batch[batch.len() - 1]["seq"]);
         assert_eq!(
-            key.as_deref(),
-            batch[0]["id"].as_str(),
-            "the key is the first envelope's id"
+            key,
+            Some(format!("gw-v5-{first}-{last}")),
+            "the key names the batch's first and last record"
         );
+        for e in &batch {
+            assert_eq!(
+                topic,
+                format!("v5/gw-v5/{}", e["topic"].as_str().unwrap()),
+                "a batch never mixes topics: {batch:?}"
+            );
+        }
+        batches += 1;
         readings.extend(
             batch
                 .iter()
                 .map(|e| e["payload"]["celsius"].as_f64().unwrap() as u64),
         );
     }
-    assert_eq!(readings, [0, 1, 2, 3, 4], "in order");
+    assert_eq!(readings, [0, 1, 2, 3, 4, 5, 6], "in order");
+    assert!(batches >= 3, "one message per run of a topic at least");
     assert!(gw.shutdown(WAIT).await);
 }

@@ -257,6 +257,26 @@ impl fmt::Debug for TlsMaterial {
     }
 }
 
+/// TLS files of an HTTP sink, read and checked at validation time.
+#[derive(Clone)]
+pub struct HttpTls {
+    /// PEM CA certificates trusted besides the system's; `None`: the
+    /// system's only.
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate chain and key, for mutual TLS.
+    pub client_auth: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for HttpTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key material.
+        f.debug_struct("HttpTls")
+            .field("ca_bytes", &self.ca.as_ref().map(Vec::len))
+            .field("client_auth", &self.client_auth.is_some())
+            .finish()
+    }
+}
+
 /// A validated function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionSpec {
@@ -444,8 +464,8 @@ pub struct HttpSinkSpec {
     pub timeout: Duration,
     /// Longest wait between retries.
     pub max_backoff: Duration,
-    /// Custom CA and optional client identity.
-    pub tls: Option<TlsMaterial>,
+    /// Custom CA and/or client identity.
+    pub tls: Option<HttpTls>,
 }
 
 /// Loads, interpolates and validates a configuration file, using the
@@ -1282,7 +1302,7 @@ fn http_sink(
             );
             None
         }
-        (Some(t), true) => tls_material(p, &format!("{key}.tls"), t, resolve),
+        (Some(t), true) => http_tls(p, &format!("{key}.tls"), t, resolve),
         (None, _) => None,
     };
     Some(SinkKind::Http(HttpSinkSpec {
@@ -1294,12 +1314,68 @@ fn http_sink(
     }))
 }
 
+/// The TLS material of an MQTT connection: `ca` is required (rumqttc trusts
+/// only the CAs it is given).
 fn tls_material(
     p: &mut Problems<'_>,
     key: &str,
     t: &TlsConfig,
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Option<TlsMaterial> {
+    if t.ca.is_none() {
+        p.add(
+            format!("{key}.ca"),
+            "is required for MQTT over TLS: the PEM CA certificate(s) of the broker",
+        );
+    }
+    let (ca, client_auth) = tls_files(p, key, t, resolve)?;
+    Some(TlsMaterial {
+        ca: ca?,
+        client_auth,
+        alpn: t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+    })
+}
+
+/// The TLS material of an HTTP sink: `ca`, a client certificate, or both;
+/// without `ca` the system's CAs are trusted. `alpn` is refused: the HTTP
+/// client offers its own protocols and would ignore it.
+fn http_tls(
+    p: &mut Problems<'_>,
+    key: &str,
+    t: &TlsConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Option<HttpTls> {
+    if !t.alpn.is_empty() {
+        p.add(
+            format!("{key}.alpn"),
+            "does nothing for an HTTP sink (its client negotiates HTTP/1.1 itself): remove it",
+        );
+    }
+    if t.ca.is_none() && t.cert.is_none() && t.key.is_none() {
+        p.add(
+            key,
+            "needs `ca`, or `cert` and `key` (without a `tls` table the system's CAs are trusted)",
+        );
+        return None;
+    }
+    let (ca, client_auth) = tls_files(p, key, t, resolve)?;
+    Some(HttpTls { ca, client_auth })
+}
+
+/// Reads and checks the files a `tls` table names: the CA bundle (if any)
+/// and the client certificate and key (both or neither). `None` if any of
+/// them is unreadable or invalid (reported).
+#[expect(
+    clippy::type_complexity,
+    reason = "a private pair of optional PEM blobs"
+)]
+fn tls_files(
+    p: &mut Problems<'_>,
+    key: &str,
+    t: &TlsConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Option<(Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>)> {
+    let before = p.list.len();
     let mut read = |field: &str, rel: &Path| -> Option<Vec<u8>> {
         let path = resolve(rel);
         match std::fs::read(&path) {
@@ -1313,10 +1389,10 @@ fn tls_material(
             }
         }
     };
-    let ca = read("ca", &t.ca);
+    let ca = t.ca.as_ref().map(|c| read("ca", c));
     let cert = t.cert.as_ref().map(|c| read("cert", c));
     let pkey = t.key.as_ref().map(|k| read("key", k));
-    if let Some(ca) = &ca {
+    if let Some(Some(ca)) = &ca {
         let certs: Vec<_> = rustls_pemfile::certs(&mut ca.as_slice()).collect();
         if certs.is_empty() || certs.iter().any(Result::is_err) {
             p.add(format!("{key}.ca"), "contains no valid PEM certificate");
@@ -1345,11 +1421,10 @@ fn tls_material(
         }
         _ => None,
     };
-    Some(TlsMaterial {
-        ca: ca?,
-        client_auth,
-        alpn: t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
-    })
+    if p.list.len() > before {
+        return None;
+    }
+    Some((ca.flatten(), client_auth))
 }
 
 #[cfg(test)]

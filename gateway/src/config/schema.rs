@@ -393,7 +393,11 @@ pub struct ExternalBrokerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM file with the CA certificate(s) that sign the server's certificate.
-    pub ca: PathBuf,
+    /// Required for MQTT (rumqttc trusts only these). An HTTP sink with a
+    /// client certificate may leave it out to trust the system's CAs (a
+    /// public cloud endpoint that wants mutual TLS).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     /// PEM client certificate chain, for mutual TLS (AWS IoT Core, Azure IoT
     /// Hub). Requires `key`.
     #[serde(default)]
@@ -402,7 +406,8 @@ pub struct TlsConfig {
     #[serde(default)]
     pub key: Option<PathBuf>,
     /// ALPN protocols to offer, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT on
-    /// port 443.
+    /// port 443. MQTT only: refused for HTTP sinks, whose client offers
+    /// its own.
     #[serde(default)]
     pub alpn: Vec<String>,
 }
@@ -793,8 +798,9 @@ pub struct HttpSinkConfig {
     /// Longest wait between retries, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
-    /// TLS: a custom CA and, for mutual TLS, a client certificate and key
-    /// (`alpn` is not used). Without it, `https://` trusts the system's CAs.
+    /// TLS: a custom CA (trusted besides the system's CAs) and/or, for
+    /// mutual TLS, a client certificate and key; `alpn` is refused. Without
+    /// it, `https://` trusts the system's CAs.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// Outbox limits for this sink.

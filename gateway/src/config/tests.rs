@@ -225,6 +225,51 @@ fn tls_files_must_hold_pem() {
     assert!(keys.contains(&"sinks[0].tls.key"), "{keys:?}");
 }
 
+/// PEM framing with a body that parses (the config check reads PEM; the
+/// TLS handshake judges the certificate itself).
+const FAKE_CERT: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+const FAKE_KEY: &str = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+
+#[test]
+fn http_sink_tls_may_trust_the_system_cas_and_refuses_alpn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("client.pem");
+    let key = dir.path().join("client.key");
+    std::fs::write(&cert, FAKE_CERT).expect("write");
+    std::fs::write(&key, FAKE_KEY).expect("write");
+    let http = |tls: &str| {
+        format!(
+            "{MINIMAL}\n[[sinks]]\nkind = \"http\"\nname = \"web\"\nurl = \"https://x\"\ntls = {{ {tls} }}\n"
+        )
+    };
+    let mtls = format!(
+        "cert = {:?}, key = {:?}",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    // A client certificate without `ca`: the system's CAs verify the server.
+    let c = parse_str(&http(&mtls)).expect("valid");
+    let SinkKind::Http(h) = &c.sinks[0].kind else {
+        panic!("http")
+    };
+    let tls = h.tls.as_ref().expect("tls");
+    assert!(tls.ca.is_none());
+    assert!(tls.client_auth.is_some());
+    // `alpn` would do nothing: refused.
+    let e = errors(&http(&format!("{mtls}, alpn = [\"h2\"]")));
+    assert_eq!(e[0].key, "sinks[0].tls.alpn");
+    assert!(e[0].reason.contains("does nothing"), "{}", e[0].reason);
+    // An empty table is a mistake.
+    let e = errors(&http(""));
+    assert_eq!(e[0].key, "sinks[0].tls");
+    // MQTT still needs `ca`.
+    let e = errors(&format!(
+        "{MINIMAL}\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\nurl = \"mqtts://x\"\ntls = {{ {mtls} }}\n"
+    ));
+    assert_eq!(e[0].key, "sinks[0].tls.ca");
+    assert!(e[0].reason.contains("is required"), "{}", e[0].reason);
+}
+
 #[test]
 fn unknown_broker_kind_is_rejected() {
     let e = errors(&format!("{MINIMAL}\n[broker]\nkind = \"cloud\"\n"));

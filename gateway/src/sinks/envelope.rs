@@ -5,7 +5,9 @@
 //! increasing in delivery order (per sink it has gaps where other sinks'
 //! records sit). `id` is `<gateway>-<seq>`, the idempotency key: a record
 //! sent twice (after a reconnect or a crash) carries the same `id`. `ts` is
-//! the forward time in milliseconds since the Unix epoch. In JSON, a payload
+//! the forward time in milliseconds since the Unix epoch. A batch (an array
+//! of envelopes) has a key of its own, [`batch_key`]:
+//! `<gateway>-<first seq>-<last seq>`. In JSON, a payload
 //! that is itself JSON is embedded as JSON; any other payload is carried as
 //! base64 under `payload_base64`. In CBOR the payload is always a byte
 //! string. A batch is an array of envelopes.
@@ -19,6 +21,17 @@ use crate::outbox::StoredRecord;
 /// The idempotency key of a record.
 pub fn idempotency_key(gateway: &str, seq: u64) -> String {
     format!("{gateway}-{seq}")
+}
+
+/// The idempotency key of a batch: `<gateway>-<first seq>-<last seq>`.
+///
+/// It names every record the batch carries, not only the first: after a
+/// reconnect a batch can start at the same record and carry more, and a
+/// cloud that drops it as a duplicate of the shorter one would lose the rest.
+pub fn batch_key(gateway: &str, records: &[StoredRecord]) -> String {
+    let first = records.first().map_or(0, |r| r.seq);
+    let last = records.last().map_or(first, |r| r.seq);
+    format!("{gateway}-{first}-{last}")
 }
 
 /// One envelope as a JSON value.
@@ -151,6 +164,18 @@ mod tests {
         assert_eq!(get("seq"), Some(Cbor::Integer(7.into())));
         assert_eq!(get("id"), Some(Cbor::Text("gw-7".into())));
         assert_eq!(get("payload"), Some(Cbor::Bytes(b"raw".to_vec())));
+    }
+
+    #[test]
+    fn batch_keys_name_the_first_and_last_record() {
+        let mut records = vec![record(b"1"), record(b"2"), record(b"3")];
+        for (i, r) in records.iter_mut().enumerate() {
+            r.seq = 40 + i as u64;
+        }
+        assert_eq!(batch_key("gw", &records), "gw-40-42");
+        // A longer batch from the same first record has another key.
+        assert_ne!(batch_key("gw", &records[..2]), batch_key("gw", &records));
+        assert_eq!(batch_key("gw", &records[..1]), "gw-40-40");
     }
 
     #[test]

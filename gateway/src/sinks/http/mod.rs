@@ -11,6 +11,9 @@
 //!
 //! Each request carries `Idempotency-Key: <gateway>-<first seq>-<last seq>`
 //! and every envelope its own `id`.
+//!
+//! TLS: the system's CAs are trusted, plus `tls.ca` if given; `tls.cert` and
+//! `tls.key` add a client certificate (mutual TLS), with or without `ca`.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -41,10 +44,13 @@ fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, String> {
         .connect_timeout(spec.timeout)
         .user_agent(concat!("edgefn/", env!("CARGO_PKG_VERSION")));
     if let Some(tls) = &spec.tls {
-        for cert in
-            reqwest::Certificate::from_pem_bundle(&tls.ca).map_err(|e| format!("tls.ca: {e}"))?
-        {
-            b = b.add_root_certificate(cert);
+        // `ca` adds to the system's CAs; without it they alone are trusted.
+        if let Some(ca) = &tls.ca {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(ca).map_err(|e| format!("tls.ca: {e}"))?
+            {
+                b = b.add_root_certificate(cert);
+            }
         }
         if let Some((cert, key)) = &tls.client_auth {
             let mut pem = cert.clone();
@@ -111,9 +117,9 @@ impl Sink for HttpSink {
                     batch = more;
                 }
             }
-            let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+            let last = batch[batch.len() - 1].seq;
             let body = envelope::encode_batch(self.common.format, &ctx.gateway_id, &batch, true);
-            let key = format!("{}-{first}-{last}", ctx.gateway_id);
+            let key = envelope::batch_key(&ctx.gateway_id, &batch);
             let mut attempt = 0u32;
             loop {
                 let mut req = client

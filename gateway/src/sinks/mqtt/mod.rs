@@ -242,9 +242,18 @@ impl Sink for MqttSink {
                             }
                         }
                         let mut rows = rows.into_iter().peekable();
-                        while rows.peek().is_some() {
-                            let batch: Vec<StoredRecord> =
-                                rows.by_ref().take(self.common.batch_max).collect();
+                        let topic_of = |r: &StoredRecord| {
+                            render_topic(
+                                &spec.topic_template,
+                                &ctx.gateway_id,
+                                &r.function,
+                                &self.common.name,
+                                &r.topic,
+                            )
+                        };
+                        while let Some((topic, batch)) =
+                            take_batch(&mut rows, self.common.batch_max, topic_of)
+                        {
                             let Some(last) = batch.last() else { break };
                             last_sent = last.seq;
                             let resent = batch.iter().filter(|r| r.seq <= high_water).count();
@@ -252,21 +261,18 @@ impl Sink for MqttSink {
                                 ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
                             }
                             high_water = high_water.max(last_sent);
-                            let first = &batch[0];
-                            let topic = render_topic(
-                                &spec.topic_template,
-                                &ctx.gateway_id,
-                                &first.function,
-                                &self.common.name,
-                                &first.topic,
-                            );
+                            let as_array = self.common.batch_max > 1;
                             let body = envelope::encode_batch(
                                 self.common.format,
                                 &ctx.gateway_id,
                                 &batch,
-                                self.common.batch_max > 1,
+                                as_array,
                             );
-                            let key = envelope::idempotency_key(&ctx.gateway_id, first.seq);
+                            let key = if as_array {
+                                envelope::batch_key(&ctx.gateway_id, &batch)
+                            } else {
+                                envelope::idempotency_key(&ctx.gateway_id, last.seq)
+                            };
                             if let Err(e) = client.publish(topic, body, key).await {
                                 break 'conn e;
                             }
@@ -362,9 +368,81 @@ impl Sink for MqttSink {
     }
 }
 
+/// The records of the next message: up to `max` consecutive records whose
+/// rendered topic is the same, and that topic. A batch never mixes topics:
+/// a record whose topic differs from the one before it starts a new message.
+fn take_batch(
+    rows: &mut std::iter::Peekable<std::vec::IntoIter<StoredRecord>>,
+    max: usize,
+    topic_of: impl Fn(&StoredRecord) -> String,
+) -> Option<(String, Vec<StoredRecord>)> {
+    let first = rows.next()?;
+    let topic = topic_of(&first);
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rows.next_if(|r| topic_of(r) == topic) {
+            Some(r) => batch.push(r),
+            None => break,
+        }
+    }
+    Some((topic, batch))
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, topic: &str) -> StoredRecord {
+        StoredRecord {
+            seq,
+            function: "f".into(),
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            ts_ms: 0,
+        }
+    }
+
+    fn batches(topics: &[&str], max: usize) -> Vec<(String, Vec<u64>)> {
+        let rows: Vec<_> = (1u64..)
+            .zip(topics)
+            .map(|(seq, t)| record(seq, t))
+            .collect();
+        let mut rows = rows.into_iter().peekable();
+        let mut out = Vec::new();
+        while let Some((topic, batch)) = take_batch(&mut rows, max, |r| format!("up/{}", r.topic)) {
+            out.push((topic, batch.iter().map(|r| r.seq).collect()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_never_mixes_topics() {
+        assert_eq!(
+            batches(&["a", "a", "b", "b", "b", "a"], 5),
+            [
+                ("up/a".to_owned(), vec![1, 2]),
+                ("up/b".to_owned(), vec![3, 4, 5]),
+                ("up/a".to_owned(), vec![6]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_batch_max_records() {
+        assert_eq!(
+            batches(&["a", "a", "a"], 2),
+            [
+                ("up/a".to_owned(), vec![1, 2]),
+                ("up/a".to_owned(), vec![3]),
+            ]
+        );
+        assert_eq!(batches(&[], 2), []);
     }
 }

@@ -30,7 +30,8 @@
 //! connection ([`crate::output`]), so a function whose queue is full can never
 //! block the connection its own publishes go through.
 
-use std::collections::{BTreeSet, VecDeque};
+mod sequencer;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -41,6 +42,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Source, SourceContext, SourceError};
 use crate::config::MqttEndpoint;
 use crate::event::{AckGuard, Event, SourceKind};
+use sequencer::AckSequencer;
 
 /// Settings of the MQTT source.
 #[derive(Debug, Clone)]
@@ -238,36 +240,29 @@ async fn ack_in_order(
     mut done: mpsc::UnboundedReceiver<u64>,
     handled: watch::Sender<u64>,
 ) {
-    let mut popped = 0u64;
-    let mut queue: VecDeque<Pending> = VecDeque::new();
-    let mut finished: BTreeSet<u64> = BTreeSet::new();
+    let mut order = AckSequencer::new();
     let (mut received_open, mut done_open) = (true, true);
     while received_open || done_open {
         tokio::select! {
             r = received.recv(), if received_open => match r {
-                Some(p) => queue.push_back(p),
+                Some(p) => order.received(p.n, p),
                 None => received_open = false,
             },
             d = done.recv(), if done_open => match d {
-                Some(n) => { finished.insert(n); }
+                Some(n) => order.finished(n),
                 None => done_open = false,
             },
         }
-        while let Some(front) = queue.front() {
-            if !finished.remove(&front.n) {
-                break;
-            }
-            popped += 1;
-            if let Some(p) = queue.pop_front()
-                && let Some(publish) = p.ack
+        for p in order.release() {
+            if let Some(publish) = p.ack
                 && p.generation == generation.load(Ordering::Relaxed)
                 && let Err(e) = client.ack(&publish).await
             {
                 tracing::warn!(error = %e, "Acknowledgement could not be queued.");
             }
         }
-        handled.send_replace(popped);
-        if !received_open && queue.is_empty() {
+        handled.send_replace(order.released());
+        if !received_open && order.is_empty() {
             break;
         }
     }
