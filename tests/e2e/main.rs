@@ -13,6 +13,7 @@
 
 mod bad_input;
 mod cli;
+mod disk_full;
 mod durability;
 mod operations;
 mod pipeline;
