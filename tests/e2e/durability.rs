@@ -10,14 +10,14 @@ use crate::support::*;
 
 /// Events per scenario: small enough for CI, scaled up with
 /// `EDGEFN_SOAK_EVENTS` (see the README's soak command).
-fn events(ci_default: u64) -> u64 {
+pub(crate) fn events(ci_default: u64) -> u64 {
     std::env::var("EDGEFN_SOAK_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(ci_default)
 }
 
-fn enrich_config(header: &str, cloud_port: u16, outbox: &str) -> String {
+pub(crate) fn enrich_config(header: &str, cloud_port: u16, outbox: &str) -> String {
     format!(
         r#"
 {header}
@@ -54,7 +54,7 @@ async fn collect_all(
 }
 
 /// [`collect_all`] for readings `from..n`; other readings are ignored.
-async fn collect_range(
+pub(crate) async fn collect_range(
     cloud: &mut Subscriber,
     from: u64,
     n: u64,

@@ -14,6 +14,7 @@
 mod ack_order;
 mod bad_input;
 mod cli;
+mod disk_full;
 mod durability;
 mod guest_limits;
 mod operations;

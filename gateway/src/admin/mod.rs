@@ -9,6 +9,7 @@
 
 mod render;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,13 +76,15 @@ pub struct AdminState {
 
 impl AdminState {
     /// Ready, or why not: `/readyz` and `edgefn_ready`.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    pub fn readiness(&self) -> Result<(), Cow<'static, str>> {
         if self.stopping.is_cancelled() {
-            Err("stopping")
+            Err("stopping".into())
+        } else if let Some(reason) = self.outbox.stats().failing() {
+            Err(format!("outbox: commit failing: {reason}").into())
         } else if *self.ready.borrow() {
             Ok(())
         } else {
-            Err("not subscribed to the local broker")
+            Err("not subscribed to the local broker".into())
         }
     }
 

@@ -91,7 +91,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         &mut out,
         "edgefn_ready",
         "gauge",
-        "1 when the MQTT source is subscribed and the gateway is not stopping.",
+        "1 when the MQTT source is subscribed, outbox commits succeed and the gateway is not stopping.",
     )
     .sample(&[], u8::from(state.readiness().is_ok()));
 
@@ -369,6 +369,20 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "Outbox transactions committed (one fsync each).",
     )
     .sample(&[], get(&state.outbox.stats().commits));
+    Family::new(
+        &mut out,
+        "edgefn_outbox_commit_failures_total",
+        "counter",
+        "Outbox transactions that failed (disk full, I/O error) and were rolled back; their records are kept and retried.",
+    )
+    .sample(&[], get(&state.outbox.stats().commit_failures));
+    Family::new(
+        &mut out,
+        "edgefn_outbox_writable",
+        "gauge",
+        "1 while outbox commits succeed; 0 while they fail (intake held back, nothing acknowledged).",
+    )
+    .sample(&[], u8::from(state.outbox.stats().failing().is_none()));
 
     // Connections.
     {

@@ -26,6 +26,13 @@
 //!   devices). A warning is logged when a sink's outbox passes 80 %.
 //! - **Readers** (the delivery tasks) use their own connections: WAL lets
 //!   them read while the writer writes.
+//! - **A failed commit loses nothing** (disk full, I/O error): the
+//!   transaction is rolled back, its appends keep their holds and its
+//!   confirmations are kept, and both are retried with a back-off (50 ms
+//!   doubling to 5 s). Until a commit succeeds the writer takes no new
+//!   appends (back-pressure as under `refuse`); confirmations are retried
+//!   on their own too, since deletes may fit where inserts do not. See
+//!   [`health`].
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -38,6 +45,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, watch};
 
 use crate::event::now_ms;
+
+mod health;
 
 /// What to do when a sink's outbox is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -152,6 +161,22 @@ pub struct OutboxStats {
     pub commits: AtomicU64,
     /// Rows written.
     pub rows_committed: AtomicU64,
+    /// Transactions that failed and were rolled back (their work is kept
+    /// and retried).
+    pub commit_failures: AtomicU64,
+    /// While commits are failing: SQLite's reason (e.g. `database or disk
+    /// is full`); `None` while they succeed.
+    pub failure: std::sync::Mutex<Option<String>>,
+}
+
+impl OutboxStats {
+    /// Why commits are failing, while they are.
+    pub fn failing(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 enum Control {
@@ -162,6 +187,8 @@ enum Control {
     /// Answered after the next commit (which includes every confirmation
     /// and every committable append sent before it).
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Test knob: SQLite's `max_page_count` for the writer's connection.
+    MaxPages(u64),
 }
 
 struct Append {
@@ -275,6 +302,7 @@ impl Outbox {
             committed: committed_tx,
             min_interval: Duration::from_secs(1) / config.max_commits_per_sec.max(1),
             warned: vec![false; config.sinks.len()],
+            health: health::Health::new(totals.clone()),
         };
         std::thread::Builder::new()
             .name("edgefn-outbox".into())
@@ -324,7 +352,8 @@ impl Outbox {
 
     /// Waits until everything sent to the outbox before this call (appends
     /// that fit, and confirmations) is committed. Never waits on a full
-    /// outbox's held-back appends.
+    /// outbox's held-back appends, nor on appends held back while commits
+    /// fail; waits while even confirmations cannot be committed.
     pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.inner.control.send(Control::Flush(tx)).is_ok() {
@@ -369,6 +398,15 @@ impl Outbox {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Test knob: caps the database at `pages` pages (SQLite's
+    /// `max_page_count`, never below its current size), so that commits
+    /// fail with `database or disk is full` where a full filesystem cannot
+    /// be arranged. Not part of the configuration.
+    #[doc(hidden)]
+    pub fn limit_pages(&self, pages: u64) {
+        let _ = self.inner.control.send(Control::MaxPages(pages));
     }
 }
 
@@ -453,18 +491,11 @@ struct Writer {
     committed: Vec<watch::Sender<u64>>,
     min_interval: Duration,
     warned: Vec<bool>,
+    health: health::Health,
 }
 
-fn take(
-    c: Control,
-    confirms: &mut Vec<(usize, Vec<u64>)>,
-    flushes: &mut Vec<tokio::sync::oneshot::Sender<()>>,
-) {
-    match c {
-        Control::Confirm { sink, seqs } => confirms.push((sink, seqs)),
-        Control::Flush(tx) => flushes.push(tx),
-    }
-}
+type Confirms = Vec<(usize, Vec<u64>)>;
+type Flushes = Vec<tokio::sync::oneshot::Sender<()>>;
 
 /// How often the TTL is enforced.
 const TTL_SWEEP: Duration = Duration::from_secs(1);
@@ -488,43 +519,61 @@ impl Writer {
         rt.block_on(async move {
             let mut last_commit = Instant::now() - self.min_interval;
             let mut last_sweep = Instant::now();
-            // Appends that wait for room under the `refuse` policy.
+            // Appends that wait for room under the `refuse` policy, or for
+            // a commit to succeed again.
             let mut waiting: VecDeque<Append> = VecDeque::new();
+            // Confirmations and flushes of a failed commit wait here too.
+            let mut confirms: Confirms = Vec::new();
+            let mut flushes: Flushes = Vec::new();
             let mut appends_open = true;
+            let mut control_open = true;
             loop {
                 let mut batch: Vec<Append> = Vec::new();
-                let mut confirms: Vec<(usize, Vec<u64>)> = Vec::new();
-                let mut flushes: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
-                // Wait for the first piece of work (or the TTL sweep).
-                let sweep_due = tokio::time::sleep_until((last_sweep + TTL_SWEEP).into());
-                tokio::select! {
-                    biased;
-                    c = control.recv() => match c {
-                        Some(c) => take(c, &mut confirms, &mut flushes),
-                        None if !appends_open => break,
-                        None => {}
-                    },
-                    a = appends.recv(), if appends_open && waiting.is_empty() => match a {
-                        Some(a) => batch.push(a),
-                        None => appends_open = false,
-                    },
-                    () = sweep_due => {}
+                // While commits fail, no new appends are taken (back-pressure)
+                // and the next attempt waits for the back-off.
+                let retry_at = self.health.retry_at();
+                let taking = |open: bool, waiting: &VecDeque<Append>| {
+                    open && waiting.is_empty() && retry_at.is_none()
+                };
+                if retry_at.is_none() {
+                    // Wait for the first piece of work (or the TTL sweep).
+                    let sweep_due = tokio::time::sleep_until((last_sweep + TTL_SWEEP).into());
+                    tokio::select! {
+                        biased;
+                        c = control.recv(), if control_open => match c {
+                            Some(c) => self.take(c, &mut confirms, &mut flushes),
+                            None if !appends_open => break,
+                            None => control_open = false,
+                        },
+                        a = appends.recv(), if taking(appends_open, &waiting) => match a {
+                            Some(a) => batch.push(a),
+                            None => appends_open = false,
+                        },
+                        () = sweep_due => {}
+                    }
                 }
-                if !appends_open && waiting.is_empty() && batch.is_empty() && confirms.is_empty() && flushes.is_empty() {
+                if !appends_open
+                    && waiting.is_empty()
+                    && batch.is_empty()
+                    && confirms.is_empty()
+                    && flushes.is_empty()
+                {
                     while let Ok(c) = control.try_recv() {
-                        take(c, &mut confirms, &mut flushes);
+                        self.take(c, &mut confirms, &mut flushes);
                     }
                     if confirms.is_empty() && flushes.is_empty() {
                         break;
                     }
                 }
-                // Gather everything else that arrives within the window.
-                let deadline = last_commit + self.min_interval;
+                // Gather everything else that arrives within the window (or
+                // the back-off).
+                let deadline =
+                    (last_commit + self.min_interval).max(retry_at.unwrap_or(last_commit));
                 loop {
                     while let Ok(c) = control.try_recv() {
-                        take(c, &mut confirms, &mut flushes);
+                        self.take(c, &mut confirms, &mut flushes);
                     }
-                    if appends_open && waiting.is_empty() {
+                    if taking(appends_open, &waiting) {
                         while batch.len() < 10_000 {
                             match appends.try_recv() {
                                 Ok(a) => batch.push(a),
@@ -541,8 +590,11 @@ impl Writer {
                     }
                     tokio::select! {
                         () = tokio::time::sleep_until(deadline.into()) => break,
-                        c = control.recv() => if let Some(c) = c { take(c, &mut confirms, &mut flushes) },
-                        a = appends.recv(), if appends_open && waiting.is_empty() => match a {
+                        c = control.recv(), if control_open => match c {
+                            Some(c) => self.take(c, &mut confirms, &mut flushes),
+                            None => control_open = false,
+                        },
+                        a = appends.recv(), if taking(appends_open, &waiting) => match a {
                             Some(a) => batch.push(a),
                             None => appends_open = false,
                         },
@@ -555,31 +607,90 @@ impl Writer {
                 if sweep {
                     last_sweep = Instant::now();
                 }
-                match self.commit(&mut pending, &confirms, sweep) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        // Keep the holds: their inputs stay unacknowledged
-                        // and will be redelivered. Retry after a pause.
-                        tracing::error!(error = %e, "Outbox commit failed; retrying.");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
+                self.attempt(&mut pending, &mut confirms, &mut flushes, sweep);
                 last_commit = Instant::now();
                 waiting = pending;
-                for f in flushes {
-                    let _ = f.send(());
-                }
             }
             tracing::debug!("Outbox writer stopped.");
         });
     }
 
-    /// One transaction: confirmations, TTL, then as many appends as limits
-    /// allow (the rest stay in `pending`). Holds of committed appends are
-    /// dropped after the commit.
+    fn take(&self, c: Control, confirms: &mut Confirms, flushes: &mut Flushes) {
+        match c {
+            Control::Confirm { sink, seqs } => confirms.push((sink, seqs)),
+            Control::Flush(tx) => flushes.push(tx),
+            Control::MaxPages(pages) => {
+                let set =
+                    self.conn
+                        .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                            r.get::<_, i64>(0)
+                        });
+                tracing::debug!(pages, result = ?set, "Outbox page limit set (test knob).");
+            }
+        }
+    }
+
+    /// Commits `pending` and `confirms`. On success the confirmations are
+    /// done and the flushes answered. On failure everything is kept for the
+    /// retry; the confirmations are then tried on their own (deletes may
+    /// fit where inserts do not, and deliveries wait on them), and the
+    /// flushes are answered once no confirmation is left.
+    fn attempt(
+        &mut self,
+        pending: &mut VecDeque<Append>,
+        confirms: &mut Confirms,
+        flushes: &mut Flushes,
+        sweep: bool,
+    ) {
+        let had_appends = !pending.is_empty();
+        match self.commit(pending, confirms, sweep) {
+            Ok(()) => self.health.succeeded(),
+            Err(e) => {
+                self.health.failed(&e, pending.len());
+                // Flushes do not wait on held appends, only on confirmations.
+                let confirmed = confirms.is_empty()
+                    || (had_appends && self.commit(&mut VecDeque::new(), confirms, false).is_ok());
+                if !confirmed {
+                    return;
+                }
+            }
+        }
+        confirms.clear();
+        for f in flushes.drain(..) {
+            let _ = f.send(());
+        }
+    }
+
+    /// One transaction (see [`Writer::transaction`]). If it fails, it is
+    /// rolled back and the appends it took go back to the front of
+    /// `pending`, in order, with their holds: nothing is acknowledged.
     fn commit(
         &mut self,
         pending: &mut VecDeque<Append>,
+        confirms: &[(usize, Vec<u64>)],
+        sweep: bool,
+    ) -> Result<(), OutboxError> {
+        let mut taken: Vec<Append> = Vec::new();
+        let result = self.transaction(pending, &mut taken, confirms, sweep);
+        if result.is_err() {
+            while let Some(a) = taken.pop() {
+                pending.push_front(a);
+            }
+        }
+        // Durable now (or back in `pending`): release the inputs'
+        // acknowledgements.
+        drop(taken);
+        result
+    }
+
+    /// One transaction: confirmations, TTL, then as many appends as limits
+    /// allow (the rest stay in `pending`). The appends it wrote are moved to
+    /// `taken`; the caller drops them (releasing their holds) only if this
+    /// returns `Ok`.
+    fn transaction(
+        &mut self,
+        pending: &mut VecDeque<Append>,
+        taken: &mut Vec<Append>,
         confirms: &[(usize, Vec<u64>)],
         sweep: bool,
     ) -> Result<(), OutboxError> {
@@ -639,7 +750,6 @@ impl Writer {
                 }
             }
         }
-        let mut committed_appends: Vec<Append> = Vec::new();
         let mut added = false;
         let mut inserted = 0u64;
         let mut max_seq = 0u64;
@@ -650,8 +760,13 @@ impl Writer {
                 )
                 .map_err(&err)?;
             'appends: while let Some(append) = pending.pop_front() {
+                // In `taken` from here on: if anything below fails, the
+                // caller puts it back into `pending`, hold and all.
+                taken.push(append);
+                let Some(append) = taken.last() else { break };
+                let mut refuse = false;
                 // Check room for the whole append first (it is all or nothing).
-                for r in &append.records {
+                'room: for r in &append.records {
                     let Some(&i) = self.sink_index.get(&r.sink) else {
                         continue;
                     };
@@ -666,8 +781,8 @@ impl Writer {
                         FullPolicy::Refuse => {
                             refused[i] += 1;
                             tracing::warn!(sink = %l.sink, rows, bytes, "Outbox full: holding new records back until deliveries make room.");
-                            pending.push_front(append);
-                            break 'appends;
+                            refuse = true;
+                            break 'room;
                         }
                         FullPolicy::DropOldest => {
                             let mut rows = rows;
@@ -693,6 +808,12 @@ impl Writer {
                         }
                     }
                 }
+                if refuse {
+                    if let Some(append) = taken.pop() {
+                        pending.push_front(append);
+                    }
+                    break 'appends;
+                }
                 for r in &append.records {
                     let Some(&i) = self.sink_index.get(&r.sink) else {
                         tracing::error!(sink = %r.sink, "Record for an unknown sink not stored.");
@@ -713,7 +834,6 @@ impl Writer {
                     added = true;
                     inserted += 1;
                 }
-                committed_appends.push(append);
             }
         }
         tx.commit().map_err(&err)?;
@@ -747,8 +867,6 @@ impl Writer {
                 tx.send_replace(max_seq);
             }
         }
-        // Durable now: release the inputs' acknowledgements.
-        drop(committed_appends);
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use super::*;
 
@@ -189,4 +189,89 @@ async fn expired_records_are_deleted_and_counted() {
         ob.flush().await;
     }
     assert_eq!(stats.rows.load(Ordering::Relaxed), 1);
+}
+
+/// A record that needs new pages whatever the free space in existing ones
+/// (its payload spills to overflow pages).
+fn big_record(sink: &str, n: u64) -> NewRecord {
+    let mut r = record(sink, n);
+    let mut payload = format!("{{\"n\":{n},\"pad\":\"").into_bytes();
+    payload.resize(8 * 1024, b'x');
+    payload.extend_from_slice(b"\"}");
+    r.payload = Bytes::from(payload);
+    r
+}
+
+/// Polls `cond` (a counter, which has no event to wait on) for up to 10 s.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_commit_keeps_its_holds_and_retries_until_it_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ob = open(dir.path(), vec![limits("cloud", 1000, FullPolicy::Refuse)]);
+    ob.append(vec![record("cloud", 0)], None)
+        .await
+        .expect("append");
+    ob.flush().await;
+    // The database may not grow any more: every insert fails with SQLITE_FULL.
+    ob.limit_pages(1);
+    let released = Arc::new(AtomicU64::new(0));
+    for n in 1..=20 {
+        let count = released.clone();
+        let hold = OnDrop(Some(Box::new(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        })));
+        ob.append(vec![big_record("cloud", n)], Some(Box::new(hold)))
+            .await
+            .expect("append");
+    }
+    let stats = ob.stats().clone();
+    until("three failed commits", || {
+        stats.commit_failures.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        0,
+        "nothing is acknowledged while its commit fails"
+    );
+    assert_eq!(stats.failing().as_deref(), Some("database or disk is full"));
+    assert_eq!(stats.rows_committed.load(Ordering::Relaxed), 1);
+    // Confirmations still commit on their own (a delete needs no new page),
+    // so deliveries are not stuck behind the failing appends.
+    ob.confirm("cloud", vec![1]);
+    ob.flush().await;
+    let sink = ob.sink_stats("cloud").expect("sink");
+    assert_eq!(sink.delivered.load(Ordering::Relaxed), 1);
+    assert_eq!(released.load(Ordering::SeqCst), 0);
+    assert!(stats.failing().is_some(), "the appends still fail");
+
+    // Space returns: the writer recovers by itself, in order, and only now
+    // releases the holds.
+    ob.limit_pages(1 << 30);
+    until("the held appends commit", || {
+        released.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    assert_eq!(stats.failing(), None);
+    let rows = ob
+        .reader()
+        .expect("reader")
+        .next_batch("cloud", 0, 100)
+        .expect("read");
+    let readings: Vec<u64> = rows
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+            v["n"].as_u64().expect("n")
+        })
+        .collect();
+    assert_eq!(readings, (1..=20).collect::<Vec<_>>());
+    assert_eq!(sink.rows.load(Ordering::Relaxed), 20);
 }
