@@ -9,6 +9,7 @@
 
 mod render;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxError, Reader};
+use crate::progress::Progress;
 use crate::sinks::DeliveryStats;
 use crate::sources::serial::SourceStats;
 
@@ -67,6 +69,8 @@ pub struct AdminState {
     pub reader: std::sync::Mutex<Option<Reader>>,
     /// Whether the MQTT source is subscribed.
     pub ready: watch::Receiver<bool>,
+    /// Whether every function worker and source makes progress.
+    pub progress: Arc<Progress>,
     /// Cancelled when the gateway starts stopping.
     pub stopping: CancellationToken,
     /// Required bearer token, if configured.
@@ -75,13 +79,15 @@ pub struct AdminState {
 
 impl AdminState {
     /// Ready, or why not: `/readyz` and `edgefn_ready`.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    pub fn readiness(&self) -> Result<(), Cow<'static, str>> {
         if self.stopping.is_cancelled() {
-            Err("stopping")
+            Err("stopping".into())
+        } else if let Some(stuck) = self.progress.stuck() {
+            Err(format!("stuck: {stuck}").into())
         } else if *self.ready.borrow() {
             Ok(())
         } else {
-            Err("not subscribed to the local broker")
+            Err("not subscribed to the local broker".into())
         }
     }
 
