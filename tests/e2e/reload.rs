@@ -166,3 +166,115 @@ async fn a_change_that_needs_a_restart_is_reported_at_every_reload() {
     );
     assert!(gw.shutdown(WAIT).await);
 }
+
+/// Lines of a child's stderr, read on a thread.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (up to [`WAIT`]) for a line containing every one of `parts`;
+/// returns the lines before it too.
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    parts: &[&str],
+) -> (String, Vec<String>) {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no log line with {parts:?} after {before:?}"));
+        if parts.iter().all(|p| line.contains(p)) {
+            return (line, before);
+        }
+        before.push(line);
+    }
+}
+
+fn hangup(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The real binary: a `[broker]` change is logged by name at the first and
+/// the second `SIGHUP`; an invalid file and a refused one are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_names_what_needs_a_restart_every_time_and_counts_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let (port, admin) = (free_port(), free_port());
+    let admin_table = format!("\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    let toml = |listen: u16, sinks: &str| {
+        threshold_config(&format!("127.0.0.1:{listen}"), "http://127.0.0.1:9/a", 30)
+            .replace("publish = [", &format!("sinks = {sinks}\npublish = ["))
+            + &admin_table
+    };
+    std::fs::write(&path, toml(port, "[]")).unwrap();
+    let mut child = std::process::Command::new(edgefn_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("EDGEFN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    wait_for_line(&lines, &["Gateway started."]);
+
+    let moved = free_port();
+    std::fs::write(&path, toml(moved, "[]")).unwrap();
+    for _ in 0..2 {
+        hangup(&child);
+        let (_, before) = wait_for_line(&lines, &["Configuration reloaded.", "restart_pending=1"]);
+        assert!(
+            before.iter().any(
+                |l| l.contains("Reload: change needs a restart; not applied.")
+                    && l.contains("section=broker")
+                    && l.contains("key=\"listen\"")
+            ),
+            "{before:?}"
+        );
+    }
+    // A new sink and the function pointed at it: refused.
+    let cloud2 =
+        "\n[[sinks]]\nkind = \"http\"\nname = \"cloud2\"\nurl = \"http://127.0.0.1:9/c\"\n";
+    std::fs::write(&path, toml(moved, "[\"cloud2\"]") + cloud2).unwrap();
+    hangup(&child);
+    wait_for_line(&lines, &["Reload refused; nothing was changed.", "cloud2"]);
+    std::fs::write(&path, "[gateway]\nid = ").unwrap();
+    hangup(&child);
+    wait_for_line(&lines, &["The new configuration is invalid"]);
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "edgefn_reloads_total{result=\"applied\"} 2",
+        "edgefn_reloads_total{result=\"refused\"} 1",
+        "edgefn_reloads_total{result=\"failed\"} 1",
+        "edgefn_reload_restart_pending 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == want), "{want}\n{metrics}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
