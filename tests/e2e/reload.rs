@@ -246,7 +246,7 @@ async fn sighup_names_what_needs_a_restart_every_time_and_counts_reloads() {
             before.iter().any(
                 |l| l.contains("Reload: change needs a restart; not applied.")
                     && l.contains("section=broker")
-                    && l.contains("key=\"listen\"")
+                    && l.contains("key=listen change=changed")
             ),
             "{before:?}"
         );

@@ -157,8 +157,8 @@ impl Reloader {
         for c in &restart {
             tracing::warn!(
                 section = %c.section,
-                key = c.key,
-                change = c.change,
+                key = %c.key,
+                change = %c.change,
                 "Reload: change needs a restart; not applied."
             );
         }
