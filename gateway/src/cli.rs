@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ValidConfig};
 use crate::event::{Event, SourceKind};
+use crate::runtime::reload::ReloadOutcome;
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::supervisor::{Gateway, load_functions, systemd};
 
@@ -344,7 +345,7 @@ async fn run(
         _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
     };
     let watchdog = CancellationToken::new();
-    systemd::spawn_watchdog(watchdog.clone());
+    systemd::spawn_watchdog(watchdog.clone(), gateway.progress().clone());
     systemd::ready(&format!(
         "serving {} function(s); admin {}",
         config.functions.len(),
@@ -370,11 +371,16 @@ async fn run(
             _ = hangup.recv() => {
                 tracing::info!(config = %config.path.display(), "SIGHUP: reloading the configuration.");
                 match config::load(&config.path) {
-                    Ok(new) => {
-                        let switched = gateway.reload(new).await;
-                        tracing::info!(switched, "Configuration reloaded.");
-                    }
+                    Ok(new) => match gateway.reload(new).await {
+                        ReloadOutcome::Applied { switched, restart_needed } => {
+                            tracing::info!(switched, restart_pending = restart_needed.len(), "Configuration reloaded.");
+                        }
+                        ReloadOutcome::Refused(problems) => {
+                            tracing::error!(problems = problems.len(), "Configuration reload refused; nothing was changed.");
+                        }
+                    },
                     Err(errors) => {
+                        gateway.metrics().reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::error!(problems = %errors, "The new configuration is invalid; nothing was changed.");
                     }
                 }

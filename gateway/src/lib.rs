@@ -26,6 +26,7 @@
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, Prometheus
 //!   metrics, the function list).
 //! - [`topic`]: MQTT topic names and filters.
+//! - [`progress`]: the progress watchdog (stuck workers and sources).
 //! - [`event`], [`metrics`], [`mqtt`], [`simulate`]: shared pieces.
 
 pub mod bindings {
@@ -46,6 +47,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
 pub mod output;
+pub mod progress;
 pub mod router;
 pub mod runtime;
 pub mod simulate;

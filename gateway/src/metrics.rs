@@ -237,6 +237,17 @@ pub struct GatewayMetrics {
     pub source_reconnects: AtomicU64,
     /// Reconnects of the local publisher's connection.
     pub publisher_reconnects: AtomicU64,
+    /// Configuration reloads (`SIGHUP`) applied (in part: see
+    /// `restart_pending`).
+    pub reloads_applied: AtomicU64,
+    /// Reloads refused whole: functions named sinks or serial ports the
+    /// running gateway lacks.
+    pub reloads_refused: AtomicU64,
+    /// Reloads of a configuration that did not validate.
+    pub reloads_failed: AtomicU64,
+    /// Settings of the last reloaded configuration that differ from the
+    /// running one and wait for a restart.
+    pub restart_pending: AtomicU64,
 }
 
 #[cfg(test)]

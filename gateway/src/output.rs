@@ -15,6 +15,7 @@ use crate::config::MqttEndpoint;
 use crate::event::{Event, now_ms};
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{NewRecord, Outbox};
+use crate::progress::{Activity, Beat};
 use crate::runtime::Outputs;
 use crate::runtime::logs::{REASON_BYTES, bounded};
 use crate::sources::serial::SourceStats;
@@ -45,13 +46,16 @@ impl OutputPort {
     /// Sends `outputs` of `function`, produced while handling `event`. The
     /// forwards are appended to the outbox holding a reference to the event,
     /// so the event is acknowledged only after they are committed. Waits
-    /// while a queue is full (back-pressure to the function's worker).
+    /// while a queue is full (back-pressure to the function's worker); a
+    /// wait for room in the outbox is idle for `beat` (deliberate
+    /// back-pressure, not a stall).
     pub async fn deliver(
         &self,
         function: &str,
         event: &Arc<Event>,
         outputs: Outputs,
         metrics: &FunctionMetrics,
+        beat: &Beat,
     ) {
         for p in outputs.publishes {
             let qos = match p.qos {
@@ -98,11 +102,13 @@ impl OutputPort {
                 ts_ms,
             })
             .collect();
-        match self
+        beat.idle();
+        let appended = self
             .outbox
             .append(records, Some(Box::new(event.clone())))
-            .await
-        {
+            .await;
+        beat.busy(Activity::Delivering);
+        match appended {
             Ok(()) => {
                 metrics.forwarded.fetch_add(n, Ordering::Relaxed);
             }

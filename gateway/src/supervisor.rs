@@ -28,9 +28,10 @@ use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxConfig, OutboxError};
 use crate::output::SerialWriters;
 use crate::output::{OutputPort, local_publisher};
+use crate::progress::{Progress, SOURCE_LIMIT, WORKER_MARGIN};
 use crate::router::{Route, Router};
 use crate::runtime::queue::queue;
-use crate::runtime::reload::{Reloader, Slot, watch_files};
+use crate::runtime::reload::{ReloadOutcome, Reloader, Slot, watch_files};
 use crate::runtime::worker::Worker;
 use crate::runtime::{EngineError, LoadError, LoadedFunction, Runtime, RuntimeOptions};
 use crate::sinks::http::HttpSink;
@@ -109,6 +110,7 @@ pub struct Gateway {
     reloader: Arc<Reloader>,
     pooling: bool,
     admin: Option<SocketAddr>,
+    progress: Arc<Progress>,
 }
 
 enum Parts {
@@ -163,6 +165,7 @@ impl Gateway {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(GatewayMetrics::default());
+        let progress = Arc::new(Progress::default());
 
         let outbox = Outbox::open(OutboxConfig {
             path: config.data_dir.join("outbox.sqlite"),
@@ -213,6 +216,7 @@ impl Gateway {
                         writes: rx,
                         stats,
                         local: publisher.clone(),
+                        beat: progress.watch("source", &s.name, SOURCE_LIMIT),
                     }));
                 }
                 SourceSpec::I2c(s) => {
@@ -220,6 +224,7 @@ impl Gateway {
                     source_parts.push(Parts::I2c(I2cParts {
                         spec: s.clone(),
                         stats,
+                        beat: progress.watch("source", &s.name, SOURCE_LIMIT),
                     }));
                 }
             }
@@ -255,12 +260,22 @@ impl Gateway {
                     port: port.clone(),
                     breaker: spec.breaker.clone(),
                     rollback_after: config.runtime.rollback_after,
+                    beat: progress.watch(
+                        "function",
+                        &spec.name,
+                        spec.limits.timeout + WORKER_MARGIN,
+                    ),
                 }
                 .run(),
             );
         }
         let pooling = runtime.pooling();
-        let reloader = Arc::new(Reloader::new(runtime, config.clone(), slots));
+        let reloader = Arc::new(Reloader::new(
+            runtime,
+            config.clone(),
+            slots,
+            metrics.clone(),
+        ));
         if let Some(interval) = config.runtime.watch {
             tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
         }
@@ -319,6 +334,7 @@ impl Gateway {
                     outbox: outbox.clone(),
                     reader: std::sync::Mutex::new(None),
                     ready: ready.clone(),
+                    progress: progress.clone(),
                     stopping: cancel.clone(),
                     token: config.admin.as_ref().and_then(|a| a.token.clone()),
                 });
@@ -335,6 +351,7 @@ impl Gateway {
             }
             None => None,
         };
+        tokio::spawn(crate::progress::monitor(progress.clone(), cancel.clone()));
         tracker.close();
         let gateway = Self {
             cancel,
@@ -349,6 +366,7 @@ impl Gateway {
             reloader,
             pooling,
             admin,
+            progress,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an
@@ -426,15 +444,21 @@ impl Gateway {
     }
 
     /// Applies a re-read configuration (`SIGHUP`): functions whose settings
-    /// or component changed are reloaded without a restart. Returns how many
-    /// new versions were switched in.
-    pub async fn reload(&self, config: ValidConfig) -> usize {
+    /// or component changed are reloaded without a restart; what needs a
+    /// restart is logged by name; a configuration naming sinks or serial
+    /// ports the gateway lacks is refused whole.
+    pub async fn reload(&self, config: ValidConfig) -> ReloadOutcome {
         self.reloader.apply(config).await
     }
 
     /// Checks the component files now (the file watch does it periodically).
     pub async fn check_files(&self) -> usize {
         self.reloader.check_files().await
+    }
+
+    /// Whether every worker and source makes progress (the watchdog).
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
     }
 
     /// Gateway-wide counters.
@@ -474,10 +498,13 @@ fn loopback_for(addr: SocketAddr) -> IpAddr {
 /// stopping, and watchdog pings. Every call is a no-op when the gateway was
 /// not started by systemd (`$NOTIFY_SOCKET` unset).
 pub mod systemd {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use sd_notify::NotifyState;
     use tokio_util::sync::CancellationToken;
+
+    use crate::progress::Progress;
 
     fn send(states: &[NotifyState<'_>]) {
         if let Err(e) = sd_notify::notify(false, states) {
@@ -513,8 +540,9 @@ pub mod systemd {
     /// `$WATCHDOG_USEC`) until `stop` is cancelled. The pings come from a
     /// task on the gateway's async runtime: when the runtime stalls (all its
     /// threads blocked, a deadlock), the pings stop and systemd restarts the
-    /// service.
-    pub fn spawn_watchdog(stop: CancellationToken) {
+    /// service. They also stop while a function worker or a source is stuck
+    /// ([`crate::progress`]); `STATUS=` then says which.
+    pub fn spawn_watchdog(stop: CancellationToken, progress: Arc<Progress>) {
         let Some(usec) = watchdog_usec() else {
             return;
         };
@@ -526,10 +554,26 @@ pub mod systemd {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut stuck = false;
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    _ = tick.tick() => send(&[NotifyState::Watchdog]),
+                    _ = tick.tick() => {}
+                }
+                match progress.stuck() {
+                    None if stuck => {
+                        stuck = false;
+                        send(&[
+                            NotifyState::Status("progressing again"),
+                            NotifyState::Watchdog,
+                        ]);
+                    }
+                    None => send(&[NotifyState::Watchdog]),
+                    Some(why) if !stuck => {
+                        stuck = true;
+                        send(&[NotifyState::Status(&format!("stuck: {why}"))]);
+                    }
+                    Some(_) => {}
                 }
             }
         });

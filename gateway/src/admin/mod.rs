@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxError, Reader};
+use crate::progress::Progress;
 use crate::sinks::DeliveryStats;
 use crate::sources::serial::SourceStats;
 
@@ -68,6 +69,8 @@ pub struct AdminState {
     pub reader: std::sync::Mutex<Option<Reader>>,
     /// Whether the MQTT source is subscribed.
     pub ready: watch::Receiver<bool>,
+    /// Whether every function worker and source makes progress.
+    pub progress: Arc<Progress>,
     /// Cancelled when the gateway starts stopping.
     pub stopping: CancellationToken,
     /// Required bearer token, if configured.
@@ -81,6 +84,8 @@ impl AdminState {
             Err("stopping".into())
         } else if let Some(reason) = self.outbox.stats().failing() {
             Err(format!("outbox: commit failing: {reason}").into())
+        } else if let Some(stuck) = self.progress.stuck() {
+            Err(format!("stuck: {stuck}").into())
         } else if *self.ready.borrow() {
             Ok(())
         } else {

@@ -91,7 +91,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         &mut out,
         "edgefn_ready",
         "gauge",
-        "1 when the MQTT source is subscribed, outbox commits succeed and the gateway is not stopping.",
+        "1 when the MQTT source is subscribed, outbox commits succeed, every function worker and source makes progress, and the gateway is not stopping.",
     )
     .sample(&[], u8::from(state.readiness().is_ok()));
 
@@ -402,7 +402,29 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             f.sample(&[("connection", &format!("sink/{sink}"))], get(&d.failures));
         }
     }
+    reloads(&mut out, state);
     out
+}
+
+/// Configuration reloads (`SIGHUP`) and what waits for a restart.
+fn reloads(out: &mut String, state: &AdminState) {
+    let m = &state.metrics;
+    Family::new(
+        out,
+        "edgefn_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP) by result: applied, refused (functions named sinks or serial ports the running gateway lacks) or failed (invalid configuration).",
+    )
+    .sample(&[("result", "applied")], get(&m.reloads_applied))
+    .sample(&[("result", "refused")], get(&m.reloads_refused))
+    .sample(&[("result", "failed")], get(&m.reloads_failed));
+    Family::new(
+        out,
+        "edgefn_reload_restart_pending",
+        "gauge",
+        "Settings of the last reloaded configuration that differ from the running one and need a restart.",
+    )
+    .sample(&[], get(&m.restart_pending));
 }
 
 /// `/functions`: name, version hash, breaker state and counters of each

@@ -7,6 +7,7 @@
 //! setting and collect *all* problems. Each problem names the file, the key
 //! path (e.g. `functions[1].limits.timeout_ms`) and the reason.
 
+pub mod diff;
 pub mod interpolate;
 pub mod schema;
 
@@ -158,7 +159,7 @@ pub struct RuntimeSpec {
 }
 
 /// A validated serial or I2C source.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SourceSpec {
     /// A serial port.
     Serial(SerialSpec),
@@ -167,7 +168,7 @@ pub enum SourceSpec {
 }
 
 /// A validated serial source.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SerialSpec {
     /// Unique name.
     pub name: String,
@@ -192,7 +193,7 @@ pub struct SerialSpec {
 }
 
 /// A validated I2C source.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct I2cSpec {
     /// Unique name.
     pub name: String,
@@ -209,7 +210,7 @@ pub struct I2cSpec {
 }
 
 /// The local broker, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Broker {
     /// rumqttd inside the gateway, listening on this address.
     Embedded {
@@ -221,7 +222,7 @@ pub enum Broker {
 }
 
 /// Where and how to connect as an MQTT client.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MqttEndpoint {
     /// Host name or IP address.
     pub host: String,
@@ -236,7 +237,7 @@ pub struct MqttEndpoint {
 }
 
 /// TLS files, read and checked at validation time.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct TlsMaterial {
     /// PEM CA certificates.
     pub ca: Vec<u8>,
@@ -411,7 +412,7 @@ impl From<&schema::LimitsConfig> for Limits {
 }
 
 /// A validated sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkSpec {
     /// Unique name.
     pub name: String,
@@ -428,7 +429,7 @@ pub struct SinkSpec {
 }
 
 /// Kind-specific sink settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     /// MQTT.
     Mqtt(MqttSinkSpec),
@@ -437,7 +438,7 @@ pub enum SinkKind {
 }
 
 /// A validated MQTT sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MqttSinkSpec {
     /// The broker to deliver to.
     pub endpoint: MqttEndpoint,
@@ -454,7 +455,7 @@ pub struct MqttSinkSpec {
 }
 
 /// A validated HTTP sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSinkSpec {
     /// The URL batches are POSTed to.
     pub url: String,

@@ -9,8 +9,12 @@
 //! events (see [`crate::runtime::worker`]). A version that fails to load is
 //! refused and the old one keeps running.
 //!
-//! What a reload cannot change without a restart (triggers, added or removed
-//! functions, sinks, sources, the broker) is logged and left as it was.
+//! What a reload cannot change without a restart (see
+//! [`crate::config::diff`]) is logged by name and left as it was; the
+//! running configuration stays the baseline, so the next reload reports it
+//! again. A configuration whose functions name a sink or serial port the
+//! running gateway lacks is refused whole: applying its allowlists would
+//! accept forwards and writes that then have nowhere to go.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -21,8 +25,9 @@ use std::time::Duration;
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::diff::{RestartNeeded, missing_targets, restart_needed};
 use crate::config::{FunctionSpec, ValidConfig};
-use crate::metrics::FunctionMetrics;
+use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::runtime::{LoadedFunction, Runtime};
 
 /// What identifies one state of a file.
@@ -67,20 +72,44 @@ impl Slot {
     }
 }
 
+/// What a configuration reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// Applied: `switched` functions got a new version; the settings in
+    /// `restart_needed` wait for a restart.
+    Applied {
+        /// New versions handed to workers.
+        switched: usize,
+        /// Changes that were not applied.
+        restart_needed: Vec<RestartNeeded>,
+    },
+    /// Refused whole, nothing applied; why.
+    Refused(Vec<String>),
+}
+
 /// Loads new versions and hands them to the workers.
 pub struct Reloader {
     runtime: Arc<Runtime>,
+    /// The configuration the gateway was started with: what runs, apart
+    /// from the functions' live settings (kept in the slots).
     config: Mutex<ValidConfig>,
     slots: Mutex<Vec<Slot>>,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl Reloader {
     /// A reloader over `slots`, started from `config`.
-    pub fn new(runtime: Arc<Runtime>, config: ValidConfig, slots: Vec<Slot>) -> Self {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        config: ValidConfig,
+        slots: Vec<Slot>,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Self {
         Self {
             runtime,
             config: Mutex::new(config),
             slots: Mutex::new(slots),
+            metrics,
         }
     }
 
@@ -107,50 +136,65 @@ impl Reloader {
         switched
     }
 
-    /// Applies a re-read configuration (`SIGHUP`): reloads functions whose
-    /// settings or component changed; logs what needs a restart. Returns
-    /// how many new versions were handed over.
-    pub async fn apply(&self, new: ValidConfig) -> usize {
-        let mut current = self.config.lock().await;
+    /// Applies a re-read configuration (`SIGHUP`) against the running one,
+    /// which stays the baseline (so what needs a restart is reported again
+    /// at every reload until the restart). Refused whole, with nothing
+    /// applied, when a function names a sink or serial port the running
+    /// gateway lacks; otherwise every function whose live settings or
+    /// component changed is reloaded and each setting that needs a restart
+    /// is logged by name.
+    pub async fn apply(&self, new: ValidConfig) -> ReloadOutcome {
+        let running = self.config.lock().await;
+        let missing = missing_targets(&running, &new);
+        if !missing.is_empty() {
+            self.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
+            for problem in &missing {
+                tracing::error!(%problem, "Reload refused; nothing was changed.");
+            }
+            return ReloadOutcome::Refused(missing);
+        }
+        let restart = restart_needed(&running, &new);
+        for c in &restart {
+            tracing::warn!(
+                section = %c.section,
+                key = %c.key,
+                change = %c.change,
+                "Reload: change needs a restart; not applied."
+            );
+        }
         let mut slots = self.slots.lock().await;
         let mut switched = 0;
         for spec in &new.functions {
             let Some(slot) = slots.iter_mut().find(|s| s.spec.name == spec.name) else {
-                tracing::warn!(function = %spec.name, "New function in the configuration; it starts at the next restart.");
                 continue;
             };
-            if spec.triggers != slot.spec.triggers {
-                tracing::warn!(function = %spec.name, "Changed triggers take effect at the next restart; the old ones stay.");
-            }
+            // What only a restart changes stays as it runs.
             let mut next = spec.clone();
             next.triggers = slot.spec.triggers.clone();
+            next.limits.queue = slot.spec.limits.queue;
+            next.limits.queue_policy = slot.spec.limits.queue_policy;
+            next.breaker = slot.spec.breaker.clone();
             let now = stamp(&next.component);
             if next == slot.spec && now == slot.stamp {
                 continue;
             }
             slot.stamp = now;
             if self
-                .reload(slot, next, &new.gateway_id, "configuration reloaded")
+                .reload(slot, next, &running.gateway_id, "configuration reloaded")
                 .await
             {
                 switched += 1;
             }
         }
-        for slot in slots.iter() {
-            if !new.functions.iter().any(|f| f.name == slot.spec.name) {
-                tracing::warn!(function = %slot.spec.name, "Function removed from the configuration; it keeps running until the next restart.");
-            }
+        self.metrics.reloads_applied.fetch_add(1, Ordering::Relaxed);
+        let pending = u64::try_from(restart.len()).unwrap_or(u64::MAX);
+        self.metrics
+            .restart_pending
+            .store(pending, Ordering::Relaxed);
+        ReloadOutcome::Applied {
+            switched,
+            restart_needed: restart,
         }
-        if new.sinks.len() != current.sinks.len()
-            || new.sources.len() != current.sources.len()
-            || new.runtime != current.runtime
-        {
-            tracing::warn!(
-                "Changes to sinks, sources, the broker or [runtime] take effect at the next restart."
-            );
-        }
-        *current = new;
-        switched
     }
 
     async fn reload(

@@ -25,6 +25,7 @@ use crate::config::BreakerSpec;
 use crate::event::Event;
 use crate::metrics::Failure;
 use crate::output::OutputPort;
+use crate::progress::{Activity, Beat, WORKER_MARGIN};
 use crate::runtime::breaker::{Admit, Breaker, BreakerState};
 use crate::runtime::queue::QueueReceiver;
 use crate::runtime::{Invocation, LoadedFunction};
@@ -41,6 +42,8 @@ pub struct Worker {
     pub breaker: BreakerSpec,
     /// Failures in a row that roll a new version back.
     pub rollback_after: u32,
+    /// Its progress, for the watchdog ([`crate::progress`]).
+    pub beat: Arc<Beat>,
 }
 
 struct Probation {
@@ -86,13 +89,18 @@ impl Worker {
         loop {
             let event = match self.queue.try_pop() {
                 Some(e) => e,
-                None => match rt.block_on(self.queue.pop()) {
-                    Some(e) => e,
-                    None => break,
-                },
+                None => {
+                    self.beat.idle();
+                    match rt.block_on(self.queue.pop()) {
+                        Some(e) => e,
+                        None => break,
+                    }
+                }
             };
+            self.beat.busy(Activity::Delivering);
             if self.versions.has_changed().unwrap_or(false) {
                 let next = self.versions.borrow_and_update().clone();
+                self.beat.set_limit(next.limits().timeout + WORKER_MARGIN);
                 tracing::info!(function = %name, from = %current.version(), to = %next.version(), "Switched to the new version.");
                 metrics.set_version(next.version(), next.from_cache());
                 metrics.reloads.fetch_add(1, Ordering::Relaxed);
@@ -113,10 +121,12 @@ impl Worker {
                 );
                 continue;
             }
+            self.beat.busy(Activity::Invoking);
             let inv = invoke(&current, &event);
             let inv = match (inv.outcome, probation.as_mut()) {
                 (Err(failure), Some(p)) => {
                     let previous = p.previous.clone();
+                    self.beat.busy(Activity::Invoking);
                     let retry = invoke(&previous, &event);
                     if retry.outcome.is_ok() {
                         p.failures += 1;
@@ -149,11 +159,13 @@ impl Worker {
                     }
                 }
             };
+            self.beat.busy(Activity::Delivering);
             rt.block_on(self.settle(&current, &mut breaker, &event, inv));
             metrics
                 .breaker_state
                 .store(breaker.state() as u8, Ordering::Relaxed);
         }
+        self.beat.idle();
         tracing::debug!(function = %name, "Function worker stopped.");
     }
 
@@ -171,7 +183,7 @@ impl Worker {
                 }
                 breaker.success();
                 self.port
-                    .deliver(f.name(), event, outputs, f.metrics())
+                    .deliver(f.name(), event, outputs, f.metrics(), &self.beat)
                     .await;
             }
             Err(failure) => {

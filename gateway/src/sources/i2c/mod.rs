@@ -17,11 +17,13 @@ use super::{Source, SourceContext, SourceError};
 use crate::config::I2cSpec;
 use crate::config::schema::I2cDriver;
 use crate::event::{Event, SourceKind};
+use crate::progress::{Activity, Beat};
 
 /// The I2C source.
 pub struct I2cSource {
     spec: I2cSpec,
     stats: Arc<SourceStats>,
+    beat: Arc<Beat>,
 }
 
 /// What the I2C source needs.
@@ -30,6 +32,8 @@ pub struct I2cParts {
     pub spec: I2cSpec,
     /// Its counters.
     pub stats: Arc<SourceStats>,
+    /// Its progress, for the watchdog ([`crate::progress`]).
+    pub beat: Arc<Beat>,
 }
 
 impl Source for I2cSource {
@@ -39,6 +43,7 @@ impl Source for I2cSource {
         Ok(Self {
             spec: parts.spec,
             stats: parts.stats,
+            beat: parts.beat,
         })
     }
 
@@ -53,7 +58,9 @@ impl Source for I2cSource {
                 _ = ticker.tick() => {}
             }
             let spec = self.spec.clone();
+            self.beat.busy(Activity::Polling);
             let polled = tokio::task::spawn_blocking(move || poll(bus, &spec)).await;
+            self.beat.idle();
             let (kept, result) = match polled {
                 Ok(r) => r,
                 Err(e) => (None, Err(format!("poll task failed: {e}"))),

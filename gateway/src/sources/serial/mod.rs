@@ -24,6 +24,7 @@ use super::{Source, SourceContext, SourceError};
 use crate::config::SerialSpec;
 use crate::config::schema::{FlowControl, Parity};
 use crate::event::{Event, SourceKind};
+use crate::progress::{Activity, Beat};
 
 /// Counters of one serial or I2C source.
 #[derive(Debug, Default)]
@@ -76,6 +77,7 @@ pub struct SerialSource {
     writes: mpsc::Receiver<Bytes>,
     stats: Arc<SourceStats>,
     mirror: Option<rumqttc::AsyncClient>,
+    beat: Arc<Beat>,
 }
 
 /// What the serial source needs besides its spec.
@@ -88,6 +90,8 @@ pub struct SerialParts {
     pub stats: Arc<SourceStats>,
     /// The local broker, for `mirror_topic`.
     pub local: rumqttc::AsyncClient,
+    /// Its progress, for the watchdog ([`crate::progress`]).
+    pub beat: Arc<Beat>,
 }
 
 impl Source for SerialSource {
@@ -100,6 +104,7 @@ impl Source for SerialSource {
             writes: parts.writes,
             stats: parts.stats,
             mirror,
+            beat: parts.beat,
         })
     }
 
@@ -190,11 +195,18 @@ impl SerialSource {
                 },
                 w = self.writes.recv() => {
                     let Some(bytes) = w else { continue };
-                    if let Err(e) = wr.write_all(&bytes).await {
+                    // A device that stops taking bytes (flow control) holds
+                    // the whole source here: the watchdog's business.
+                    self.beat.busy(Activity::Writing);
+                    let written = wr.write_all(&bytes).await;
+                    if written.is_ok() {
+                        let _ = wr.flush().await;
+                    }
+                    self.beat.idle();
+                    if let Err(e) = written {
                         self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
                         break Served::Lost(format!("write failed: {e}"));
                     }
-                    let _ = wr.flush().await;
                     self.stats.written.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -213,17 +225,20 @@ impl SerialSource {
             _ => frame,
         };
         self.stats.frames.fetch_add(1, Ordering::Relaxed);
-        if let (Some(local), Some(topic)) = (&self.mirror, &self.spec.mirror_topic)
-            && let Err(e) = local
+        if let (Some(local), Some(topic)) = (&self.mirror, &self.spec.mirror_topic) {
+            self.beat.busy(Activity::Mirroring);
+            let mirrored = local
                 .publish(
                     topic.clone(),
                     rumqttc::QoS::AtMostOnce,
                     false,
                     payload.to_vec(),
                 )
-                .await
-        {
-            tracing::warn!(source = %self.spec.name, error = %e, "Serial frame not mirrored.");
+                .await;
+            self.beat.idle();
+            if let Err(e) = mirrored {
+                tracing::warn!(source = %self.spec.name, error = %e, "Serial frame not mirrored.");
+            }
         }
         let mut event = Event::new(SourceKind::Serial, self.spec.topic.clone(), payload);
         event.attributes = vec![

@@ -1,0 +1,308 @@
+//! What a re-read configuration (`SIGHUP`) changes that the running gateway
+//! cannot apply live, named setting by setting, and what it asks for that
+//! the running gateway does not have.
+//!
+//! Applied live: a function's component, `config`, `publish`, `sinks`,
+//! `serial_ports`, `instance`, `state` and the limits an invocation checks
+//! (`timeout_ms`, `memory_mib`, `max_calls`, …). Everything else is built at
+//! start and needs a restart: `[gateway]`, `[broker]`, `[outbox]`,
+//! `[runtime]`, `[admin]`, every sink and source setting, added or removed
+//! functions, sinks and sources, and a function's `triggers`,
+//! `limits.queue`, `limits.queue_policy` and `breaker`.
+//!
+//! Sections are compared as whole values, key by key, so any difference is
+//! found, not only a changed number of entries.
+
+use std::fmt;
+
+use super::{Broker, MqttEndpoint, SinkKind, SinkSpec, SourceSpec, ValidConfig};
+
+/// One setting that differs from the running configuration and is not
+/// applied until a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartNeeded {
+    /// Where: `gateway`, `broker`, `runtime`, `sinks.cloud`,
+    /// `sources.gps`, `functions.enrich`, …
+    pub section: String,
+    /// Which key (`url`, `path`, …), or `*` for a whole entry.
+    pub key: &'static str,
+    /// `changed`, `added` or `removed`.
+    pub change: &'static str,
+}
+
+impl fmt::Display for RestartNeeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key == "*" {
+            write!(f, "{} {}", self.section, self.change)
+        } else {
+            write!(f, "{}.{} {}", self.section, self.key, self.change)
+        }
+    }
+}
+
+#[derive(Default)]
+struct Diff(Vec<RestartNeeded>);
+
+impl Diff {
+    fn key<T: PartialEq + ?Sized>(&mut self, section: &str, key: &'static str, a: &T, b: &T) {
+        if a != b {
+            self.0.push(RestartNeeded {
+                section: section.to_owned(),
+                key,
+                change: "changed",
+            });
+        }
+    }
+
+    fn entry(&mut self, section: String, change: &'static str) {
+        self.0.push(RestartNeeded {
+            section,
+            key: "*",
+            change,
+        });
+    }
+
+    /// Entries by name: added, removed, and `compare` for those in both.
+    fn entries<T>(
+        &mut self,
+        prefix: &str,
+        running: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> &str,
+        mut compare: impl FnMut(&mut Self, &str, &T, &T),
+    ) {
+        for n in new {
+            let section = format!("{prefix}.{}", name(n));
+            match running.iter().find(|r| name(r) == name(n)) {
+                Some(r) => compare(self, &section, r, n),
+                None => self.entry(section, "added"),
+            }
+        }
+        for r in running {
+            if !new.iter().any(|n| name(n) == name(r)) {
+                self.entry(format!("{prefix}.{}", name(r)), "removed");
+            }
+        }
+    }
+
+    fn endpoint(&mut self, section: &str, a: &MqttEndpoint, b: &MqttEndpoint) {
+        self.key(section, "url", &(&a.host, a.port), &(&b.host, b.port));
+        self.key(section, "client_id", &a.client_id, &b.client_id);
+        let user = |e: &MqttEndpoint| e.credentials.as_ref().map(|c| c.0.clone());
+        let pass = |e: &MqttEndpoint| e.credentials.as_ref().map(|c| c.1.clone());
+        self.key(section, "username", &user(a), &user(b));
+        self.key(section, "password", &pass(a), &pass(b));
+        self.key(section, "tls", &a.tls, &b.tls);
+    }
+
+    fn sink(&mut self, section: &str, a: &SinkSpec, b: &SinkSpec) {
+        self.key(section, "format", &a.format, &b.format);
+        self.key(section, "batch_max", &a.batch_max, &b.batch_max);
+        self.key(section, "batch_linger_ms", &a.batch_linger, &b.batch_linger);
+        let (la, lb) = (&a.limits, &b.limits);
+        self.key(section, "outbox.max_rows", &la.max_rows, &lb.max_rows);
+        self.key(section, "outbox.max_bytes", &la.max_bytes, &lb.max_bytes);
+        self.key(section, "outbox.ttl_s", &la.ttl, &lb.ttl);
+        self.key(section, "outbox.full_policy", &la.policy, &lb.policy);
+        match (&a.kind, &b.kind) {
+            (SinkKind::Mqtt(a), SinkKind::Mqtt(b)) => {
+                self.endpoint(section, &a.endpoint, &b.endpoint);
+                self.key(section, "topic", &a.topic_template, &b.topic_template);
+                self.key(section, "max_inflight", &a.max_inflight, &b.max_inflight);
+                self.key(section, "keep_alive_s", &a.keep_alive, &b.keep_alive);
+                self.key(section, "protocol", &a.protocol, &b.protocol);
+                self.key(section, "ack_timeout_s", &a.ack_timeout, &b.ack_timeout);
+            }
+            (SinkKind::Http(a), SinkKind::Http(b)) => {
+                self.key(section, "url", &a.url, &b.url);
+                self.key(section, "headers", &a.headers, &b.headers);
+                self.key(section, "timeout_ms", &a.timeout, &b.timeout);
+                self.key(section, "max_backoff_ms", &a.max_backoff, &b.max_backoff);
+                self.key(section, "tls", &a.tls, &b.tls);
+            }
+            _ => self.key(section, "kind", &0, &1),
+        }
+    }
+
+    fn source(&mut self, section: &str, a: &SourceSpec, b: &SourceSpec) {
+        match (a, b) {
+            (SourceSpec::Serial(a), SourceSpec::Serial(b)) => {
+                self.key(section, "path", &a.path, &b.path);
+                self.key(section, "baud", &a.baud, &b.baud);
+                self.key(section, "data_bits", &a.data_bits, &b.data_bits);
+                self.key(section, "parity", &a.parity, &b.parity);
+                self.key(section, "stop_bits", &a.stop_bits, &b.stop_bits);
+                self.key(section, "flow_control", &a.flow_control, &b.flow_control);
+                self.key(section, "framing", &a.framing, &b.framing);
+                self.key(section, "topic", &a.topic, &b.topic);
+                self.key(section, "mirror_topic", &a.mirror_topic, &b.mirror_topic);
+            }
+            (SourceSpec::I2c(a), SourceSpec::I2c(b)) => {
+                self.key(section, "bus", &a.bus, &b.bus);
+                self.key(section, "driver", &a.driver, &b.driver);
+                self.key(section, "address", &a.address, &b.address);
+                self.key(section, "interval_ms", &a.interval, &b.interval);
+                self.key(section, "topic", &a.topic, &b.topic);
+            }
+            _ => self.key(section, "kind", &0, &1),
+        }
+    }
+}
+
+fn source_name(s: &SourceSpec) -> &str {
+    match s {
+        SourceSpec::Serial(s) => &s.name,
+        SourceSpec::I2c(s) => &s.name,
+    }
+}
+
+/// Every setting of `new` that differs from `running` and needs a restart.
+pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNeeded> {
+    let mut d = Diff::default();
+    d.key("gateway", "id", &running.gateway_id, &new.gateway_id);
+    d.key("gateway", "data_dir", &running.data_dir, &new.data_dir);
+    let (ta, tb) = (&running.shutdown_timeout, &new.shutdown_timeout);
+    d.key("gateway", "shutdown_timeout_s", ta, tb);
+    match (&running.broker, &new.broker) {
+        (Broker::Embedded { listen: a }, Broker::Embedded { listen: b }) => {
+            d.key("broker", "listen", a, b);
+        }
+        (Broker::External(a), Broker::External(b)) => d.endpoint("broker", a, b),
+        _ => d.key("broker", "kind", &0, &1),
+    }
+    let (ca, cb) = (running.outbox_commits_per_sec, new.outbox_commits_per_sec);
+    d.key("outbox", "max_commits_per_sec", &ca, &cb);
+    let (ra, rb) = (&running.runtime, &new.runtime);
+    d.key("runtime", "pooling", &ra.pooling, &rb.pooling);
+    d.key(
+        "runtime",
+        "pool_instances",
+        &ra.pool_instances,
+        &rb.pool_instances,
+    );
+    d.key(
+        "runtime",
+        "max_memory_mib",
+        &ra.max_memory_bytes,
+        &rb.max_memory_bytes,
+    );
+    d.key(
+        "runtime",
+        "compile_cache",
+        &ra.compile_cache,
+        &rb.compile_cache,
+    );
+    d.key("runtime", "watch_ms", &ra.watch, &rb.watch);
+    d.key(
+        "runtime",
+        "rollback_after",
+        &ra.rollback_after,
+        &rb.rollback_after,
+    );
+    let listen = |c: &ValidConfig| c.admin.as_ref().map(|a| a.listen);
+    let token = |c: &ValidConfig| c.admin.as_ref().and_then(|a| a.token.clone());
+    d.key("admin", "listen", &listen(running), &listen(new));
+    d.key("admin", "token", &token(running), &token(new));
+    d.entries("sinks", &running.sinks, &new.sinks, |s| &s.name, Diff::sink);
+    d.entries(
+        "sources",
+        &running.sources,
+        &new.sources,
+        source_name,
+        Diff::source,
+    );
+    d.entries(
+        "functions",
+        &running.functions,
+        &new.functions,
+        |f| &f.name,
+        |d, section, a, b| {
+            d.key(section, "triggers", &a.triggers, &b.triggers);
+            d.key(section, "limits.queue", &a.limits.queue, &b.limits.queue);
+            let (pa, pb) = (&a.limits.queue_policy, &b.limits.queue_policy);
+            d.key(section, "limits.queue_policy", pa, pb);
+            d.key(section, "breaker", &a.breaker, &b.breaker);
+        },
+    );
+    d.0
+}
+
+/// Why `new` cannot be applied to a gateway running `running`: functions
+/// that name a sink or serial port the running gateway does not have (their
+/// forwards or writes would be accepted and then dropped).
+pub fn missing_targets(running: &ValidConfig, new: &ValidConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    for f in &new.functions {
+        for sink in &f.sinks {
+            if !running.sinks.iter().any(|s| &s.name == sink) {
+                problems.push(format!(
+                    "functions.{}: sink `{sink}` is not running (sinks are added at a restart)",
+                    f.name
+                ));
+            }
+        }
+        for port in &f.serial_ports {
+            let running_port = running
+                .sources
+                .iter()
+                .any(|s| matches!(s, SourceSpec::Serial(s) if &s.name == port));
+            if !running_port {
+                problems.push(format!(
+                    "functions.{}: serial port `{port}` is not running (sources are added at a restart)",
+                    f.name
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> ValidConfig {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\ndata_dir = \"/tmp/d\"\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:1883\"\n{extra}"
+        );
+        super::super::parse(std::path::Path::new("/tmp/edgefn.toml"), &text, &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const SINK: &str =
+        "[[sinks]]\nkind = \"http\"\nname = \"cloud\"\nurl = \"http://127.0.0.1:1/a\"\n";
+
+    #[test]
+    fn names_each_changed_key_and_whole_entries() {
+        let running = parse(SINK);
+        let new = parse(&format!(
+            "{}\n[[sinks]]\nkind = \"http\"\nname = \"cloud2\"\nurl = \"http://127.0.0.1:1/c\"\n[outbox]\nmax_commits_per_sec = 7\n",
+            SINK.replace("/a", "/b")
+        ));
+        let found: Vec<String> = restart_needed(&running, &new)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "outbox.max_commits_per_sec changed",
+                "sinks.cloud.url changed",
+                "sinks.cloud2 added",
+            ]
+        );
+        assert!(restart_needed(&running, &running).is_empty());
+    }
+
+    #[test]
+    fn a_function_naming_a_sink_that_is_not_running_is_refused() {
+        let running = parse(SINK);
+        let new = parse(&format!(
+            "{SINK}\n[[sinks]]\nkind = \"http\"\nname = \"cloud2\"\nurl = \"http://127.0.0.1:1/c\"\n[[functions]]\nname = \"f\"\ncomponent = \"/tmp/f.wasm\"\ntriggers = [\"a/#\"]\nsinks = [\"cloud\", \"cloud2\"]\n"
+        ));
+        let problems = missing_targets(&running, &new);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("sink `cloud2`"), "{problems:?}");
+        assert!(missing_targets(&new, &new).is_empty());
+    }
+}
