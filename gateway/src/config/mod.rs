@@ -259,7 +259,7 @@ impl fmt::Debug for TlsMaterial {
 }
 
 /// TLS files of an HTTP sink, read and checked at validation time.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct HttpTls {
     /// PEM CA certificates trusted besides the system's; `None`: the
     /// system's only.
