@@ -334,7 +334,8 @@ config = {{ sink = "web" }}
         web = https_sink("web", srv.port, &format!("cert = {cert}, key = {key}")),
     );
     let config = write(dir.path(), "edgefn.toml", &toml);
-    let _gw = Process(
+    let log = dir.path().join("gateway.log");
+    let mut gw = Process(
         std::process::Command::new(edgefn_bin())
             .args(["run", "--config"])
             .arg(&config)
@@ -342,11 +343,22 @@ config = {{ sink = "web" }}
             .env("SSL_CERT_FILE", &ca)
             .env_remove("SSL_CERT_DIR")
             .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
-    // Probe until the gateway is up and subscribed: a reading published
-    // before that is not routed to it.
+    // Wait for its broker (a gateway that exits, e.g. on a config error,
+    // fails the test with its log).
+    eventually("the gateway's broker listens", || {
+        if let Ok(Some(status)) = gw.0.try_wait() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("the gateway exited ({status}):\n{text}");
+        }
+        std::net::TcpStream::connect(("127.0.0.1", broker_port)).is_ok()
+    })
+    .await;
+    // Probe until it is subscribed: a reading published before that is not
+    // routed to it.
     let mut sensor = Publisher::connect("127.0.0.1", broker_port).await;
     let started = std::time::Instant::now();
     let request = loop {

@@ -17,6 +17,15 @@
 //! queued batch to `pkid`, and `Incoming::PubAck(pkid)` confirms exactly that
 //! batch. Packet ids of a torn-down connection are forgotten with it, so an
 //! acknowledgement is never credited across a lost session.
+//!
+//! # Batches
+//! With `batch_max > 1` a message is an array of consecutive records that
+//! share one rendered topic (a record whose topic differs starts the next
+//! message). Over MQTT 5 its `idempotency-key` user property is
+//! `<gateway>-<first seq>-<last seq>`, as HTTP's header: after a reconnect a
+//! batch may start at the same record and carry more, so a key naming only
+//! the first record would make the cloud drop the longer batch as a
+//! duplicate. A single envelope's key is its `id`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
