@@ -220,6 +220,7 @@ impl Gateway {
                     source_parts.push(Parts::I2c(I2cParts {
                         spec: s.clone(),
                         stats,
+                        local: publisher.clone(),
                     }));
                 }
             }
@@ -271,7 +272,13 @@ impl Gateway {
         // in the outbox, then stop the sinks (undelivered records stay in the
         // outbox for the next start).
         let flush_outbox = outbox.clone();
+        // Serial and I2C sources mirror through the publisher too: with no
+        // function at all (a plain bridge), the workers are done at once,
+        // and the publisher must still outlive the sources.
+        let device_sources = TaskTracker::new();
+        let devices_done = device_sources.clone();
         tracker.spawn(async move {
+            devices_done.wait().await;
             workers.wait().await;
             let _ = publisher.try_disconnect();
             publisher_stop.cancel();
@@ -289,16 +296,18 @@ impl Gateway {
         for parts in source_parts {
             match parts {
                 Parts::Serial(p) => {
-                    tracker.spawn(SerialSource::build(p, &ctx)?.run(ctx.clone()));
+                    device_sources.spawn(SerialSource::build(p, &ctx)?.run(ctx.clone()));
                 }
                 Parts::I2c(p) => {
-                    tracker.spawn(I2cSource::build(p, &ctx)?.run(ctx.clone()));
+                    device_sources.spawn(I2cSource::build(p, &ctx)?.run(ctx.clone()));
                 }
             }
         }
+        device_sources.close();
         let source = MqttSource::build(
             MqttSourceConfig {
                 endpoint: local.clone(),
+                keep_alive: config.source_keep_alive,
                 ack: match config.broker {
                     Broker::Embedded { .. } => AckPoint::Queued,
                     Broker::External(_) => AckPoint::Handled,

@@ -11,6 +11,7 @@
     reason = "a panic in a test is a failed test"
 )]
 
+mod backpressure;
 mod bad_input;
 mod cli;
 mod durability;
