@@ -8,17 +8,29 @@ use std::time::Duration;
 use crate::support::*;
 
 /// More than the outbox, its append queue and the function's queue hold.
-const READINGS: u64 = 8_000;
+const READINGS: u64 = 6_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_refuse_stall_keeps_the_source_connected() {
+    // A broker that sends the gateway every reading unacknowledged (an
+    // in-flight window above READINGS), so the stall reaches the source
+    // once the outbox (100 rows), its append queue (4,096) and the
+    // function's queue (1) are full.
+    let Some(broker) = Mosquitto::start_with("max_inflight_messages 10000") else {
+        return;
+    };
     let cloud_port = free_port();
-    // The source's keep-alive is 1 s: rumqttd drops a connection silent for
-    // 1.5 s. The embedded broker's messages are acknowledged once queued, so
-    // the stall reaches the source once the outbox (100 rows), its append
-    // queue (4,096) and the function's queue (1) are full.
+    // The source's keep-alive is 1 s: Mosquitto drops a connection silent
+    // for 1.5 s.
     let toml = format!(
-        r#"{header}keep_alive_s = 1
+        r#"[gateway]
+id = "gw-stall"
+data_dir = "data"
+
+[broker]
+kind = "external"
+url = "mqtt://127.0.0.1:{broker_port}"
+keep_alive_s = 1
 
 [outbox]
 max_commits_per_sec = 50
@@ -41,12 +53,11 @@ ack_timeout_s = 5
 max_rows = 100
 full_policy = "refuse"
 "#,
-        header = gateway_header("gw-stall"),
+        broker_port = broker.port,
         enrich = lit(&guest("enrich")),
     );
     let (gw, _dir) = gateway(&toml).await;
-    let (host, port) = gw.local_broker();
-    let mut sensor = Publisher::connect(host, port).await;
+    let mut sensor = Publisher::connect("127.0.0.1", broker.port).await;
     for i in 0..READINGS {
         sensor
             .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))

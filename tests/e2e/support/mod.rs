@@ -278,7 +278,8 @@ impl Mosquitto {
         Self::start_with("")
     }
 
-    /// [`Mosquitto::start`] with extra lines for the listener (e.g. TLS).
+    /// [`Mosquitto::start`] with extra lines for the listener (e.g. TLS), or
+    /// general settings that override the defaults above them.
     pub fn start_with(listener_extra: &str) -> Option<Self> {
         Self::reported(Self::launch(free_port(), listener_extra, false))
     }
@@ -326,7 +327,7 @@ impl Mosquitto {
             // `user root`: as root, Mosquitto would otherwise switch to the
             // `mosquitto` user, who cannot read the test's private files.
             format!(
-                "{user}listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 20\n",
+                "{user}listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 20\n{listener_extra}\n",
                 user = if is_root() { "user root\n" } else { "" },
             ),
         )

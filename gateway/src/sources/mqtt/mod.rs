@@ -171,66 +171,36 @@ impl Source for MqttSource {
             held.clone(),
         ));
         drop(ctx.router);
-        // `None` once stopping: later messages stay unacknowledged.
-        let mut intake = Some(intake_tx);
-        let mut next = 0u64;
+        let mut intaker = Intaker {
+            intake: Some(intake_tx),
+            received: received_tx,
+            generation: generation.clone(),
+            held,
+            metrics: ctx.metrics.clone(),
+            next: 0,
+            dropping: false,
+        };
         let mut failures = 0u32;
-        let mut dropping = false;
         loop {
+            let stopping = intaker.intake.is_none();
             let polled = tokio::select! {
-                () = ctx.cancel.cancelled(), if intake.is_some() => {
+                () = ctx.cancel.cancelled(), if !stopping => {
                     // Stop dispatching: the dispatcher drops the router once
                     // it has passed on what it holds, which lets the workers
                     // drain. Keep polling so the acks of what is in flight
                     // still reach the broker.
-                    intake = None;
+                    intaker.intake = None;
                     continue;
                 }
                 // Every dispatched message has had its turn at the acker.
-                r = acked.wait_for(|handled| *handled >= next), if intake.is_none() => {
+                r = acked.wait_for(|handled| *handled >= intaker.next), if stopping => {
                     let _ = r;
                     break;
                 }
                 polled = self.eventloop.poll() => polled,
             };
             match polled {
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let Some(intake) = &intake else {
-                        // Stopping: leave it unacknowledged; the broker
-                        // redelivers it to the next run.
-                        continue;
-                    };
-                    let qos0 = (p.qos == QoS::AtMostOnce).then_some(p.payload.len());
-                    if let Some(len) = qos0
-                        && !held.admit(len)
-                    {
-                        ctx.metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
-                        if !dropping {
-                            tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
-                            dropping = true;
-                        }
-                        continue;
-                    }
-                    dropping = false;
-                    ctx.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-                    let n = next;
-                    next += 1;
-                    let ack = (p.qos != QoS::AtMostOnce).then(|| {
-                        let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
-                        a.pkid = p.pkid;
-                        a
-                    });
-                    let _ = received_tx.send(Pending {
-                        n,
-                        generation: generation.load(Ordering::Relaxed),
-                        ack,
-                    });
-                    let _ = intake.send(Intake {
-                        n,
-                        event: event_of(p),
-                        qos0,
-                    });
-                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => intaker.take(p),
                 Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
                     failures = 0;
                     self.subscribe(&ctx.ready, c.session_present);
@@ -243,7 +213,7 @@ impl Source for MqttSource {
                     // Acks of this connection's messages are void now.
                     generation.fetch_add(1, Ordering::Relaxed);
                     ctx.ready.send_replace(false);
-                    if intake.is_none() {
+                    if intaker.intake.is_none() {
                         break;
                     }
                     ctx.metrics
@@ -257,13 +227,13 @@ impl Source for MqttSource {
                         tracing::debug!(error = %e, attempt = failures, "MQTT source reconnect failed.");
                     }
                     tokio::select! {
-                        () = ctx.cancel.cancelled() => { intake = None; }
+                        () = ctx.cancel.cancelled() => { intaker.intake = None; }
                         () = tokio::time::sleep(wait) => {}
                     }
                 }
             }
         }
-        drop(received_tx);
+        drop(intaker);
         // Flush the last acks before disconnecting: requests go out in order.
         let _ = acker.await;
         let _ = self.client.try_disconnect();
@@ -295,6 +265,61 @@ impl MqttSource {
         } else {
             tracing::info!(filters = ?self.filters, session_present, "MQTT source connected and subscribing.");
         }
+    }
+}
+
+/// Takes received messages in: counts them, queues their acknowledgement
+/// turn and hands them to the dispatcher.
+struct Intaker {
+    /// `None` once stopping: later messages stay unacknowledged.
+    intake: Option<mpsc::UnboundedSender<Intake>>,
+    received: mpsc::UnboundedSender<Pending>,
+    generation: Arc<AtomicU64>,
+    held: Arc<Held>,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
+    /// Messages taken in so far.
+    next: u64,
+    /// QoS 0 messages are being dropped (logged once per stall).
+    dropping: bool,
+}
+
+impl Intaker {
+    fn take(&mut self, p: Publish) {
+        let Some(intake) = &self.intake else {
+            // Stopping: leave it unacknowledged; the broker redelivers it to
+            // the next run.
+            return;
+        };
+        let qos0 = (p.qos == QoS::AtMostOnce).then_some(p.payload.len());
+        if let Some(len) = qos0
+            && !self.held.admit(len)
+        {
+            self.metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.dropping {
+                tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
+                self.dropping = true;
+            }
+            return;
+        }
+        self.dropping = false;
+        self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
+        let n = self.next;
+        self.next += 1;
+        let ack = (p.qos != QoS::AtMostOnce).then(|| {
+            let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
+            a.pkid = p.pkid;
+            a
+        });
+        let _ = self.received.send(Pending {
+            n,
+            generation: self.generation.load(Ordering::Relaxed),
+            ack,
+        });
+        let _ = intake.send(Intake {
+            n,
+            event: event_of(p),
+            qos0,
+        });
     }
 }
 
