@@ -235,6 +235,9 @@ pub struct GatewayMetrics {
     pub sink_failed: AtomicU64,
     /// Reconnects of the MQTT source's connection to the local broker.
     pub source_reconnects: AtomicU64,
+    /// QoS 0 messages the MQTT source dropped while the functions were held
+    /// back (see `sources::mqtt`, Back-pressure).
+    pub source_dropped: AtomicU64,
     /// Reconnects of the local publisher's connection.
     pub publisher_reconnects: AtomicU64,
     /// Configuration reloads (`SIGHUP`) applied (in part: see

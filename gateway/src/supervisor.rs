@@ -225,6 +225,7 @@ impl Gateway {
                         spec: s.clone(),
                         stats,
                         beat: progress.watch("source", &s.name, SOURCE_LIMIT),
+                        local: publisher.clone(),
                     }));
                 }
             }
@@ -286,7 +287,13 @@ impl Gateway {
         // in the outbox, then stop the sinks (undelivered records stay in the
         // outbox for the next start).
         let flush_outbox = outbox.clone();
+        // Serial and I2C sources mirror through the publisher too: with no
+        // function at all (a plain bridge), the workers are done at once,
+        // and the publisher must still outlive the sources.
+        let device_sources = TaskTracker::new();
+        let devices_done = device_sources.clone();
         tracker.spawn(async move {
+            devices_done.wait().await;
             workers.wait().await;
             let _ = publisher.try_disconnect();
             publisher_stop.cancel();
@@ -304,16 +311,18 @@ impl Gateway {
         for parts in source_parts {
             match parts {
                 Parts::Serial(p) => {
-                    tracker.spawn(SerialSource::build(p, &ctx)?.run(ctx.clone()));
+                    device_sources.spawn(SerialSource::build(p, &ctx)?.run(ctx.clone()));
                 }
                 Parts::I2c(p) => {
-                    tracker.spawn(I2cSource::build(p, &ctx)?.run(ctx.clone()));
+                    device_sources.spawn(I2cSource::build(p, &ctx)?.run(ctx.clone()));
                 }
             }
         }
+        device_sources.close();
         let source = MqttSource::build(
             MqttSourceConfig {
                 endpoint: local.clone(),
+                keep_alive: config.source_keep_alive,
                 ack: match config.broker {
                     Broker::Embedded { .. } => AckPoint::Queued,
                     Broker::External(_) => AckPoint::Handled,

@@ -12,6 +12,7 @@
 )]
 
 mod ack_order;
+mod backpressure;
 mod bad_input;
 mod cli;
 mod disk_full;

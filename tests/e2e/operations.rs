@@ -8,7 +8,11 @@ use std::time::Duration;
 use crate::support::*;
 
 /// GETs `path` from the admin endpoint; returns status and body.
-async fn get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+pub(crate) async fn get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut req = reqwest::Client::new().get(format!("http://{addr}{path}"));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -23,7 +27,7 @@ async fn get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u1
 
 /// Prometheus text → `name{labels}` → value (HELP/TYPE lines checked to
 /// precede their samples).
-fn parse(text: &str) -> BTreeMap<String, f64> {
+pub(crate) fn parse(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let mut typed = std::collections::BTreeSet::new();
     for line in text.lines() {
@@ -46,7 +50,7 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
-fn value(m: &BTreeMap<String, f64>, key: &str) -> f64 {
+pub(crate) fn value(m: &BTreeMap<String, f64>, key: &str) -> f64 {
     *m.get(key)
         .unwrap_or_else(|| panic!("no `{key}` in the metrics: {:#?}", m.keys()))
 }

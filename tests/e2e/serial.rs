@@ -288,6 +288,78 @@ async fn functions_write_back_only_to_allowed_ports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_without_functions_mirrors_every_frame() {
+    let gps = pty();
+    let toml = format!(
+        "{}{}",
+        gateway_header("gw-bridge"),
+        serial_source("gps", &gps.path, "nmea", "mirror_topic = \"bridge/gps\""),
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    opened(&gw, "gps", 1).await;
+    let (host, port) = gw.local_broker();
+    let mut mirror = Subscriber::connect(host, port, &["bridge/#"]).await;
+    let sentences: Vec<String> = (0..3)
+        .map(|i| {
+            nmea::sentence(&format!(
+                "GPRMC,12351{i},A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W"
+            ))
+        })
+        .collect();
+    gps.write(sentences.concat().into_bytes()).await;
+    for s in &sentences {
+        assert_eq!(
+            mirror.next().await,
+            ("bridge/gps".to_owned(), s.trim_end().as_bytes().to_vec())
+        );
+    }
+    assert!(gw.shutdown(WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_alone_reach_the_metrics_within_a_second() {
+    let dev = pty();
+    let toml = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        gateway_header("gw-wrong-baud"),
+        serial_source("gps", &dev.path, "nmea", ""),
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    opened(&gw, "gps", 1).await;
+    let addr = gw.admin_addr().unwrap();
+    // What a device at the wrong speed looks like: no good frame at all.
+    let good = nmea::sentence("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W");
+    dev.write(good.replace('A', "B").repeat(3).into_bytes())
+        .await;
+    let written = std::time::Instant::now();
+    let metrics = loop {
+        let m = crate::operations::parse(&crate::operations::get(addr, "/metrics", None).await.1);
+        if crate::operations::value(&m, "edgefn_source_invalid_frames_total{source=\"gps\"}") >= 3.0
+        {
+            break m;
+        }
+        assert!(
+            written.elapsed() < std::time::Duration::from_secs(1),
+            "bad frames not in /metrics within a second: {m:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let value = |key: &str| crate::operations::value(&metrics, key);
+    assert_eq!(
+        value("edgefn_source_writes_dropped_total{source=\"gps\"}"),
+        0.0
+    );
+    assert_eq!(
+        gw.source_stats("gps")
+            .unwrap()
+            .frames
+            .load(Ordering::Relaxed),
+        0
+    );
+    assert!(gw.shutdown(WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_i2c_bus_is_a_counted_retried_poll() {
     let toml = format!(
         "{}{}[[sources]]\nkind = \"i2c\"\nname = \"climate\"\nbus = \"/dev/i2c-does-not-exist\"\ndriver = \"bme280\"\ninterval_ms = 20\ntopic = \"i2c/climate\"\n",

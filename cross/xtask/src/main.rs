@@ -167,39 +167,92 @@ fn exec(mut cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and closes with one
-/// summary line over all test binaries: `tests: N passed, N failed`.
+/// Runs `cargo test`, passing its output through, and closes with the
+/// skipped tests and their reasons, then one summary line over all test
+/// binaries: `tests: N passed, N failed, N skipped`.
 fn exec_tests(mut cmd: Command) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut summary = Summary::default();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let line = line.context("reading cargo test output")?;
             println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                for part in rest.split(';') {
-                    let mut words = part.split_whitespace().rev();
-                    let (Some(kind), Some(n)) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    let n: u64 = n.parse().unwrap_or(0);
-                    match kind {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        _ => {}
-                    }
-                }
-            }
+            summary.line(&line);
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
-    println!("tests: {passed} passed, {failed} failed");
+    print!("{}", summary.closing());
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
     Ok(())
+}
+
+/// Counts over `cargo test`'s output. A test that could not run for want of
+/// a tool says so with a `SKIPPED <test>: <reason>` line (see
+/// `tests/e2e/support`); libtest counts it as passed, the summary as skipped.
+#[derive(Debug, Default)]
+struct Summary {
+    passed: u64,
+    failed: u64,
+    /// Skipped tests and why, by name.
+    skipped: std::collections::BTreeMap<String, String>,
+    failed_names: std::collections::BTreeSet<String>,
+}
+
+impl Summary {
+    fn line(&mut self, line: &str) {
+        if let Some(at) = line.find("SKIPPED ") {
+            let marker = &line[at + "SKIPPED ".len()..];
+            if let Some((test, reason)) = marker.split_once(": ") {
+                self.skipped
+                    .entry(test.trim().to_owned())
+                    .or_insert_with(|| reason.trim().to_owned());
+            }
+        }
+        if let Some(test) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
+        {
+            self.failed_names.insert(test.to_owned());
+        }
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The skipped tests with their reasons, then the closing line.
+    fn closing(&self) -> String {
+        let skipped: Vec<_> = self
+            .skipped
+            .iter()
+            .filter(|(test, _)| !self.failed_names.contains(*test))
+            .collect();
+        let n = skipped.len() as u64;
+        let mut out = String::new();
+        for (test, reason) in &skipped {
+            out.push_str(&format!("skipped: {test}: {reason}\n"));
+        }
+        out.push_str(&format!(
+            "tests: {} passed, {} failed, {n} skipped\n",
+            self.passed.saturating_sub(n),
+            self.failed
+        ));
+        out
+    }
 }
 
 /// Adds a target if rustup lacks it (this machine sets
@@ -235,4 +288,46 @@ fn build_functions() -> anyhow::Result<()> {
         cmd.args(["--package", g]);
     }
     exec(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Summary;
+
+    #[test]
+    fn skipped_tests_are_listed_and_not_counted_as_passed() {
+        let mut s = Summary::default();
+        for line in [
+            "running 3 tests",
+            "SKIPPED pipeline::with_mosquitto: mosquitto is not installed",
+            "test pipeline::with_mosquitto ... ok",
+            // libtest with one thread prints the name before the test runs.
+            "test tls::mutual ... SKIPPED tls::mutual: mosquitto is not installed",
+            "ok",
+            "test pipeline::plain ... ok",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "test result: FAILED. 4 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        ] {
+            s.line(line);
+        }
+        assert_eq!(
+            s.closing(),
+            "skipped: pipeline::with_mosquitto: mosquitto is not installed\n\
+             skipped: tls::mutual: mosquitto is not installed\n\
+             tests: 5 passed, 1 failed, 2 skipped\n"
+        );
+    }
+
+    #[test]
+    fn a_skipped_test_that_failed_counts_as_failed() {
+        let mut s = Summary::default();
+        for line in [
+            "SKIPPED sinks::x: mosquitto is not installed",
+            "test sinks::x ... FAILED",
+            "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        ] {
+            s.line(line);
+        }
+        assert_eq!(s.closing(), "tests: 0 passed, 1 failed, 0 skipped\n");
+    }
 }

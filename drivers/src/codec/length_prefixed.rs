@@ -1,8 +1,10 @@
 //! A length prefix (u8 or u16, big or little endian), then that many bytes.
 //!
 //! There is no sync marker, so resynchronisation is by elimination: a prefix
-//! announcing more than the maximum is treated as garbage, one byte is
-//! dropped, and the next byte is tried as a prefix.
+//! announcing more than the maximum, or less than the minimum (by default a
+//! zero-length frame: on a noisy line a stray `0x00` is far more likely
+//! than an empty message), is counted invalid, one byte is dropped, and the
+//! next byte is tried as a prefix.
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -13,13 +15,19 @@ use super::{CodecStats, Endian, Step, Width};
 pub struct LengthPrefixed {
     width: Width,
     endian: Endian,
+    min: usize,
     max: usize,
 }
 
 impl LengthPrefixed {
-    /// Frames of at most `max` bytes after a `width` prefix in `endian`.
-    pub fn new(width: Width, endian: Endian, max: usize) -> Self {
-        Self { width, endian, max }
+    /// Frames of `min..=max` bytes after a `width` prefix in `endian`.
+    pub fn new(width: Width, endian: Endian, min: usize, max: usize) -> Self {
+        Self {
+            width,
+            endian,
+            min,
+            max,
+        }
     }
 }
 
@@ -59,7 +67,7 @@ impl Step for LengthPrefixed {
                 (Width::U16, Endian::Big) => usize::from(u16::from_be_bytes([buf[0], buf[1]])),
                 (Width::U16, Endian::Little) => usize::from(u16::from_le_bytes([buf[0], buf[1]])),
             };
-            if len > self.max {
+            if len > self.max || len < self.min {
                 stats.invalid += 1;
                 stats.discarded_bytes += 1;
                 buf.advance(1);

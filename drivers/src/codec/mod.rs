@@ -76,6 +76,9 @@ pub enum Framing {
         width: Width,
         /// Prefix byte order.
         endian: Endian,
+        /// Shortest frame: shorter ones (by default the empty frame) are
+        /// counted invalid, like garbage.
+        min: usize,
         /// Longest frame.
         max: usize,
     },
@@ -127,9 +130,14 @@ impl FrameDecoder {
             Framing::Lines { max } => Inner::Lines(lines::Lines::new(max)),
             Framing::Cobs { max } => Inner::Cobs(cobs::Cobs::new(max)),
             Framing::Slip { max } => Inner::Slip(slip::Slip::new(max)),
-            Framing::LengthPrefixed { width, endian, max } => {
-                Inner::LengthPrefixed(length_prefixed::LengthPrefixed::new(width, endian, max))
-            }
+            Framing::LengthPrefixed {
+                width,
+                endian,
+                min,
+                max,
+            } => Inner::LengthPrefixed(length_prefixed::LengthPrefixed::new(
+                width, endian, min, max,
+            )),
             Framing::Nmea { max } => Inner::Nmea(nmea::Nmea::new(max)),
             Framing::Pms5003 => Inner::Pms5003(pms5003::Pms5003),
         };

@@ -117,7 +117,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     per_source(
         &mut out,
         "edgefn_source_invalid_frames_total",
-        "Malformed or overlong frames skipped, per serial source.",
+        "Malformed or overlong frames (serial) and malformed readings (I2C CRC errors) skipped, per source.",
         &|s| get(&s.invalid) + get(&s.oversize),
     );
     per_source(
@@ -131,6 +131,19 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "edgefn_source_writes_total",
         "Frames written to a serial device by functions, per source.",
         &|s| get(&s.written),
+    );
+    Family::new(
+        &mut out,
+        "edgefn_source_dropped_total",
+        "counter",
+        "QoS 0 messages the MQTT source dropped while the functions were held back.",
+    )
+    .sample(&[("source", "mqtt")], get(&m.source_dropped));
+    per_source(
+        &mut out,
+        "edgefn_source_writes_dropped_total",
+        "Serial writes dropped (port not open, its queue full, or the write failed), per source.",
+        &|s| get(&s.writes_dropped),
     );
     Family::new(
         &mut out,

@@ -77,6 +77,8 @@ pub struct ValidConfig {
     pub data_dir: PathBuf,
     /// The local broker.
     pub broker: Broker,
+    /// `broker.keep_alive_s`: keep-alive of the MQTT source's connection.
+    pub source_keep_alive: Duration,
     /// The functions, in file order.
     pub functions: Vec<FunctionSpec>,
     /// The sinks, in file order.
@@ -207,6 +209,8 @@ pub struct I2cSpec {
     pub interval: Duration,
     /// Event topic.
     pub topic: String,
+    /// Optional local MQTT mirror topic.
+    pub mirror_topic: Option<String>,
 }
 
 /// The local broker, validated.
@@ -622,8 +626,15 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
     let gateway_id = config.gateway.id.clone();
     check_name(&mut p, "gateway.id", &gateway_id);
 
+    let keep_alive_s = match &config.broker {
+        BrokerConfig::Embedded { keep_alive_s, .. } => *keep_alive_s,
+        BrokerConfig::External(ext) => ext.keep_alive_s,
+    };
+    if !(1..=65_535).contains(&keep_alive_s) {
+        p.add("broker.keep_alive_s", "must be between 1 and 65535 seconds");
+    }
     let broker = match &config.broker {
-        BrokerConfig::Embedded { listen } => {
+        BrokerConfig::Embedded { listen, .. } => {
             listen_addr(&mut p, "broker.listen", listen, "127.0.0.1:1883")
                 .map(|listen| Broker::Embedded { listen })
         }
@@ -804,10 +815,11 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
     }
     // A mirrored frame must not come back in as an MQTT event.
     for (i, s) in sources.iter().enumerate() {
-        if let SourceSpec::Serial(SerialSpec {
-            mirror_topic: Some(m),
-            ..
-        }) = s
+        let mirror = match s {
+            SourceSpec::Serial(s) => &s.mirror_topic,
+            SourceSpec::I2c(s) => &s.mirror_topic,
+        };
+        if let Some(m) = mirror
             && let Some(f) = functions.iter().find(|f| f.triggers.matches(m))
         {
             p.add(
@@ -831,6 +843,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             gateway_id,
             data_dir: resolve(&config.gateway.data_dir),
             broker,
+            source_keep_alive: Duration::from_secs(keep_alive_s),
             functions,
             sinks,
             outbox_commits_per_sec: config.outbox.max_commits_per_sec,
@@ -906,6 +919,18 @@ fn sources(
                         "can be at most 255 with `length_width = \"u8\"`",
                     );
                 }
+                let min = c.min_len.unwrap_or(1);
+                if c.min_len.is_some() && c.framing != FramingKind::LengthPrefixed {
+                    p.add(
+                        format!("{key}.min_len"),
+                        "only applies to `framing = \"length_prefixed\"`",
+                    );
+                } else if min > max {
+                    p.add(
+                        format!("{key}.min_len"),
+                        format!("must be at most max_frame ({max})"),
+                    );
+                }
                 let endian = match c.length_endian.unwrap_or(LengthEndian::Big) {
                     LengthEndian::Big => Endian::Big,
                     LengthEndian::Little => Endian::Little,
@@ -914,7 +939,12 @@ fn sources(
                     FramingKind::Lines => Framing::Lines { max },
                     FramingKind::Cobs => Framing::Cobs { max },
                     FramingKind::Slip => Framing::Slip { max },
-                    FramingKind::LengthPrefixed => Framing::LengthPrefixed { width, endian, max },
+                    FramingKind::LengthPrefixed => Framing::LengthPrefixed {
+                        width,
+                        endian,
+                        min,
+                        max,
+                    },
                     FramingKind::Nmea => Framing::Nmea { max },
                     FramingKind::Pms5003 => Framing::Pms5003,
                 };
@@ -953,6 +983,11 @@ fn sources(
                         "must be between 10 and 86400000",
                     );
                 }
+                if let Some(m) = &c.mirror_topic
+                    && let Err(e) = validate_topic_name(m)
+                {
+                    p.add(format!("{key}.mirror_topic"), format!("`{m}`: {e}"));
+                }
                 out.push(SourceSpec::I2c(I2cSpec {
                     name: c.name.clone(),
                     bus: c.bus.clone(),
@@ -960,6 +995,7 @@ fn sources(
                     address,
                     interval: Duration::from_millis(c.interval_ms),
                     topic: c.topic.clone(),
+                    mirror_topic: c.mirror_topic.clone(),
                 }));
             }
         }

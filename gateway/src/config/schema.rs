@@ -181,6 +181,11 @@ pub struct SerialSourceConfig {
     /// `length_prefixed` only: `big` or `little` (for `u16`).
     #[serde(default)]
     pub length_endian: Option<LengthEndian>,
+    /// `length_prefixed` only: shortest frame in bytes (default 1). On a
+    /// noisy line a stray `0x00` looks like an empty frame, so empty frames
+    /// are counted invalid unless a device really sends them (`min_len = 0`).
+    #[serde(default)]
+    pub min_len: Option<usize>,
     /// Topic of the events (functions trigger on it like on MQTT topics).
     pub topic: String,
     /// Also publish each frame on this local MQTT topic (for dashboards and
@@ -272,6 +277,11 @@ pub struct I2cSourceConfig {
     pub interval_ms: u64,
     /// Topic of the events (a JSON reading each).
     pub topic: String,
+    /// Also publish each reading on this local MQTT topic: with no function
+    /// at all, this makes the source a plain I2C → MQTT bridge. Must not
+    /// match a function's triggers, or the reading would be handled twice.
+    #[serde(default)]
+    pub mirror_topic: Option<String>,
 }
 
 fn default_i2c_bus() -> PathBuf {
@@ -350,6 +360,10 @@ pub enum BrokerConfig {
         /// Address the embedded broker listens on (MQTT 3.1.1 over TCP).
         #[serde(default = "default_listen")]
         listen: String,
+        /// Keep-alive of the gateway's MQTT source connection, in seconds: the
+        /// broker drops a connection silent for 1.5 times this.
+        #[serde(default = "default_local_keep_alive_s")]
+        keep_alive_s: u64,
     },
     /// Use a broker that runs elsewhere (e.g. Mosquitto on the same board).
     External(ExternalBrokerConfig),
@@ -359,8 +373,13 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self::Embedded {
             listen: default_listen(),
+            keep_alive_s: default_local_keep_alive_s(),
         }
     }
+}
+
+fn default_local_keep_alive_s() -> u64 {
+    30
 }
 
 fn default_listen() -> String {
@@ -386,6 +405,10 @@ pub struct ExternalBrokerConfig {
     /// TLS settings, required for `mqtts://`.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Keep-alive of the gateway's MQTT source connection, in seconds: the
+    /// broker drops a connection silent for 1.5 times this.
+    #[serde(default = "default_local_keep_alive_s")]
+    pub keep_alive_s: u64,
 }
 
 /// TLS settings for an MQTT connection (rustls).

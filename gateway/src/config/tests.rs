@@ -51,6 +51,17 @@ fn minimal_config_gets_defaults() {
 }
 
 #[test]
+fn source_keep_alive_defaults_to_30_s_and_is_checked() {
+    let c = parse_str(MINIMAL).expect("valid");
+    assert_eq!(c.source_keep_alive, Duration::from_secs(30));
+    let with = |v: &str| format!("{MINIMAL}\n[broker]\nkind = \"embedded\"\nkeep_alive_s = {v}\n");
+    let c = parse_str(&with("5")).expect("valid");
+    assert_eq!(c.source_keep_alive, Duration::from_secs(5));
+    let e = errors(&with("0"));
+    assert_eq!(e[0].key, "broker.keep_alive_s");
+}
+
+#[test]
 fn demo_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
     let c = load_with_env(&path, &no_env).expect("demo config is valid");
@@ -345,6 +356,7 @@ fn serial_and_i2c_sources_are_validated() {
         edgefn_drivers::codec::Framing::LengthPrefixed {
             width: edgefn_drivers::codec::Width::U8,
             endian: edgefn_drivers::codec::Endian::Big,
+            min: 1,
             max: 200
         }
     );
@@ -363,6 +375,22 @@ fn serial_and_i2c_sources_are_validated() {
     assert_eq!(e[0].key, "sources[0].max_frame");
     let e = errors(&base.replace("framing = \"length_prefixed\"", "framing = \"lines\""));
     assert_eq!(e[0].key, "sources[0].length_width");
+    let e = errors(&base.replace("max_frame = 200", "max_frame = 200\nmin_len = 201"));
+    assert_eq!(e[0].key, "sources[0].min_len");
+    let lax = parse_str(&base.replace("max_frame = 200", "max_frame = 200\nmin_len = 0")).unwrap();
+    let SourceSpec::Serial(s) = &lax.sources[0] else {
+        panic!("serial")
+    };
+    assert!(matches!(
+        s.framing,
+        edgefn_drivers::codec::Framing::LengthPrefixed { min: 0, .. }
+    ));
+    let e = errors(
+        &base
+            .replace("framing = \"length_prefixed\"", "framing = \"lines\"")
+            .replace("length_width = \"u8\"", "min_len = 0"),
+    );
+    assert_eq!(e[0].key, "sources[0].min_len");
     let e = errors(&base.replace("framing = \"length_prefixed\"", "framing = \"morse\""));
     assert_eq!(e[0].key, "sources[0].framing");
     let e = errors(&base.replace(
@@ -371,6 +399,11 @@ fn serial_and_i2c_sources_are_validated() {
     ));
     assert_eq!(e[0].key, "sources[0].mirror_topic");
     assert!(e[0].reason.contains("handled twice"), "{}", e[0].reason);
+    let e = errors(&base.replace(
+        "topic = \"i2c/climate\"",
+        "topic = \"i2c/climate\"\nmirror_topic = \"sensors/c/temperature\"",
+    ));
+    assert_eq!(e[0].key, "sources[1].mirror_topic");
     let e = errors(&base.replace("driver = \"bme280\"", "driver = \"bme280\"\naddress = 200"));
     assert_eq!(e[0].key, "sources[1].address");
     let e = errors(&base.replace("kind = \"i2c\"", "kind = \"spi\""));

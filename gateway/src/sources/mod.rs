@@ -52,3 +52,20 @@ pub struct SourceError {
     /// What is wrong.
     pub reason: String,
 }
+
+/// Publishes a serial frame or I2C reading on its source's `mirror_topic`
+/// through the local publisher (QoS 0: a mirror is for watching, and must
+/// never hold a device back).
+pub(crate) async fn mirror(
+    local: &rumqttc::AsyncClient,
+    source: &str,
+    topic: &str,
+    payload: &[u8],
+) {
+    if let Err(e) = local
+        .publish(topic, rumqttc::QoS::AtMostOnce, false, payload.to_vec())
+        .await
+    {
+        tracing::warn!(source, error = %e, "Frame not mirrored.");
+    }
+}

@@ -256,6 +256,21 @@ pub fn mosquitto_required() -> bool {
     std::env::var_os("CI").is_some()
 }
 
+/// Reports the running test (or a part of it) as skipped, with `reason`, for
+/// `cargo xtask test`'s summary, which counts it as skipped instead of
+/// passed: a `SKIPPED <test>: <reason>` line written straight to stdout
+/// (libtest captures only `print!`). In CI nothing may be skipped: a panic.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    assert!(!mosquitto_required(), "required in CI: {reason}");
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unknown");
+    let _ = writeln!(std::io::stdout().lock(), "SKIPPED {test}: {reason}");
+}
+
+const NO_MOSQUITTO: &str =
+    "mosquitto is not installed (apt-get install mosquitto mosquitto-clients)";
+
 impl Mosquitto {
     /// Starts Mosquitto, or returns `None` when it is not installed (a panic
     /// in CI, where it must be).
@@ -263,21 +278,30 @@ impl Mosquitto {
         Self::start_with("")
     }
 
-    /// [`Mosquitto::start`] with extra lines for the listener (e.g. TLS).
+    /// [`Mosquitto::start`] with extra lines for the listener (e.g. TLS), or
+    /// general settings that override the defaults above them.
     pub fn start_with(listener_extra: &str) -> Option<Self> {
-        Self::launch(free_port(), listener_extra, false)
+        Self::reported(Self::launch(free_port(), listener_extra, false))
+    }
+
+    /// Reports the test as skipped when Mosquitto is missing.
+    fn reported(m: Option<Self>) -> Option<Self> {
+        if m.is_none() {
+            skip(NO_MOSQUITTO);
+        }
+        m
     }
 
     /// A Mosquitto that keeps sessions and queued messages on disk across
     /// its own restarts (`persistence true`, `autosave_on_changes true`,
     /// unlimited queues), on `port`.
     pub fn start_persistent(port: u16) -> Option<Self> {
-        Self::launch(port, "", true)
+        Self::reported(Self::launch(port, "", true))
     }
 
     /// A plain Mosquitto on a port chosen by the caller.
     pub fn start_on(port: u16) -> Option<Self> {
-        Self::launch(port, "", false)
+        Self::reported(Self::launch(port, "", false))
     }
 
     fn launch(port: u16, listener_extra: &str, persistent: bool) -> Option<Self> {
@@ -286,7 +310,6 @@ impl Mosquitto {
                 !mosquitto_required(),
                 "Mosquitto is required in CI: apt-get install mosquitto mosquitto-clients"
             );
-            eprintln!("note: mosquitto is not installed; skipping the Mosquitto part of this test");
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -304,7 +327,7 @@ impl Mosquitto {
             // `user root`: as root, Mosquitto would otherwise switch to the
             // `mosquitto` user, who cannot read the test's private files.
             format!(
-                "{user}listener {port} 127.0.0.1\n{listener_extra}\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 20\n",
+                "{user}listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 0\nmax_inflight_messages 20\n{listener_extra}\n",
                 user = if is_root() { "user root\n" } else { "" },
             ),
         )
@@ -372,7 +395,7 @@ impl Drop for Mosquitto {
 /// A "cloud" broker for sinks: Mosquitto where installed, else a second
 /// embedded broker. Returns its port and a guard to keep alive.
 pub fn cloud_broker() -> (u16, Option<Mosquitto>) {
-    match Mosquitto::start() {
+    match Mosquitto::launch(free_port(), "", false) {
         Some(m) => (m.port, Some(m)),
         None => {
             let b = edgefn::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into()).unwrap();

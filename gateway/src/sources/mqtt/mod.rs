@@ -26,6 +26,17 @@
 //! deadlock once the request channel is full). Messages of a connection that
 //! was lost are never acked on the next one: the broker redelivers them.
 //!
+//! # Back-pressure
+//! The task polling rumqttc's event loop never waits on the functions: it
+//! hands each message to a dispatcher task and polls on, so keep-alive pings
+//! go out however long a full queue or a full outbox (`refuse`) holds the
+//! intake back. Holding back means not dispatching and not acknowledging:
+//! the broker stops sending QoS 1 messages once its in-flight window of
+//! unacknowledged ones is full, and keeps the rest. QoS 0 messages have no
+//! such window: at most [`MAX_HELD_QOS0`] of them ([`MAX_HELD_QOS0_BYTES`]
+//! of payload) wait for the dispatcher; beyond that they are dropped,
+//! counted and logged (QoS 0 is at-most-once by contract).
+//!
 //! This connection only receives; functions publish through a separate
 //! connection ([`crate::output`]), so a function whose queue is full can never
 //! block the connection its own publishes go through.
@@ -33,22 +44,32 @@
 mod sequencer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet, Publish, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::{Source, SourceContext, SourceError};
 use crate::config::MqttEndpoint;
 use crate::event::{AckGuard, Event, SourceKind};
 use sequencer::AckSequencer;
 
+use crate::router::Router;
+
+/// QoS 0 messages waiting for the dispatcher at most (see Back-pressure).
+pub const MAX_HELD_QOS0: usize = 1024;
+/// Payload bytes of the QoS 0 messages waiting for the dispatcher at most.
+pub const MAX_HELD_QOS0_BYTES: usize = 16 * 1024 * 1024;
+
 /// Settings of the MQTT source.
 #[derive(Debug, Clone)]
 pub struct MqttSourceConfig {
     /// The local broker.
     pub endpoint: MqttEndpoint,
+    /// Keep-alive of the connection (`broker.keep_alive_s`).
+    pub keep_alive: Duration,
     /// When a message is acknowledged.
     pub ack: AckPoint,
 }
@@ -80,12 +101,45 @@ struct Pending {
     ack: Option<Publish>,
 }
 
+/// A received message on its way to the router.
+struct Intake {
+    n: u64,
+    event: Event,
+    /// Payload bytes if it is a QoS 0 message (counted in [`Held`]).
+    qos0: Option<usize>,
+}
+
+/// What waits for the dispatcher without an in-flight window to bound it.
+#[derive(Default)]
+struct Held {
+    count: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Held {
+    /// Takes room for a QoS 0 message of `len` bytes, if there is any.
+    fn admit(&self, len: usize) -> bool {
+        let full = self.count.load(Ordering::Relaxed) >= MAX_HELD_QOS0
+            || self.bytes.load(Ordering::Relaxed) + len > MAX_HELD_QOS0_BYTES;
+        if !full {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        !full
+    }
+
+    fn release(&self, len: usize) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
 impl Source for MqttSource {
     type Config = MqttSourceConfig;
 
     fn build(config: Self::Config, ctx: &SourceContext) -> Result<Self, SourceError> {
         let filters = ctx.router.subscriptions();
-        let mut opts = crate::mqtt::options(&config.endpoint, "in", Duration::from_secs(30));
+        let mut opts = crate::mqtt::options(&config.endpoint, "in", config.keep_alive);
         opts.set_clean_session(false);
         opts.set_manual_acks(true);
         let (client, eventloop) = AsyncClient::new(opts, 1024);
@@ -100,7 +154,7 @@ impl Source for MqttSource {
     async fn run(mut self, ctx: SourceContext) {
         let generation = Arc::new(AtomicU64::new(0));
         let (received_tx, received_rx) = mpsc::unbounded_channel::<Pending>();
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<u64>();
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<(u64, bool)>();
         let (acked_tx, mut acked) = watch::channel(0u64);
         let acker = tokio::spawn(ack_in_order(
             self.client.clone(),
@@ -109,80 +163,50 @@ impl Source for MqttSource {
             done_rx,
             acked_tx,
         ));
-        let mut router = Some(ctx.router.clone());
+        let held = Arc::new(Held::default());
+        let (intake_tx, intake_rx) = mpsc::unbounded_channel::<Intake>();
+        tokio::spawn(dispatch(
+            ctx.router.clone(),
+            intake_rx,
+            done_tx,
+            ctx.cancel.clone(),
+            self.ack_point,
+            held.clone(),
+        ));
         drop(ctx.router);
-        let mut next = 0u64;
+        let mut intaker = Intaker {
+            intake: Some(intake_tx),
+            received: received_tx,
+            generation: generation.clone(),
+            held,
+            metrics: ctx.metrics.clone(),
+            next: 0,
+            dropping: false,
+        };
         let mut failures = 0u32;
         loop {
+            let stopping = intaker.intake.is_none();
             let polled = tokio::select! {
-                () = ctx.cancel.cancelled(), if router.is_some() => {
-                    // Stop dispatching: dropping the router lets the workers
+                () = ctx.cancel.cancelled(), if !stopping => {
+                    // Stop dispatching: the dispatcher drops the router once
+                    // it has passed on what it holds, which lets the workers
                     // drain. Keep polling so the acks of what is in flight
                     // still reach the broker.
-                    router = None;
+                    intaker.intake = None;
                     continue;
                 }
                 // Every dispatched message has had its turn at the acker.
-                r = acked.wait_for(|handled| *handled >= next), if router.is_none() => {
+                r = acked.wait_for(|handled| *handled >= intaker.next), if stopping => {
                     let _ = r;
                     break;
                 }
                 polled = self.eventloop.poll() => polled,
             };
             match polled {
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let Some(router) = &router else {
-                        // Stopping: leave it unacknowledged; the broker
-                        // redelivers it to the next run.
-                        continue;
-                    };
-                    ctx.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-                    let n = next;
-                    next += 1;
-                    let ack = (p.qos != QoS::AtMostOnce).then(|| {
-                        let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
-                        a.pkid = p.pkid;
-                        a
-                    });
-                    let _ = received_tx.send(Pending {
-                        n,
-                        generation: generation.load(Ordering::Relaxed),
-                        ack,
-                    });
-                    let done = done_tx.clone();
-                    let mut event = Event::new(SourceKind::Mqtt, p.topic, p.payload);
-                    event
-                        .attributes
-                        .push(("qos".into(), (p.qos as u8).to_string()));
-                    event
-                        .attributes
-                        .push(("retain".into(), p.retain.to_string()));
-                    if p.dup {
-                        event.attributes.push(("dup".into(), "true".into()));
-                    }
-                    let guard = Arc::new(AckGuard::new(move || {
-                        let _ = done.send(n);
-                    }));
-                    if self.ack_point == AckPoint::Handled {
-                        event.ack = Some(guard.clone());
-                    }
-                    router.dispatch(event).await;
-                    drop(guard);
-                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => intaker.take(p),
                 Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
                     failures = 0;
-                    let subs = self
-                        .filters
-                        .iter()
-                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                    if self.filters.is_empty() {
-                        ctx.ready.send_replace(true);
-                        tracing::info!("MQTT source connected; no function has a trigger.");
-                    } else if let Err(e) = self.client.try_subscribe_many(subs) {
-                        tracing::error!(error = %e, "MQTT source could not subscribe.");
-                    } else {
-                        tracing::info!(filters = ?self.filters, session_present = c.session_present, "MQTT source connected and subscribing.");
-                    }
+                    self.subscribe(&ctx.ready, c.session_present);
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     ctx.ready.send_replace(true);
@@ -192,7 +216,7 @@ impl Source for MqttSource {
                     // Acks of this connection's messages are void now.
                     generation.fetch_add(1, Ordering::Relaxed);
                     ctx.ready.send_replace(false);
-                    if router.is_none() {
+                    if intaker.intake.is_none() {
                         break;
                     }
                     ctx.metrics
@@ -206,14 +230,13 @@ impl Source for MqttSource {
                         tracing::debug!(error = %e, attempt = failures, "MQTT source reconnect failed.");
                     }
                     tokio::select! {
-                        () = ctx.cancel.cancelled() => { router = None; }
+                        () = ctx.cancel.cancelled() => { intaker.intake = None; }
                         () = tokio::time::sleep(wait) => {}
                     }
                 }
             }
         }
-        drop(received_tx);
-        drop(done_tx);
+        drop(intaker);
         // Flush the last acks before disconnecting: requests go out in order.
         let _ = acker.await;
         let _ = self.client.try_disconnect();
@@ -230,6 +253,128 @@ impl Source for MqttSource {
     }
 }
 
+impl MqttSource {
+    /// Subscribes to the triggers after a CONNACK.
+    fn subscribe(&self, ready: &watch::Sender<bool>, session_present: bool) {
+        let subs = self
+            .filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        if self.filters.is_empty() {
+            ready.send_replace(true);
+            tracing::info!("MQTT source connected; no function has a trigger.");
+        } else if let Err(e) = self.client.try_subscribe_many(subs) {
+            tracing::error!(error = %e, "MQTT source could not subscribe.");
+        } else {
+            tracing::info!(filters = ?self.filters, session_present, "MQTT source connected and subscribing.");
+        }
+    }
+}
+
+/// Takes received messages in: counts them, queues their acknowledgement
+/// turn and hands them to the dispatcher.
+struct Intaker {
+    /// `None` once stopping: later messages stay unacknowledged.
+    intake: Option<mpsc::UnboundedSender<Intake>>,
+    received: mpsc::UnboundedSender<Pending>,
+    generation: Arc<AtomicU64>,
+    held: Arc<Held>,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
+    /// Messages taken in so far.
+    next: u64,
+    /// QoS 0 messages are being dropped (logged once per stall).
+    dropping: bool,
+}
+
+impl Intaker {
+    fn take(&mut self, p: Publish) {
+        let Some(intake) = &self.intake else {
+            // Stopping: leave it unacknowledged; the broker redelivers it to
+            // the next run.
+            return;
+        };
+        let qos0 = (p.qos == QoS::AtMostOnce).then_some(p.payload.len());
+        if let Some(len) = qos0
+            && !self.held.admit(len)
+        {
+            self.metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.dropping {
+                tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
+                self.dropping = true;
+            }
+            return;
+        }
+        self.dropping = false;
+        self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
+        let n = self.next;
+        self.next += 1;
+        let ack = (p.qos != QoS::AtMostOnce).then(|| {
+            let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
+            a.pkid = p.pkid;
+            a
+        });
+        let _ = self.received.send(Pending {
+            n,
+            generation: self.generation.load(Ordering::Relaxed),
+            ack,
+        });
+        let _ = intake.send(Intake {
+            n,
+            event: event_of(p),
+            qos0,
+        });
+    }
+}
+
+/// The event of a received message.
+fn event_of(p: Publish) -> Event {
+    let mut event = Event::new(SourceKind::Mqtt, p.topic, p.payload);
+    event
+        .attributes
+        .push(("qos".into(), (p.qos as u8).to_string()));
+    event
+        .attributes
+        .push(("retain".into(), p.retain.to_string()));
+    if p.dup {
+        event.attributes.push(("dup".into(), "true".into()));
+    }
+    event
+}
+
+/// Hands received messages to the router in receive order, waiting while a
+/// queue is full, so the task polling the event loop never has to. Reports
+/// each as done to the acker (`true`: acknowledge it), directly or through
+/// the event's [`AckGuard`]. Once `cancel` fires, what it still holds is
+/// reported without acknowledgement (the broker redelivers it). Dropping the
+/// router at the end lets the workers drain.
+async fn dispatch(
+    router: Arc<Router>,
+    mut intake: mpsc::UnboundedReceiver<Intake>,
+    done: mpsc::UnboundedSender<(u64, bool)>,
+    cancel: CancellationToken,
+    ack_point: AckPoint,
+    held: Arc<Held>,
+) {
+    while let Some(Intake { n, mut event, qos0 }) = intake.recv().await {
+        if let Some(len) = qos0 {
+            held.release(len);
+        }
+        if cancel.is_cancelled() {
+            let _ = done.send((n, false));
+            continue;
+        }
+        let done = done.clone();
+        let guard = Arc::new(AckGuard::new(move || {
+            let _ = done.send((n, true));
+        }));
+        if ack_point == AckPoint::Handled {
+            event.ack = Some(guard.clone());
+        }
+        router.dispatch(event).await;
+        drop(guard);
+    }
+}
+
 /// Acknowledges received messages in receive order, each once its event is
 /// done; reports how many it has handled. Runs until the source closes
 /// `received` and the queue is empty.
@@ -237,7 +382,7 @@ async fn ack_in_order(
     client: AsyncClient,
     generation: Arc<AtomicU64>,
     mut received: mpsc::UnboundedReceiver<Pending>,
-    mut done: mpsc::UnboundedReceiver<u64>,
+    mut done: mpsc::UnboundedReceiver<(u64, bool)>,
     handled: watch::Sender<u64>,
 ) {
     let mut order = AckSequencer::new();
@@ -249,7 +394,7 @@ async fn ack_in_order(
                 None => received_open = false,
             },
             d = done.recv(), if done_open => match d {
-                Some(n) => order.finished(n),
+                Some((n, ack)) => order.finished(n, ack),
                 None => done_open = false,
             },
         }

@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use edgefn_drivers::codec::{CodecStats, FrameDecoder, Framing, pms5003};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 
 use super::{Source, SourceContext, SourceError};
 use crate::config::SerialSpec;
@@ -65,6 +66,27 @@ impl SourceStats {
             );
         }
         *before = now;
+    }
+}
+
+/// A [`FrameDecoder`] that adds what it skips to the source's counters as
+/// it happens, not when the next good frame arrives: a device at the wrong
+/// baud rate sends nothing but garbage, and `/metrics` must show it.
+struct Counted {
+    inner: FrameDecoder,
+    stats: Arc<SourceStats>,
+    seen: CodecStats,
+}
+
+impl Decoder for Counted {
+    type Item = Bytes;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, std::io::Error> {
+        let frame = self.inner.decode(buf);
+        self.stats
+            .add_codec_delta(self.inner.stats(), &mut self.seen);
+        frame
     }
 }
 
@@ -180,18 +202,19 @@ enum Served {
 impl SerialSource {
     async fn serve(&mut self, port: tokio_serial::SerialStream, ctx: &SourceContext) -> Served {
         let (rd, mut wr) = tokio::io::split(port);
-        let mut frames = FramedRead::new(rd, FrameDecoder::new(self.spec.framing));
-        let mut seen = CodecStats::default();
-        let result = loop {
+        let decoder = Counted {
+            inner: FrameDecoder::new(self.spec.framing),
+            stats: self.stats.clone(),
+            seen: CodecStats::default(),
+        };
+        let mut frames = FramedRead::new(rd, decoder);
+        loop {
             tokio::select! {
-                () = ctx.cancel.cancelled() => break Served::Cancelled,
+                () = ctx.cancel.cancelled() => return Served::Cancelled,
                 f = frames.next() => match f {
-                    Some(Ok(frame)) => {
-                        self.stats.add_codec_delta(frames.decoder().stats(), &mut seen);
-                        self.dispatch(frame, ctx).await;
-                    }
-                    Some(Err(e)) => break Served::Lost(format!("read failed: {e}")),
-                    None => break Served::Lost("end of file (device gone)".into()),
+                    Some(Ok(frame)) => self.dispatch(frame, ctx).await,
+                    Some(Err(e)) => return Served::Lost(format!("read failed: {e}")),
+                    None => return Served::Lost("end of file (device gone)".into()),
                 },
                 w = self.writes.recv() => {
                     let Some(bytes) = w else { continue };
@@ -205,15 +228,12 @@ impl SerialSource {
                     self.beat.idle();
                     if let Err(e) = written {
                         self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
-                        break Served::Lost(format!("write failed: {e}"));
+                        return Served::Lost(format!("write failed: {e}"));
                     }
                     self.stats.written.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        };
-        self.stats
-            .add_codec_delta(frames.decoder().stats(), &mut seen);
-        result
+        }
     }
 
     async fn dispatch(&self, frame: Bytes, ctx: &SourceContext) {
@@ -227,18 +247,8 @@ impl SerialSource {
         self.stats.frames.fetch_add(1, Ordering::Relaxed);
         if let (Some(local), Some(topic)) = (&self.mirror, &self.spec.mirror_topic) {
             self.beat.busy(Activity::Mirroring);
-            let mirrored = local
-                .publish(
-                    topic.clone(),
-                    rumqttc::QoS::AtMostOnce,
-                    false,
-                    payload.to_vec(),
-                )
-                .await;
+            super::mirror(local, &self.spec.name, topic, &payload).await;
             self.beat.idle();
-            if let Err(e) = mirrored {
-                tracing::warn!(source = %self.spec.name, error = %e, "Serial frame not mirrored.");
-            }
         }
         let mut event = Event::new(SourceKind::Serial, self.spec.topic.clone(), payload);
         event.attributes = vec![
