@@ -360,9 +360,13 @@ pub enum BrokerConfig {
         /// Address the embedded broker listens on (MQTT 3.1.1 over TCP).
         #[serde(default = "default_listen")]
         listen: String,
-        /// Keep-alive of the gateway's MQTT source connection, in seconds: the
-        /// broker drops a connection silent for 1.5 times this.
-        #[serde(default = "default_local_keep_alive_s")]
+        /// Keep-alive of the gateway's MQTT source connection, in seconds.
+        /// The broker runs in the gateway's process, so a dead broker closes
+        /// the socket and pings detect nothing; the default is the longest
+        /// (65535 s) because rumqttd 0.20 withholds its PINGRESP from a
+        /// client whose in-flight window is full: with a short keep-alive an
+        /// outbox stall ends in a reconnect and redelivered duplicates.
+        #[serde(default = "default_embedded_keep_alive_s")]
         keep_alive_s: u64,
     },
     /// Use a broker that runs elsewhere (e.g. Mosquitto on the same board).
@@ -373,9 +377,13 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self::Embedded {
             listen: default_listen(),
-            keep_alive_s: default_local_keep_alive_s(),
+            keep_alive_s: default_embedded_keep_alive_s(),
         }
     }
+}
+
+fn default_embedded_keep_alive_s() -> u64 {
+    65_535
 }
 
 fn default_local_keep_alive_s() -> u64 {

@@ -171,7 +171,11 @@ async fn a_bme280_bridge_reads_calibration_once_and_mirrors_every_reading() {
     let parts = I2cParts {
         spec: spec(I2cDriver::Bme280, Some("mirror/climate")),
         stats: stats.clone(),
-        beat: crate::progress::Progress::default().watch("source", "climate", Duration::from_secs(5)),
+        beat: crate::progress::Progress::default().watch(
+            "source",
+            "climate",
+            Duration::from_secs(5),
+        ),
         local,
     };
     let source = I2cSource::with_bus(parts, Arc::new(move |_: &Path| Ok(bus.clone())));
@@ -205,7 +209,11 @@ async fn crc_errors_count_as_invalid_readings_at_once() {
     let parts = I2cParts {
         spec: spec(I2cDriver::Sht3x, None),
         stats: stats.clone(),
-        beat: crate::progress::Progress::default().watch("source", "climate", Duration::from_secs(5)),
+        beat: crate::progress::Progress::default().watch(
+            "source",
+            "climate",
+            Duration::from_secs(5),
+        ),
         local,
     };
     let source = I2cSource::with_bus(parts, Arc::new(|_: &Path| Ok(BadCrcSht3x)));
