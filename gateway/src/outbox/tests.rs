@@ -1,4 +1,5 @@
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Instant;
 
 use super::*;
 
