@@ -42,6 +42,7 @@ triggers = ["sensors/+/temperature"]
 sinks = ["cloud"]
 [functions.limits]
 queue = 1
+timeout_ms = 5000
 
 [[sinks]]
 kind = "mqtt"

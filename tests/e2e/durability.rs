@@ -29,6 +29,9 @@ name = "enrich"
 component = {enrich}
 triggers = ["sensors/+/temperature"]
 sinks = ["cloud"]
+# Not a timeout test: a busy 2-core machine must not turn a descheduled
+# invocation into a dead letter (which the counts would take for a loss).
+limits = {{ timeout_ms = 5000 }}
 
 [[sinks]]
 kind = "mqtt"
@@ -444,12 +447,14 @@ component = {misbehave}
 triggers = ["order/a/#"]
 publish = ["slow/#"]
 config = {{ mode = "slow" }}
+limits = {{ timeout_ms = 5000 }}
 
 [[functions]]
 name = "fast"
 component = {misbehave}
 triggers = ["order/#"]
 publish = ["echo/#"]
+limits = {{ timeout_ms = 5000 }}
 "#,
         misbehave = lit(&guest("misbehave")),
     )

@@ -52,9 +52,9 @@ async fn waits_in_wasi_end_at_the_deadline_while_a_neighbour_keeps_its_latency()
     neighbour_worst(&mut sensor, &mut echoes, "warmup").await;
 
     // An hour-long sleep, an hour-long poll and a busy loop: each stopped
-    // within the 200 ms deadline plus one epoch tick (5 ms), with room for
-    // scheduling on a busy 2-core machine (the hour-long waits would take an
-    // hour otherwise).
+    // at the 200 ms deadline (plus one 5 ms epoch tick for the loop), with
+    // room for scheduling while other tests load the 2-core machine; the
+    // hour-long waits would take an hour otherwise.
     for mode in ["sleep", "poll", "loop"] {
         attacker.publish("hostile/x", format!("mode:{mode}")).await;
         let worst = neighbour_worst(&mut sensor, &mut echoes, mode).await;
@@ -62,7 +62,7 @@ async fn waits_in_wasi_end_at_the_deadline_while_a_neighbour_keeps_its_latency()
         assert_eq!(letter["failure"], "timeout", "{mode}: {letter}");
         assert_eq!(letter["payload"], format!("mode:{mode}"));
         let us = letter["elapsed_us"].as_u64().unwrap();
-        assert!((200_000..300_000).contains(&us), "{mode} ran {us} µs");
+        assert!((200_000..400_000).contains(&us), "{mode} ran {us} µs");
         assert!(
             worst < Duration::from_millis(100),
             "{mode}: neighbour round trip took {worst:?}"

@@ -125,9 +125,10 @@ limits = {{ timeout_ms = 5000, max_payload_bytes = 65536 }}
         assert_eq!(letter["topic"], "hostile/x");
         if mode == "loop" {
             // Stopped within the deadline plus one epoch tick (5 ms), with
-            // room for scheduling on a busy 2-core machine.
+            // room for scheduling while other tests load the 2-core machine
+            // (measured up to 335 ms there; a missed deadline runs forever).
             let us = letter["elapsed_us"].as_u64().unwrap();
-            assert!((200_000..260_000).contains(&us), "loop ran {us} µs");
+            assert!((200_000..400_000).contains(&us), "loop ran {us} µs");
         }
         if mode == "recurse" {
             let reason = letter["reason"].as_str().unwrap();
