@@ -232,6 +232,9 @@ pub struct GatewayMetrics {
     pub source_reconnects: AtomicU64,
     /// Reconnects of the local publisher's connection.
     pub publisher_reconnects: AtomicU64,
+    /// Times a subscriber of the embedded broker fell further behind than
+    /// the broker's retention and skipped messages.
+    pub broker_skips: AtomicU64,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 mod bad_input;
 mod cli;
 mod durability;
+mod memory;
 mod operations;
 mod pipeline;
 mod runtime;

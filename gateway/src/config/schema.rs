@@ -350,6 +350,12 @@ pub enum BrokerConfig {
         /// Address the embedded broker listens on (MQTT 3.1.1 over TCP).
         #[serde(default = "default_listen")]
         listen: String,
+        /// Bytes of messages (topic + payload) the broker keeps for each
+        /// subscription filter, so a board's memory stays bounded however
+        /// long the stream runs. A subscriber that falls further behind than
+        /// this skips the oldest messages; the skip is counted and logged.
+        #[serde(default = "default_retention_bytes_per_filter")]
+        retention_bytes_per_filter: u64,
     },
     /// Use a broker that runs elsewhere (e.g. Mosquitto on the same board).
     External(ExternalBrokerConfig),
@@ -359,12 +365,17 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self::Embedded {
             listen: default_listen(),
+            retention_bytes_per_filter: default_retention_bytes_per_filter(),
         }
     }
 }
 
 fn default_listen() -> String {
     "127.0.0.1:1883".to_owned()
+}
+
+fn default_retention_bytes_per_filter() -> u64 {
+    crate::broker::DEFAULT_RETENTION_BYTES
 }
 
 /// `[broker]` with `kind = "external"`.
