@@ -251,6 +251,9 @@ pub struct GatewayMetrics {
     /// Settings of the last reloaded configuration that differ from the
     /// running one and wait for a restart.
     pub restart_pending: AtomicU64,
+    /// Times a subscriber of the embedded broker fell further behind than
+    /// the broker's retention and skipped messages.
+    pub broker_skips: AtomicU64,
 }
 
 #[cfg(test)]

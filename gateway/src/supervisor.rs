@@ -145,12 +145,19 @@ impl Gateway {
             Some(a) => Some(crate::admin::bind(a.listen).await?),
             None => None,
         };
+        let metrics = Arc::new(GatewayMetrics::default());
         let local = match &config.broker {
-            Broker::Embedded { listen } => {
-                let listen = *listen;
-                let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(listen))
-                    .await
-                    .map_err(|e| StartError::Engine(EngineError::from_join(&e)))??;
+            Broker::Embedded {
+                listen,
+                retention_bytes_per_filter,
+            } => {
+                let (listen, retention) = (*listen, *retention_bytes_per_filter);
+                let m = metrics.clone();
+                let broker = tokio::task::spawn_blocking(move || {
+                    EmbeddedBroker::start(listen, retention, m)
+                })
+                .await
+                .map_err(|e| StartError::Engine(EngineError::from_join(&e)))??;
                 MqttEndpoint {
                     host: loopback_for(broker.addr()).to_string(),
                     port: broker.addr().port(),
@@ -164,7 +171,6 @@ impl Gateway {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let metrics = Arc::new(GatewayMetrics::default());
         let progress = Arc::new(Progress::default());
 
         let outbox = Outbox::open(OutboxConfig {

@@ -74,8 +74,12 @@ full_policy = "refuse"
     assert_eq!(stats.rows.load(Ordering::Relaxed), 100, "still held back");
 
     // The cloud comes up: every reading is delivered once.
-    let _cloud = edgefn::broker::EmbeddedBroker::start(([127, 0, 0, 1], cloud_port).into())
-        .expect("cloud broker");
+    let _cloud = edgefn::broker::EmbeddedBroker::start(
+        ([127, 0, 0, 1], cloud_port).into(),
+        edgefn::broker::DEFAULT_RETENTION_BYTES,
+        std::sync::Arc::default(),
+    )
+    .expect("cloud broker");
     eventually("every reading delivered", || {
         stats.delivered.load(Ordering::Relaxed) >= READINGS
     })

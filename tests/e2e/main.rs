@@ -18,6 +18,7 @@ mod cli;
 mod disk_full;
 mod durability;
 mod guest_limits;
+mod memory;
 mod operations;
 mod pipeline;
 mod reload;

@@ -152,6 +152,13 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "Events that matched no function's triggers.",
     )
     .sample(&[], get(&m.unmatched));
+    Family::new(
+        &mut out,
+        "edgefn_broker_subscriber_skips_total",
+        "counter",
+        "Times a subscriber of the embedded broker fell further behind than broker.retention_bytes_per_filter and skipped the oldest messages.",
+    )
+    .sample(&[], get(&m.broker_skips));
 
     // Functions.
     let per_function = |out: &mut String, name, kind: &str, help, value: &dyn Fn(&_) -> u64| {

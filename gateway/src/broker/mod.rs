@@ -5,13 +5,27 @@
 //! lives until the process exits. Its sessions live in memory only; a
 //! device's QoS 1 publish is acknowledged by the broker on receipt (see the
 //! README's delivery guarantees).
+//!
+//! rumqttd keeps an in-memory log per subscription filter, whether or not
+//! anyone reads it. Its size is bounded by `broker.retention_bytes_per_filter`,
+//! cut into [`RETENTION_SEGMENTS`] segments: when the log is full the oldest
+//! segment goes. rumqttd cannot hold a publisher back for a slow subscriber;
+//! a subscriber whose position was in a dropped segment jumps ahead. rumqttd
+//! reports each jump as an alert, which [`watch_skips`] counts
+//! (`edgefn_broker_subscriber_skips_total`) and logs.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{
+    Config, ConnectionSettings, MetricSettings, MetricType, RouterConfig, ServerSettings,
+};
+
+use crate::metrics::GatewayMetrics;
 
 /// Why the embedded broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +51,26 @@ pub enum BrokerError {
 /// Largest MQTT packet payload the embedded broker accepts.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
+/// Segments each filter's log is cut into: a subscriber that falls behind
+/// is always at least `(RETENTION_SEGMENTS - 1) / RETENTION_SEGMENTS` of the
+/// retention away from losing anything.
+pub const RETENTION_SEGMENTS: u64 = 4;
+
+/// Default `broker.retention_bytes_per_filter`: 1 MiB per filter, a few MB
+/// for a typical configuration, and at 500 readings/s several seconds of
+/// slack for a subscriber that pauses.
+pub const DEFAULT_RETENTION_BYTES: u64 = 1024 * 1024;
+
+/// Smallest `broker.retention_bytes_per_filter` (rumqttd needs segments of
+/// at least 1 KiB; smaller logs only lose more).
+pub const MIN_RETENTION_BYTES: u64 = 64 * 1024;
+
+/// Largest `broker.retention_bytes_per_filter`.
+pub const MAX_RETENTION_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// How often rumqttd hands its alerts (cursor jumps) over, in seconds.
+const ALERT_INTERVAL_S: u64 = 1;
+
 /// A running embedded broker.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddedBroker {
@@ -44,9 +78,14 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Starts rumqttd on `listen` and waits (up to 10 s) until it accepts
-    /// connections.
-    pub fn start(listen: SocketAddr) -> Result<Self, BrokerError> {
+    /// Starts rumqttd on `listen`, keeping `retention_bytes_per_filter` per
+    /// subscription filter, and waits (up to 10 s) until it accepts
+    /// connections. Subscribers that skip messages are counted in `metrics`.
+    pub fn start(
+        listen: SocketAddr,
+        retention_bytes_per_filter: u64,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Result<Self, BrokerError> {
         // rumqttd only logs a bind failure from its own thread: check first so
         // the user gets a clear error (a small race remains).
         let addr = TcpListener::bind(listen)
@@ -55,62 +94,31 @@ impl EmbeddedBroker {
                 addr: listen,
                 reason: e.to_string(),
             })?;
-        let server = ServerSettings {
-            name: "edgefn-v4".into(),
-            listen: addr,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections: ConnectionSettings {
-                connection_timeout_ms: 60_000,
-                max_payload_size: MAX_PAYLOAD_BYTES,
-                max_inflight_count: 500,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        };
-        let config = Config {
-            id: 0,
-            // A default RouterConfig is all zeros and fails silently: every
-            // field is set explicitly.
-            router: RouterConfig {
-                max_connections: 10_010,
-                max_outgoing_packet_count: 200,
-                max_segment_size: 10 * 1024 * 1024,
-                max_segment_count: 10,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-            v4: Some(HashMap::from([("1".to_owned(), server)])),
-            ..Default::default()
-        };
+        let start_error = |reason: String| BrokerError::Start { addr, reason };
+        let config = rumqttd_config(addr, retention_bytes_per_filter).map_err(start_error)?;
+        let mut broker = rumqttd::Broker::new(config);
+        let alerts = broker.alerts().map_err(|e| start_error(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("edgefn-broker-alerts".into())
+            .spawn(move || watch_skips(&alerts, &metrics, retention_bytes_per_filter))
+            .map_err(|e| start_error(e.to_string()))?;
         std::thread::Builder::new()
             .name("edgefn-broker".into())
             .spawn(move || {
-                let mut broker = rumqttd::Broker::new(config);
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, "Embedded broker stopped.");
                 }
             })
-            .map_err(|e| BrokerError::Start {
-                addr,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| start_error(e.to_string()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match probe(addr) {
                 Ok(()) => break,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(BrokerError::Start {
-                        addr,
-                        reason: e.to_string(),
-                    });
-                }
+                Err(e) if Instant::now() >= deadline => return Err(start_error(e.to_string())),
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
-        tracing::info!(%addr, "Embedded MQTT broker listening.");
+        tracing::info!(%addr, retention_bytes_per_filter, "Embedded MQTT broker listening.");
         Ok(Self { addr })
     }
 
@@ -118,6 +126,83 @@ impl EmbeddedBroker {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+}
+
+/// rumqttd's configuration: one MQTT 3.1.1 listener on `addr`, each
+/// filter's log bounded to `retention` bytes, alerts handed over every
+/// second.
+fn rumqttd_config(addr: SocketAddr, retention: u64) -> Result<Config, String> {
+    let server = ServerSettings {
+        name: "edgefn-v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: MAX_PAYLOAD_BYTES,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let segment = usize::try_from(retention / RETENTION_SEGMENTS)
+        .map_err(|_| format!("retention of {retention} bytes does not fit this platform"))?;
+    // rumqttd's timer thread needs both intervals (it unwraps each);
+    // `MetricSettings` can only be built by deserializing.
+    let every = |s: u64| {
+        toml::from_str::<MetricSettings>(&format!("push_interval = {s}")).map_err(|e| e.to_string())
+    };
+    Ok(Config {
+        id: 0,
+        // A default RouterConfig is all zeros and fails silently: every
+        // field is set explicitly.
+        router: RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: segment,
+            max_segment_count: RETENTION_SEGMENTS as usize,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("1".to_owned(), server)])),
+        metrics: Some(HashMap::from([
+            (MetricType::Alerts, every(ALERT_INTERVAL_S)?),
+            (MetricType::Meters, every(3600)?),
+        ])),
+        ..Default::default()
+    })
+}
+
+/// Counts and logs rumqttd's cursor-jump alerts: a subscriber fell further
+/// behind than the retention and skipped the oldest messages. Runs until
+/// the broker's router goes away.
+fn watch_skips(alerts: &rumqttd::alerts::AlertsLink, metrics: &GatewayMetrics, retention: u64) {
+    while let Ok(batch) = alerts.router_rx.recv() {
+        for alert in batch {
+            // rumqttd does not export the alert kind's type: match its name.
+            if alert.kind.name() != "cursor_jump" {
+                continue;
+            }
+            metrics.broker_skips.fetch_add(1, Ordering::Relaxed);
+            let filter = serde_json::to_value(&alert.kind)
+                .ok()
+                .and_then(|v| v.pointer("/CursorJump/filter")?.as_str().map(cut))
+                .unwrap_or_default();
+            tracing::warn!(
+                client = %cut(&alert.client_id),
+                %filter,
+                retention_bytes_per_filter = retention,
+                "A subscriber of the embedded broker fell further behind than its retention and skipped the oldest messages."
+            );
+        }
+    }
+}
+
+/// A client id or filter from outside, cut for a log line.
+fn cut(s: &str) -> String {
+    s.chars().take(128).collect()
 }
 
 /// Readiness: a real MQTT 3.1.1 CONNECT answered by a CONNACK, then a clean

@@ -164,12 +164,24 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
     let (ta, tb) = (&running.shutdown_timeout, &new.shutdown_timeout);
     d.key("gateway", "shutdown_timeout_s", ta, tb);
     match (&running.broker, &new.broker) {
-        (Broker::Embedded { listen: a }, Broker::Embedded { listen: b }) => {
+        (
+            Broker::Embedded {
+                listen: a,
+                retention_bytes_per_filter: ra,
+            },
+            Broker::Embedded {
+                listen: b,
+                retention_bytes_per_filter: rb,
+            },
+        ) => {
             d.key("broker", "listen", a, b);
+            d.key("broker", "retention_bytes_per_filter", ra, rb);
         }
         (Broker::External(a), Broker::External(b)) => d.endpoint("broker", a, b),
         _ => d.key("broker", "kind", &0, &1),
     }
+    let (ka, kb) = (&running.source_keep_alive, &new.source_keep_alive);
+    d.key("broker", "keep_alive_s", ka, kb);
     let (ca, cb) = (running.outbox_commits_per_sec, new.outbox_commits_per_sec);
     d.key("outbox", "max_commits_per_sec", &ca, &cb);
     let (ra, rb) = (&running.runtime, &new.runtime);

@@ -119,6 +119,25 @@ fn listen_addr(p: &mut Problems<'_>, key: &str, value: &str, example: &str) -> O
     parsed
 }
 
+/// `broker.retention_bytes_per_filter` within what rumqttd can work with:
+/// [`crate::broker::RETENTION_SEGMENTS`] segments of at least 1 KiB each.
+fn broker_retention(p: &mut Problems<'_>, bytes: u64) -> Option<u64> {
+    let range = crate::broker::MIN_RETENTION_BYTES..=crate::broker::MAX_RETENTION_BYTES;
+    if range.contains(&bytes) {
+        Some(bytes)
+    } else {
+        p.add(
+            "broker.retention_bytes_per_filter",
+            format!(
+                "{bytes} is outside {}..={} bytes",
+                range.start(),
+                range.end()
+            ),
+        );
+        None
+    }
+}
+
 fn admin(p: &mut Problems<'_>, settings: &schema::AdminSettings) -> Option<AdminSpec> {
     let listen = listen_addr(p, "admin.listen", &settings.listen, "127.0.0.1:9180")?;
     match &settings.token {
@@ -220,6 +239,8 @@ pub enum Broker {
     Embedded {
         /// TCP address for MQTT 3.1.1 clients.
         listen: SocketAddr,
+        /// Bytes kept per subscription filter (`broker.retention_bytes_per_filter`).
+        retention_bytes_per_filter: u64,
     },
     /// A broker elsewhere.
     External(MqttEndpoint),
@@ -634,9 +655,18 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         p.add("broker.keep_alive_s", "must be between 1 and 65535 seconds");
     }
     let broker = match &config.broker {
-        BrokerConfig::Embedded { listen, .. } => {
+        BrokerConfig::Embedded {
+            listen,
+            retention_bytes_per_filter,
+            ..
+        } => {
+            let retention = broker_retention(&mut p, *retention_bytes_per_filter);
             listen_addr(&mut p, "broker.listen", listen, "127.0.0.1:1883")
-                .map(|listen| Broker::Embedded { listen })
+                .zip(retention)
+                .map(|(listen, retention_bytes_per_filter)| Broker::Embedded {
+                    listen,
+                    retention_bytes_per_filter,
+                })
         }
         BrokerConfig::External(ext) => endpoint(
             &mut p,

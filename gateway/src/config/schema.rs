@@ -368,6 +368,12 @@ pub enum BrokerConfig {
         /// outbox stall ends in a reconnect and redelivered duplicates.
         #[serde(default = "default_embedded_keep_alive_s")]
         keep_alive_s: u64,
+        /// Bytes of messages (topic + payload) the broker keeps for each
+        /// subscription filter, so a board's memory stays bounded however
+        /// long the stream runs. A subscriber that falls further behind than
+        /// this skips the oldest messages; the skip is counted and logged.
+        #[serde(default = "default_retention_bytes_per_filter")]
+        retention_bytes_per_filter: u64,
     },
     /// Use a broker that runs elsewhere (e.g. Mosquitto on the same board).
     External(ExternalBrokerConfig),
@@ -378,6 +384,7 @@ impl Default for BrokerConfig {
         Self::Embedded {
             listen: default_listen(),
             keep_alive_s: default_embedded_keep_alive_s(),
+            retention_bytes_per_filter: default_retention_bytes_per_filter(),
         }
     }
 }
@@ -392,6 +399,10 @@ fn default_local_keep_alive_s() -> u64 {
 
 fn default_listen() -> String {
     "127.0.0.1:1883".to_owned()
+}
+
+fn default_retention_bytes_per_filter() -> u64 {
+    crate::broker::DEFAULT_RETENTION_BYTES
 }
 
 /// `[broker]` with `kind = "external"`.

@@ -40,7 +40,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.gateway_id, "gw1");
     assert_eq!(c.data_dir, Path::new("/etc/edgefn/data"));
     assert!(
-        matches!(c.broker, Broker::Embedded { listen } if listen.to_string() == "127.0.0.1:1883")
+        matches!(c.broker, Broker::Embedded { listen, .. } if listen.to_string() == "127.0.0.1:1883")
     );
     let f = &c.functions[0];
     assert_eq!(f.component, Path::new("/etc/edgefn/f.wasm"));
@@ -70,7 +70,7 @@ fn demo_config_is_valid() {
     let c = load_with_env(&path, &no_env).expect("demo config is valid");
     assert_eq!(c.gateway_id, "demo-gw");
     assert!(
-        matches!(c.broker, Broker::Embedded { listen } if listen.to_string() == "127.0.0.1:1883")
+        matches!(c.broker, Broker::Embedded { listen, .. } if listen.to_string() == "127.0.0.1:1883")
     );
     let names: Vec<&str> = c.functions.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
@@ -95,7 +95,7 @@ fn demo_listen_address_follows_the_environment() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
     let env = |name: &str| (name == "EDGEFN_MQTT_LISTEN").then(|| "127.0.0.1:2883".to_owned());
     let c = load_with_env(&path, &env).expect("valid");
-    assert!(matches!(c.broker, Broker::Embedded { listen } if listen.port() == 2883));
+    assert!(matches!(c.broker, Broker::Embedded { listen, .. } if listen.port() == 2883));
     assert_eq!(mqtt(&c.sinks[0]).endpoint.port, 2883);
 }
 
@@ -480,4 +480,31 @@ fn admin_and_shutdown_settings() {
     // IPv6 loopback needs no token.
     let c = parse_str(&format!("{MINIMAL}\n[admin]\nlisten = \"[::1]:9180\"\n")).expect("valid");
     assert!(c.admin.is_some_and(|a| a.token.is_none()));
+}
+
+#[test]
+fn broker_retention_has_a_default_and_a_range() {
+    let c = parse_str(MINIMAL).expect("valid");
+    assert!(matches!(
+        c.broker,
+        Broker::Embedded { retention_bytes_per_filter, .. } if retention_bytes_per_filter == 1024 * 1024
+    ));
+    let broker = |bytes: u64| {
+        format!("{MINIMAL}\n[broker]\nkind = \"embedded\"\nretention_bytes_per_filter = {bytes}\n")
+    };
+    let c = parse_str(&broker(4 * 1024 * 1024)).expect("valid");
+    assert!(matches!(
+        c.broker,
+        Broker::Embedded { retention_bytes_per_filter, .. } if retention_bytes_per_filter == 4 * 1024 * 1024
+    ));
+    for bad in [1000, 2 * 1024 * 1024 * 1024] {
+        let e = errors(&broker(bad));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].to_string()
+                .starts_with("/etc/edgefn/test.toml: broker.retention_bytes_per_filter: "),
+            "{}",
+            e[0]
+        );
+    }
 }

@@ -398,7 +398,12 @@ pub fn cloud_broker() -> (u16, Option<Mosquitto>) {
     match Mosquitto::launch(free_port(), "", false) {
         Some(m) => (m.port, Some(m)),
         None => {
-            let b = edgefn::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into()).unwrap();
+            let b = edgefn::broker::EmbeddedBroker::start(
+                ([127, 0, 0, 1], 0).into(),
+                edgefn::broker::DEFAULT_RETENTION_BYTES,
+                std::sync::Arc::default(),
+            )
+            .unwrap();
             (b.addr().port(), None)
         }
     }

@@ -150,7 +150,12 @@ async fn subscribe(port: u16, filter: &str) -> tokio::sync::mpsc::UnboundedRecei
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bme280_bridge_reads_calibration_once_and_mirrors_every_reading() {
-    let broker = crate::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into()).unwrap();
+    let broker = crate::broker::EmbeddedBroker::start(
+        ([127, 0, 0, 1], 0).into(),
+        crate::broker::DEFAULT_RETENTION_BYTES,
+        Arc::default(),
+    )
+    .unwrap();
     let port = broker.addr().port();
     let endpoint = MqttEndpoint {
         host: "127.0.0.1".into(),
