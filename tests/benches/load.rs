@@ -116,10 +116,17 @@ fn mosquitto(dir: &Path, port: u16) -> Proc {
 fn gateway(dir: &Path, name: &str, toml: &str) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, toml).unwrap();
+    start_gateway(&cfg, &[])
+}
+
+/// The release gateway on the config file `cfg`, with `env` added to its
+/// environment; returns once it logged that it started.
+fn start_gateway(cfg: &Path, env: &[(&str, std::ffi::OsString)]) -> Proc {
     let mut child = Command::new(target_dir().join("release/edgefn"))
         .args(["run", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .env("EDGEFN_LOG", "warn,edgefn::supervisor=info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -144,7 +151,6 @@ fn gateway(dir: &Path, name: &str, toml: &str) -> Proc {
     Proc(child)
 }
 
-/// CPU seconds (user + system) the process has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];

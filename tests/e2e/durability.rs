@@ -276,43 +276,6 @@ async fn gateway_killed_with_sigkill_loses_nothing_mosquitto_accepted() {
     integrity_ok(&db);
 }
 
-/// Collects systemd notifications sent to a `$NOTIFY_SOCKET` of our own.
-struct NotifySocket {
-    path: std::path::PathBuf,
-    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl NotifySocket {
-    fn bind(dir: &std::path::Path) -> Self {
-        let path = dir.join("notify.sock");
-        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = socket.recv(&mut buf).await {
-                for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                    if tx.send(line.to_owned()).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Self { path, rx }
-    }
-
-    /// Waits for a line equal to `want`; returns the lines seen before it.
-    async fn wait_for(&mut self, want: &str) -> Vec<String> {
-        let mut before = Vec::new();
-        loop {
-            match tokio::time::timeout(WAIT, self.rx.recv()).await {
-                Ok(Some(line)) if line == want => return before,
-                Ok(Some(line)) => before.push(line),
-                _ => panic!("no `{want}` from the gateway; got {before:?}"),
-            }
-        }
-    }
-}
-
 /// SIGTERM while sensors publish: systemd hears READY, watchdog pings and
 /// STOPPING; the gateway stops intake, finishes and commits what it took,
 /// exits 0 within `gateway.shutdown_timeout_s`; after a restart every
@@ -425,16 +388,6 @@ async fn sigterm_under_load_exits_in_time_and_loses_nothing() {
         .arg(child.0.id().to_string())
         .status();
     assert!(child.0.wait().unwrap().success());
-}
-
-/// A gateway process that a failing test does not leave behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn order_config(header: &str) -> String {

@@ -6,61 +6,12 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
 
-/// systemd notifications sent to a `$NOTIFY_SOCKET` of the test's.
-struct Notify {
-    path: std::path::PathBuf,
-    rx: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl Notify {
-    fn bind(dir: &std::path::Path) -> Self {
-        let path = dir.join("notify.sock");
-        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok(n) = socket.recv(&mut buf).await {
-                for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                    if tx.send(line.to_owned()).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Self { path, rx }
-    }
-
-    /// Waits up to `within` for a line starting with `prefix`; returns it
-    /// and the lines before it, or `None` with those lines.
-    async fn wait_for(&mut self, prefix: &str, within: Duration) -> (Option<String>, Vec<String>) {
-        let mut before = Vec::new();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(line)) if line.starts_with(prefix) => return (Some(line), before),
-                Ok(Some(line)) => before.push(line),
-                _ => return (None, before),
-            }
-        }
-    }
-}
-
-/// A gateway process that a failing test does not leave behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(config: &std::path::Path, notify: &Notify) -> KillOnDrop {
+fn spawn(config: &std::path::Path, notify: &NotifySocket) -> KillOnDrop {
     KillOnDrop(
         Command::new(edgefn_bin())
             .args(["run", "--config"])
@@ -96,12 +47,12 @@ fn pty() -> (File, std::path::PathBuf, std::os::fd::OwnedFd) {
 }
 
 /// After `STATUS=stuck…`, no ping for well over ten ping periods.
-async fn pings_stopped(notify: &mut Notify, stuck: &str) -> String {
-    let (line, _) = notify.wait_for("STATUS=stuck", WAIT).await;
+async fn pings_stopped(notify: &mut NotifySocket, stuck: &str) -> String {
+    let (line, _) = notify.wait_for_prefix("STATUS=stuck", WAIT).await;
     let line = line.expect("the gateway reports itself stuck");
     assert!(line.starts_with(stuck), "{line}");
     let (ping, seen) = notify
-        .wait_for("WATCHDOG=1", Duration::from_millis(1500))
+        .wait_for_prefix("WATCHDOG=1", Duration::from_millis(1500))
         .await;
     assert_eq!(ping, None, "pinged while stuck; after {seen:?}");
     line
@@ -122,10 +73,10 @@ async fn a_serial_device_that_stops_taking_bytes_stops_the_watchdog_until_it_mov
         ),
     )
     .unwrap();
-    let mut notify = Notify::bind(dir.path());
+    let mut notify = NotifySocket::bind(dir.path());
     let mut child = spawn(&config, &notify);
-    assert!(notify.wait_for("READY=1", WAIT).await.0.is_some());
-    assert!(notify.wait_for("WATCHDOG=1", WAIT).await.0.is_some());
+    assert!(notify.wait_for_prefix("READY=1", WAIT).await.0.is_some());
+    assert!(notify.wait_for_prefix("WATCHDOG=1", WAIT).await.0.is_some());
     assert_eq!(readyz(admin).await.0, 200);
 
     // Commands whose acknowledgements fill the pty, which nobody reads: the
@@ -155,12 +106,12 @@ async fn a_serial_device_that_stops_taking_bytes_stops_the_watchdog_until_it_mov
     });
     assert!(
         notify
-            .wait_for("STATUS=progressing again", WAIT)
+            .wait_for_prefix("STATUS=progressing again", WAIT)
             .await
             .0
             .is_some()
     );
-    assert!(notify.wait_for("WATCHDOG=1", WAIT).await.0.is_some());
+    assert!(notify.wait_for_prefix("WATCHDOG=1", WAIT).await.0.is_some());
     assert_eq!(readyz(admin).await, (200, "ready\n".to_owned()));
     let _ = Command::new("kill")
         .arg("-TERM")
@@ -189,10 +140,10 @@ async fn a_worker_whose_outputs_cannot_leave_stops_the_watchdog_and_says_why() {
         ),
     )
     .unwrap();
-    let mut notify = Notify::bind(dir.path());
+    let mut notify = NotifySocket::bind(dir.path());
     let _child = spawn(&config, &notify);
-    assert!(notify.wait_for("READY=1", WAIT).await.0.is_some());
-    assert!(notify.wait_for("WATCHDOG=1", WAIT).await.0.is_some());
+    assert!(notify.wait_for_prefix("READY=1", WAIT).await.0.is_some());
+    assert!(notify.wait_for_prefix("WATCHDOG=1", WAIT).await.0.is_some());
 
     // More readings than the local publisher can hold (1024 publishes).
     let lines: String = (0..1200).map(|i| format!("r{i}\n")).collect();

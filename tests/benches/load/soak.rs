@@ -100,39 +100,18 @@ fn demo_gateway(dir: &Path, port: u16, admin: u16) -> Proc {
     }
     let cfg = dir.join("soak-demo.toml");
     std::fs::write(&cfg, toml).unwrap();
-    let mut child = Command::new(target_dir().join("release/edgefn"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("EDGEFN_LOG", "warn,edgefn::supervisor=info")
-        .env("EDGEFN_MQTT_LISTEN", format!("127.0.0.1:{port}"))
-        .env("EDGEFN_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("EDGEFN_DATA_DIR", dir.join("soak-data"))
-        .env(
-            "EDGEFN_FUNCTIONS_DIR",
-            target_dir().join("wasm32-wasip2/guest"),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut started = Some(tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("Gateway started.") {
-                if let Some(tx) = started.take() {
-                    let _ = tx.send(());
-                }
-            } else if line.contains("WARN") || line.contains("ERROR") {
-                eprintln!("gateway: {line}");
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the demo gateway started");
-    Proc(child)
+    super::start_gateway(
+        &cfg,
+        &[
+            ("EDGEFN_MQTT_LISTEN", format!("127.0.0.1:{port}").into()),
+            ("EDGEFN_ADMIN_LISTEN", format!("127.0.0.1:{admin}").into()),
+            ("EDGEFN_DATA_DIR", dir.join("soak-data").into()),
+            (
+                "EDGEFN_FUNCTIONS_DIR",
+                target_dir().join("wasm32-wasip2/guest").into(),
+            ),
+        ],
+    )
 }
 
 /// `edgefn_broker_subscriber_skips_total` from the admin endpoint.

@@ -471,3 +471,66 @@ pub async fn round_trips(
     }
     times
 }
+
+/// A gateway process that a failing test does not leave behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Collects systemd notifications sent to a `$NOTIFY_SOCKET` of the test's.
+pub struct NotifySocket {
+    /// The socket's path, for `NOTIFY_SOCKET`.
+    pub path: PathBuf,
+    rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl NotifySocket {
+    /// Binds `notify.sock` in `dir`.
+    pub fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf).await {
+                for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                    if tx.send(line.to_owned()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { path, rx }
+    }
+
+    /// Waits up to `within` for a line starting with `prefix`; returns it
+    /// and the lines before it, or `None` with those lines.
+    pub async fn wait_for_prefix(
+        &mut self,
+        prefix: &str,
+        within: Duration,
+    ) -> (Option<String>, Vec<String>) {
+        let mut before = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(line)) if line.starts_with(prefix) => return (Some(line), before),
+                Ok(Some(line)) => before.push(line),
+                _ => return (None, before),
+            }
+        }
+    }
+
+    /// Waits for a line equal to `want`; returns the lines seen before it.
+    pub async fn wait_for(&mut self, want: &str) -> Vec<String> {
+        match self.wait_for_prefix(want, WAIT).await {
+            (Some(line), before) if line == want => before,
+            (_, before) => panic!("no `{want}` from the gateway; got {before:?}"),
+        }
+    }
+}
