@@ -15,7 +15,8 @@
 //!   [`sources::serial`], [`sources::i2c`]).
 //! - [`router`]: topic-filter dispatch to per-function bounded queues.
 //! - [`runtime`]: wasmtime engine and instance pool, component loading and
-//!   the compile cache, limits, the host side of the WIT imports, durable
+//!   the compile cache, limits (deadlines that cover WASI waits, the guest
+//!   log budget), the host side of the WIT imports, durable
 //!   `kv` state, and each function's queue, worker, circuit breaker and hot
 //!   reload.
 //! - [`output`]: sends a successful invocation's publishes and forwards,
