@@ -217,8 +217,6 @@ impl HostState {
         self.outputs = Outputs::default();
         self.calls = 0;
         self.log.begin();
-        self.stdout.take();
-        self.stderr.take();
         self.denied = 0;
         self.over_limit = 0;
         self.limiter.exceeded = false;

@@ -108,22 +108,18 @@ impl LoadedFunction {
         result: wasmtime::Result<Result<(), String>>,
         mut state: Option<&mut HostState>,
     ) -> Result<Outputs, Failure> {
-        let mut seen = (0, 0, false, false, None);
+        let mut seen = (0, 0, false, false);
+        let mut stderr = None;
         if let Some(s) = state.as_deref_mut() {
             let stdout = s.stdout.take();
-            let stderr = s.stderr.take();
+            let err = s.stderr.take();
             s.log.write_stream(Level::Info, &stdout);
-            s.log.write_stream(Level::Warn, &stderr);
+            s.log.write_stream(Level::Warn, &err);
             s.log.finish(&self.metrics);
-            seen = (
-                s.denied,
-                s.over_limit,
-                s.limiter.exceeded,
-                s.deadline.hit,
-                stderr.panic_message(),
-            );
+            seen = (s.denied, s.over_limit, s.limiter.exceeded, s.deadline.hit);
+            stderr = Some(err);
         }
-        let (denied, over_limit, exceeded, timed_out, panic) = seen;
+        let (denied, over_limit, exceeded, timed_out) = seen;
         self.metrics
             .denied
             .fetch_add(u64::from(denied), Ordering::Relaxed);
@@ -154,8 +150,14 @@ impl LoadedFunction {
             Err(e) if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Err(Failure::Timeout),
             // A panic reaches the host as a bare `unreachable`; its message
             // is on stderr.
-            Err(_) if panic.is_some() => Err(Failure::Trap(cut(panic.unwrap_or_default()))),
-            Err(e) => Err(Failure::Trap(cut(root_message(&e)))),
+            Err(e) => {
+                let panic = stderr
+                    .as_ref()
+                    .and_then(super::wasi::Captured::panic_message);
+                Err(Failure::Trap(
+                    cut(panic.unwrap_or_else(|| root_message(&e))),
+                ))
+            }
         }
     }
 }

@@ -78,6 +78,9 @@ impl Capture {
     /// Takes what was written since the last call and starts over.
     pub fn take(&self) -> Captured {
         let mut c = self.lock();
+        if c.total == 0 {
+            return Captured::default();
+        }
         let cap = c.cap;
         std::mem::replace(
             &mut *c,
