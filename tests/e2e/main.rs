@@ -23,6 +23,7 @@ mod operations;
 mod pipeline;
 mod reload;
 mod runtime;
+mod runtime_cli;
 mod serial;
 mod sinks;
 mod support;

@@ -203,15 +203,6 @@ fn wait_for_line(
     }
 }
 
-fn hangup(child: &std::process::Child) {
-    let status = std::process::Command::new("kill")
-        .arg("-HUP")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// The real binary: a `[broker]` change is logged by name at the first and
 /// the second `SIGHUP`; an invalid file and a refused one are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +231,7 @@ async fn sighup_names_what_needs_a_restart_every_time_and_counts_reloads() {
     let moved = free_port();
     std::fs::write(&path, toml(moved, "[]")).unwrap();
     for _ in 0..2 {
-        hangup(&child);
+        signal(&child, "HUP");
         let (_, before) = wait_for_line(&lines, &["Configuration reloaded.", "restart_pending=1"]);
         assert!(
             before.iter().any(
@@ -255,10 +246,10 @@ async fn sighup_names_what_needs_a_restart_every_time_and_counts_reloads() {
     let cloud2 =
         "\n[[sinks]]\nkind = \"http\"\nname = \"cloud2\"\nurl = \"http://127.0.0.1:9/c\"\n";
     std::fs::write(&path, toml(moved, "[\"cloud2\"]") + cloud2).unwrap();
-    hangup(&child);
+    signal(&child, "HUP");
     wait_for_line(&lines, &["Reload refused; nothing was changed.", "cloud2"]);
     std::fs::write(&path, "[gateway]\nid = ").unwrap();
-    hangup(&child);
+    signal(&child, "HUP");
     wait_for_line(&lines, &["The new configuration is invalid"]);
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))

@@ -534,3 +534,13 @@ impl NotifySocket {
         }
     }
 }
+
+/// Sends signal `sig` (`HUP`, `TERM`…) to `child`.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
