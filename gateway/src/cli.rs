@@ -359,6 +359,7 @@ async fn run(
         tokio::spawn(crate::simulate::run(
             host.to_owned(),
             port,
+            gateway.local_login().cloned(),
             vec!["sim-1".into(), "sim-2".into()],
             interval,
             sim_cancel.clone(),

@@ -254,6 +254,15 @@ pub struct GatewayMetrics {
     /// Times a subscriber of the embedded broker fell further behind than
     /// the broker's retention and skipped messages.
     pub broker_skips: AtomicU64,
+    /// Devices logged in to the embedded broker through its guard.
+    pub broker_logins: AtomicU64,
+    /// Logins the embedded broker refused: wrong password, unknown user,
+    /// anonymous where not allowed, bad certificate or handshake.
+    pub broker_login_failures: AtomicU64,
+    /// Publishes (and wills) outside a device's rights, dropped.
+    pub broker_refused_publishes: AtomicU64,
+    /// Subscription filters outside a device's rights, refused.
+    pub broker_refused_subscribes: AtomicU64,
 }
 
 #[cfg(test)]

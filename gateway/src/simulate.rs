@@ -13,12 +13,16 @@ use tokio_util::sync::CancellationToken;
 pub async fn run(
     host: String,
     port: u16,
+    login: Option<(String, String)>,
     sensors: Vec<String>,
     interval: Duration,
     cancel: CancellationToken,
 ) {
     let mut opts = MqttOptions::new("edgefn-simulated-sensor", host, port);
     opts.set_keep_alive(Duration::from_secs(30));
+    if let Some((user, password)) = login {
+        opts.set_credentials(user, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let poll_cancel = cancel.clone();
     tokio::spawn(async move {

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{BrokerError, EmbeddedBroker};
+use crate::broker::BrokerError;
 use crate::config::SinkKind;
 use crate::config::SourceSpec;
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
@@ -111,6 +111,7 @@ pub struct Gateway {
     pooling: bool,
     admin: Option<SocketAddr>,
     progress: Arc<Progress>,
+    broker_guard: Option<Arc<crate::broker::guard::Guard>>,
 }
 
 enum Parts {
@@ -146,27 +147,25 @@ impl Gateway {
             None => None,
         };
         let metrics = Arc::new(GatewayMetrics::default());
-        let local = match &config.broker {
+        let (local, broker_guard) = match &config.broker {
             Broker::Embedded {
-                listen,
                 retention_bytes_per_filter,
+                access,
+                ..
             } => {
-                let (listen, retention) = (*listen, *retention_bytes_per_filter);
-                let m = metrics.clone();
-                let broker = tokio::task::spawn_blocking(move || {
-                    EmbeddedBroker::start(listen, retention, m)
-                })
-                .await
-                .map_err(|e| StartError::Engine(EngineError::from_join(&e)))??;
-                MqttEndpoint {
-                    host: loopback_for(broker.addr()).to_string(),
-                    port: broker.addr().port(),
+                let broker =
+                    crate::broker::start(access, *retention_bytes_per_filter, metrics.clone())
+                        .await?;
+                let endpoint = MqttEndpoint {
+                    host: loopback_for(broker.addr).to_string(),
+                    port: broker.addr.port(),
                     client_id: format!("edgefn-{}", config.gateway_id),
-                    credentials: None,
+                    credentials: broker.login,
                     tls: None,
-                }
+                };
+                (endpoint, broker.guard)
             }
-            Broker::External(endpoint) => endpoint.clone(),
+            Broker::External(endpoint) => (endpoint.clone(), None),
         };
 
         let cancel = CancellationToken::new();
@@ -382,6 +381,7 @@ impl Gateway {
             pooling,
             admin,
             progress,
+            broker_guard,
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an
@@ -421,6 +421,18 @@ impl Gateway {
     /// The local broker's host and port (for clients and tests).
     pub fn local_broker(&self) -> (&str, u16) {
         (&self.local.host, self.local.port)
+    }
+
+    /// Where the embedded broker's guard listens for devices (`plain` or
+    /// `tls`), when it runs.
+    pub fn broker_listener(&self, name: &str) -> Option<SocketAddr> {
+        self.broker_guard.as_ref()?.listener(name)
+    }
+
+    /// The login the gateway's own clients use on the local broker (the
+    /// embedded broker's internal one when its guard runs).
+    pub fn local_login(&self) -> Option<&(String, String)> {
+        self.local.credentials.as_ref()
     }
 
     /// A function's counters.
@@ -463,7 +475,28 @@ impl Gateway {
     /// restart is logged by name; a configuration naming sinks or serial
     /// ports the gateway lacks is refused whole.
     pub async fn reload(&self, config: ValidConfig) -> ReloadOutcome {
+        self.reload_passwords();
         self.reloader.apply(config).await
+    }
+
+    /// Re-reads the embedded broker's password file, if it has one; on an
+    /// error the old entries stay and the failure is counted.
+    fn reload_passwords(&self) {
+        let Some(guard) = &self.broker_guard else {
+            return;
+        };
+        match guard.reload_passwords() {
+            Ok(Some(users)) => {
+                tracing::info!(users, "Embedded broker: password file re-read.");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.metrics
+                    .reloads_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, "Embedded broker: the password file could not be re-read; the previous entries stay.");
+            }
+        }
     }
 
     /// Checks the component files now (the file watch does it periodically).

@@ -76,6 +76,7 @@ full_policy = "refuse"
     // The cloud comes up: every reading is delivered once.
     let _cloud = edgefn::broker::EmbeddedBroker::start(
         ([127, 0, 0, 1], cloud_port).into(),
+        None,
         edgefn::broker::DEFAULT_RETENTION_BYTES,
         std::sync::Arc::default(),
     )

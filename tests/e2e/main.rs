@@ -14,6 +14,7 @@
 mod ack_order;
 mod backpressure;
 mod bad_input;
+mod broker_security;
 mod cli;
 mod disk_full;
 mod durability;

@@ -16,9 +16,9 @@ use rumqttc::{MqttOptions, Transport};
 use crate::support::*;
 
 pub(crate) struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
+    pub(crate) ca: String,
+    pub(crate) server: (String, String),
+    pub(crate) client: (String, String),
 }
 
 pub(crate) fn make_pki() -> Pki {

@@ -159,6 +159,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "Times a subscriber of the embedded broker fell further behind than broker.retention_bytes_per_filter and skipped the oldest messages.",
     )
     .sample(&[], get(&m.broker_skips));
+    broker_access(&mut out, m);
 
     // Functions.
     let per_function = |out: &mut String, name, kind: &str, help, value: &dyn Fn(&_) -> u64| {
@@ -467,4 +468,34 @@ pub fn functions_json(state: &AdminState) -> String {
         })
         .collect();
     serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The embedded broker's logins and refusals (through its guard).
+fn broker_access(out: &mut String, m: &crate::metrics::GatewayMetrics) {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Family::new(
+        out,
+        "edgefn_broker_logins_total",
+        "counter",
+        "Clients the embedded broker's guard let in.",
+    )
+    .sample(&[], get(&m.broker_logins));
+    Family::new(
+        out,
+        "edgefn_broker_login_failures_total",
+        "counter",
+        "Logins the embedded broker refused: wrong password or user, anonymous where not allowed, bad client certificate or TLS handshake.",
+    )
+    .sample(&[], get(&m.broker_login_failures));
+    Family::new(
+        out,
+        "edgefn_broker_refused_total",
+        "counter",
+        "Publishes (and wills) and subscription filters outside a device's rights, refused.",
+    )
+    .sample(&[("action", "publish")], get(&m.broker_refused_publishes))
+    .sample(
+        &[("action", "subscribe")],
+        get(&m.broker_refused_subscribes),
+    );
 }

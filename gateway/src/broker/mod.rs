@@ -13,6 +13,19 @@
 //! a subscriber whose position was in a dropped segment jumps ahead. rumqttd
 //! reports each jump as an alert, which [`watch_skips`] counts
 //! (`edgefn_broker_subscriber_skips_total`) and logs.
+//!
+//! rumqttd authenticates a CONNECT but cannot authorize a publish or a
+//! subscribe. When `[broker]` asks for logins (a password file or a TLS
+//! listener), rumqttd listens only on an internal loopback port that
+//! requires a password generated at start, and the [`guard`] serves the
+//! configured listeners: it logs devices in, checks every publish and
+//! subscribe against their rights, and forwards what is allowed.
+//! [`start`] chooses between the two shapes.
+
+pub mod acl;
+pub mod guard;
+pub mod passwd;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -25,6 +38,7 @@ use rumqttd::{
     Config, ConnectionSettings, MetricSettings, MetricType, RouterConfig, ServerSettings,
 };
 
+use crate::config::Access;
 use crate::metrics::GatewayMetrics;
 
 /// Why the embedded broker did not start.
@@ -38,6 +52,12 @@ pub enum BrokerError {
         /// The OS error.
         reason: String,
     },
+    /// `broker.password_file` could not be read.
+    #[error("embedded broker: {0}")]
+    Passwords(#[source] passwd::PasswdError),
+    /// `[broker.tls]` could not be set up.
+    #[error("embedded broker: {0}")]
+    Tls(#[source] tls::TlsSetupError),
     /// The broker's thread did not come up.
     #[error("embedded broker: did not start on {addr}: {reason}")]
     Start {
@@ -71,7 +91,77 @@ pub const MAX_RETENTION_BYTES: u64 = 1024 * 1024 * 1024;
 /// How often rumqttd hands its alerts (cursor jumps) over, in seconds.
 const ALERT_INTERVAL_S: u64 = 1;
 
-/// A running embedded broker.
+/// The running embedded broker, as the gateway's own clients reach it.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Where the gateway's own clients connect (rumqttd itself).
+    pub addr: SocketAddr,
+    /// The internal login they use, when rumqttd sits behind the guard.
+    pub login: Option<(String, String)>,
+    /// The enforcement layer, when `[broker]` asks for logins.
+    pub guard: Option<Arc<guard::Guard>>,
+}
+
+/// Starts the embedded broker as `access` asks: rumqttd alone on
+/// `broker.listen` when everyone is anonymous, else rumqttd on an internal
+/// loopback port behind the [`guard`]'s listeners.
+pub async fn start(
+    access: &Access,
+    retention_bytes_per_filter: u64,
+    metrics: Arc<GatewayMetrics>,
+) -> Result<Running, BrokerError> {
+    if !access.guarded() {
+        if !access.plain.addr.ip().is_loopback() {
+            tracing::warn!(listen = %access.plain.addr, "broker.allow_anonymous = true: anyone who can reach the embedded broker may publish and read every topic.");
+        }
+        let listen = access.plain.addr;
+        let m = metrics.clone();
+        let broker = tokio::task::spawn_blocking(move || {
+            EmbeddedBroker::start(listen, None, retention_bytes_per_filter, m)
+        })
+        .await
+        .map_err(|e| BrokerError::Start {
+            addr: listen,
+            reason: e.to_string(),
+        })??;
+        return Ok(Running {
+            addr: broker.addr(),
+            login: None,
+            guard: None,
+        });
+    }
+    let internal = free_loopback_port()?;
+    let login = guard::internal_login();
+    let (m, l) = (metrics.clone(), login.clone());
+    let broker = tokio::task::spawn_blocking(move || {
+        EmbeddedBroker::start(internal, Some(l), retention_bytes_per_filter, m)
+    })
+    .await
+    .map_err(|e| BrokerError::Start {
+        addr: internal,
+        reason: e.to_string(),
+    })??;
+    let guard = guard::Guard::start(access, broker.addr(), login.clone(), metrics).await?;
+    Ok(Running {
+        addr: broker.addr(),
+        login: Some(login),
+        guard: Some(guard),
+    })
+}
+
+/// A loopback port free right now, for rumqttd's internal listener
+/// (rumqttd cannot report the port it bound for port 0).
+fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    TcpListener::bind(any)
+        .and_then(|l| l.local_addr())
+        .map_err(|e| BrokerError::Bind {
+            addr: any,
+            reason: e.to_string(),
+        })
+}
+
+/// A running rumqttd.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
@@ -80,9 +170,11 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts rumqttd on `listen`, keeping `retention_bytes_per_filter` per
     /// subscription filter, and waits (up to 10 s) until it accepts
-    /// connections. Subscribers that skip messages are counted in `metrics`.
+    /// connections. With `login`, rumqttd accepts only that user name and
+    /// password. Subscribers that skip messages are counted in `metrics`.
     pub fn start(
         listen: SocketAddr,
+        login: Option<(String, String)>,
         retention_bytes_per_filter: u64,
         metrics: Arc<GatewayMetrics>,
     ) -> Result<Self, BrokerError> {
@@ -95,7 +187,9 @@ impl EmbeddedBroker {
                 reason: e.to_string(),
             })?;
         let start_error = |reason: String| BrokerError::Start { addr, reason };
-        let config = rumqttd_config(addr, retention_bytes_per_filter).map_err(start_error)?;
+        let probe_login = login.clone();
+        let config =
+            rumqttd_config(addr, login, retention_bytes_per_filter).map_err(start_error)?;
         let mut broker = rumqttd::Broker::new(config);
         let alerts = broker.alerts().map_err(|e| start_error(e.to_string()))?;
         std::thread::Builder::new()
@@ -112,7 +206,7 @@ impl EmbeddedBroker {
             .map_err(|e| start_error(e.to_string()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match probe(addr) {
+            match probe(addr, probe_login.as_ref()) {
                 Ok(()) => break,
                 Err(e) if Instant::now() >= deadline => return Err(start_error(e.to_string())),
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -131,7 +225,11 @@ impl EmbeddedBroker {
 /// rumqttd's configuration: one MQTT 3.1.1 listener on `addr`, each
 /// filter's log bounded to `retention` bytes, alerts handed over every
 /// second.
-fn rumqttd_config(addr: SocketAddr, retention: u64) -> Result<Config, String> {
+fn rumqttd_config(
+    addr: SocketAddr,
+    login: Option<(String, String)>,
+    retention: u64,
+) -> Result<Config, String> {
     let server = ServerSettings {
         name: "edgefn-v4".into(),
         listen: addr,
@@ -141,7 +239,7 @@ fn rumqttd_config(addr: SocketAddr, retention: u64) -> Result<Config, String> {
             connection_timeout_ms: 60_000,
             max_payload_size: MAX_PAYLOAD_BYTES,
             max_inflight_count: 500,
-            auth: None,
+            auth: login.map(|(user, password)| HashMap::from([(user, password)])),
             external_auth: None,
             dynamic_filters: true,
         },
@@ -205,18 +303,21 @@ fn cut(s: &str) -> String {
     s.chars().take(128).collect()
 }
 
-/// Readiness: a real MQTT 3.1.1 CONNECT answered by a CONNACK, then a clean
-/// DISCONNECT (a bare TCP connect makes rumqttd log an error).
-fn probe(addr: SocketAddr) -> std::io::Result<()> {
-    const CONNECT: [u8; 22] = [
-        0x10, 20, // CONNECT, remaining length
-        0, 4, b'M', b'Q', b'T', b'T', 4, // protocol name and level 4 (3.1.1)
-        0x02, 0, 10, // clean session, keep-alive 10 s
-        0, 8, b'e', b'd', b'g', b'e', b'p', b'r', b'o', b'b', // client id
-    ];
+/// Readiness: a real MQTT 3.1.1 CONNECT (with `login` when rumqttd
+/// requires one) answered by an accepting CONNACK, then a clean DISCONNECT
+/// (a bare TCP connect makes rumqttd log an error).
+fn probe(addr: SocketAddr, login: Option<&(String, String)>) -> std::io::Result<()> {
+    use rumqttc::mqttbytes::v4::{Connect, Disconnect};
+    let mut connect = Connect::new("edgeprob");
+    connect.keep_alive = 10;
+    if let Some((user, password)) = login {
+        connect.set_login(user, password);
+    }
+    let mut out = bytes::BytesMut::new();
+    connect.write(&mut out).map_err(std::io::Error::other)?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
-    s.write_all(&CONNECT)?;
+    s.write_all(&out)?;
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack)?;
     if connack[0] != 0x20 || connack[3] != 0 {
@@ -224,6 +325,8 @@ fn probe(addr: SocketAddr) -> std::io::Result<()> {
             "unexpected CONNACK {connack:02x?}"
         )));
     }
-    s.write_all(&[0xe0, 0])?;
+    out.clear();
+    Disconnect.write(&mut out).map_err(std::io::Error::other)?;
+    s.write_all(&out)?;
     Ok(())
 }

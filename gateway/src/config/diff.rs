@@ -168,14 +168,33 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
             Broker::Embedded {
                 listen: a,
                 retention_bytes_per_filter: ra,
+                access: xa,
             },
             Broker::Embedded {
                 listen: b,
                 retention_bytes_per_filter: rb,
+                access: xb,
             },
         ) => {
             d.key("broker", "listen", a, b);
             d.key("broker", "retention_bytes_per_filter", ra, rb);
+            // The password file's *contents* are re-read on every SIGHUP;
+            // which file, the listeners and the rights need a restart.
+            let anonymous = |x: &crate::config::Access| {
+                (
+                    x.plain.anonymous,
+                    x.tls.as_ref().map(|t| t.listener.anonymous),
+                )
+            };
+            d.key("broker", "allow_anonymous", &anonymous(xa), &anonymous(xb));
+            d.key(
+                "broker",
+                "password_file",
+                &xa.password_file,
+                &xb.password_file,
+            );
+            d.key("broker", "tls", &xa.tls, &xb.tls);
+            d.key("broker", "acl", &xa.acl, &xb.acl);
         }
         (Broker::External(a), Broker::External(b)) => d.endpoint("broker", a, b),
         _ => d.key("broker", "kind", &0, &1),

@@ -7,6 +7,7 @@
 //! setting and collect *all* problems. Each problem names the file, the key
 //! path (e.g. `functions[1].limits.timeout_ms`) and the reason.
 
+mod broker;
 pub mod diff;
 mod endpoint;
 pub mod interpolate;
@@ -19,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use broker::{Access, Listener, TlsListener};
 pub use schema::EnvelopeFormat;
 use schema::{BrokerConfig, Config, FunctionConfig, SinkConfig, TlsConfig};
 
@@ -245,6 +247,8 @@ pub enum Broker {
         listen: SocketAddr,
         /// Bytes kept per subscription filter (`broker.retention_bytes_per_filter`).
         retention_bytes_per_filter: u64,
+        /// Listeners, logins and topic rights.
+        access: Access,
     },
     /// A broker elsewhere.
     External(MqttEndpoint),
@@ -662,15 +666,31 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         BrokerConfig::Embedded {
             listen,
             retention_bytes_per_filter,
+            allow_anonymous,
+            password_file,
+            tls,
+            acl,
             ..
         } => {
             let retention = broker_retention(&mut p, *retention_bytes_per_filter);
-            listen_addr(&mut p, "broker.listen", listen, "127.0.0.1:1883")
-                .zip(retention)
-                .map(|(listen, retention_bytes_per_filter)| Broker::Embedded {
+            let listen = listen_addr(&mut p, "broker.listen", listen, "127.0.0.1:1883");
+            let access = listen.and_then(|listen| {
+                let keys = broker::AccessKeys {
+                    listen,
+                    allow_anonymous: *allow_anonymous,
+                    password_file: password_file.as_deref(),
+                    tls: tls.as_ref(),
+                    acl: acl.as_deref(),
+                };
+                broker::access(&mut p, &resolve, keys)
+            });
+            listen.zip(retention).zip(access).map(
+                |((listen, retention_bytes_per_filter), access)| Broker::Embedded {
                     listen,
                     retention_bytes_per_filter,
-                })
+                    access,
+                },
+            )
         }
         BrokerConfig::External(ext) => endpoint(
             &mut p,

@@ -374,6 +374,26 @@ pub enum BrokerConfig {
         /// this skips the oldest messages; the skip is counted and logged.
         #[serde(default = "default_retention_bytes_per_filter")]
         retention_bytes_per_filter: u64,
+        /// Whether devices may connect without logging in. Unset means yes
+        /// on a loopback listener (only local processes can reach it) and
+        /// no anywhere else; `true` on a network listener is an explicit,
+        /// logged choice to let anyone who can reach it read and write
+        /// every topic.
+        #[serde(default)]
+        allow_anonymous: Option<bool>,
+        /// Password file written by `edgefn passwd` (salted argon2id
+        /// hashes, one `user:hash` line per device), so devices on the LAN
+        /// must log in. Re-read on SIGHUP.
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        /// A second, TLS listener (e.g. on the LAN while `listen` stays on
+        /// loopback), optionally accepting client certificates.
+        #[serde(default)]
+        tls: Option<crate::broker::tls::BrokerTlsConfig>,
+        /// What each logged-in device may publish and subscribe to. Unset:
+        /// publish under `sensors/{user}/#`, read nothing.
+        #[serde(default)]
+        acl: Option<Vec<crate::broker::acl::AclRule>>,
     },
     /// Use a broker that runs elsewhere (e.g. Mosquitto on the same board).
     External(ExternalBrokerConfig),
@@ -385,6 +405,10 @@ impl Default for BrokerConfig {
             listen: default_listen(),
             keep_alive_s: default_embedded_keep_alive_s(),
             retention_bytes_per_filter: default_retention_bytes_per_filter(),
+            allow_anonymous: None,
+            password_file: None,
+            tls: None,
+            acl: None,
         }
     }
 }

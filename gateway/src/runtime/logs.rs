@@ -71,7 +71,8 @@ impl LogRate {
         }))
     }
 
-    fn take(&mut self) -> bool {
+    /// Takes a token for one line: `true` if the line may be logged.
+    pub(crate) fn take(&mut self) -> bool {
         let now = Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
         self.tokens = (self.tokens + refill).min(self.per_sec);
@@ -81,6 +82,25 @@ impl LogRate {
             true
         } else {
             false
+        }
+    }
+}
+
+impl LogRate {
+    /// Counts one suppressed line; returns how many were suppressed since
+    /// the last summary when a summary is due (at most every
+    /// [`SUMMARY_EVERY`]).
+    pub(crate) fn suppressed(&mut self) -> Option<u64> {
+        self.unreported += 1;
+        let now = Instant::now();
+        if self
+            .last_summary
+            .is_none_or(|t| now.duration_since(t) >= SUMMARY_EVERY)
+        {
+            self.last_summary = Some(now);
+            Some(std::mem::take(&mut self.unreported))
+        } else {
+            None
         }
     }
 }

@@ -400,6 +400,7 @@ pub fn cloud_broker() -> (u16, Option<Mosquitto>) {
         None => {
             let b = edgefn::broker::EmbeddedBroker::start(
                 ([127, 0, 0, 1], 0).into(),
+                None,
                 edgefn::broker::DEFAULT_RETENTION_BYTES,
                 std::sync::Arc::default(),
             )

@@ -152,6 +152,7 @@ async fn subscribe(port: u16, filter: &str) -> tokio::sync::mpsc::UnboundedRecei
 async fn a_bme280_bridge_reads_calibration_once_and_mirrors_every_reading() {
     let broker = crate::broker::EmbeddedBroker::start(
         ([127, 0, 0, 1], 0).into(),
+        None,
         crate::broker::DEFAULT_RETENTION_BYTES,
         Arc::default(),
     )
