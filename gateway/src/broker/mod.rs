@@ -14,6 +14,9 @@
 //! reports each jump as an alert, which [`watch_skips`] counts
 //! (`edgefn_broker_subscriber_skips_total`) and logs.
 
+pub mod acl;
+pub mod tls;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
