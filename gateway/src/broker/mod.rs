@@ -27,6 +27,7 @@ pub mod guard;
 pub mod passwd;
 pub mod tls;
 
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
