@@ -37,7 +37,7 @@ use crate::topic::{TopicFilter, validate_topic_name};
 const USER_PLACEHOLDER: &str = "{user}";
 
 /// One `[[broker.acl]]` table: the rights it grants and to whom.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
     /// Whom the rule applies to: user names (as in the password file, or a
