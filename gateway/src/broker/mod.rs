@@ -27,6 +27,8 @@ use rumqttd::{
 
 use crate::metrics::GatewayMetrics;
 
+pub mod passwd;
+
 /// Why the embedded broker did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
