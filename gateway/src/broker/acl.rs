@@ -68,28 +68,7 @@ pub fn default_rules() -> Vec<AclRule> {
     }]
 }
 
-/// Checks a user name: 1 to 64 characters of `[A-Za-z0-9_.-]`. The name is
-/// substituted into topic filters, so `/`, `+`, `#`, `$` and the like must
-/// never occur in it.
-pub fn check_user_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err(format!(
-            "`{}` must be 1 to 64 characters long",
-            name.escape_debug()
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "`{}` contains `{}`: only A-Z, a-z, 0-9, `_`, `.` and `-` are allowed",
-            name.escape_debug(),
-            c.escape_debug()
-        ));
-    }
-    Ok(())
-}
+pub use super::passwd::check_user_name;
 
 /// Validates rules; pushes `(key, reason)` for every problem, with keys like
 /// `broker.acl[2].publish[0]`.
@@ -107,7 +86,10 @@ pub fn validate(rules: &[AclRule], problems: &mut Vec<(String, String)>) {
             if user != "*"
                 && let Err(reason) = check_user_name(user)
             {
-                problems.push((format!("{key}.users[{j}]"), reason));
+                problems.push((
+                    format!("{key}.users[{j}]"),
+                    format!("`{}` {reason}", user.escape_debug()),
+                ));
             }
         }
         for (field, filters) in [("publish", &rule.publish), ("subscribe", &rule.subscribe)] {

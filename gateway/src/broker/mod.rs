@@ -27,7 +27,6 @@ pub mod guard;
 pub mod passwd;
 pub mod tls;
 
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

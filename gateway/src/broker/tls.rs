@@ -21,7 +21,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig, ServerConnection};
 
-use super::acl::check_user_name;
+use super::passwd::check_user_name;
 
 /// The `[broker.tls]` table: a TLS listener beside the plain one, e.g. TLS
 /// on the LAN and plain on loopback for local functions.
