@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`cli`]: the `edgefn` command line (`run`, `check`, `invoke`,
-//!   `compile`).
+//!   `compile`, `passwd`).
 //! - [`config`]: the TOML schema, `${VAR}` interpolation, validation into a
 //!   [`config::ValidConfig`] that nothing else re-checks.
 //! - [`supervisor`]: builds everything from the config, drains on shutdown,

@@ -538,3 +538,148 @@ async fn a_changed_password_file_applies_on_reload_and_disconnects_revoked_devic
     }
     assert!(gw.shutdown(WAIT).await);
 }
+
+/// Sends `bytes` on a fresh connection and returns what comes back before
+/// the guard closes it.
+async fn raw(port: u16, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+        .await
+        .expect("the guard closes the connection in time")
+        .ok();
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_protocol_abuse_close_only_the_offending_connection() {
+    if mosquitto_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("broker.passwd");
+    passwd(&pw, "alice", "alice-secret");
+    let toml = secured("0.0.0.0:0", &format!("password_file = {}", lit(&pw)));
+    let (gw, _dir) = gateway(&toml).await;
+    let port = gw.broker_listener("plain").expect("guarded").port();
+    let mut alerts = alerts(&gw).await;
+
+    // Not MQTT at all: closed without an answer.
+    assert!(
+        raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .is_empty()
+    );
+    // A remaining length far over the 1 MiB packet limit: closed.
+    assert!(raw(port, &[0x10, 0xff, 0xff, 0xff, 0x7f]).await.is_empty());
+    // MQTT 5: CONNACK 1 (unacceptable protocol version).
+    let mqtt5 = [
+        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 0,
+    ];
+    assert_eq!(raw(port, &mqtt5).await, [0x20, 2, 0, 1]);
+    // A logged-in device that sends a second CONNECT is disconnected.
+    let mut connect = bytes::BytesMut::new();
+    rumqttc::mqttbytes::v4::Connect::new("again")
+        .write(&mut connect)
+        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut login = bytes::BytesMut::new();
+        let mut c = rumqttc::mqttbytes::v4::Connect::new("alice-3");
+        c.set_login("alice", "alice-secret");
+        c.write(&mut login).unwrap();
+        s.write_all(&login).await.unwrap();
+        s.write_all(&connect).await.unwrap();
+    }
+    let mut back = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut back),
+    )
+    .await
+    .expect("closed in time")
+    .ok();
+    // Closed (read_to_end returned), at most after rumqttd's CONNACK.
+    assert!(back.is_empty() || back == [0x20, 2, 0, 0], "{back:02x?}");
+
+    // Everyone else is still served.
+    let out = publish(
+        port,
+        &["-u", "alice", "-P", "alice-secret"],
+        "sensors/alice/temperature",
+        80.0,
+    );
+    assert!(out.status.success());
+    let (topic, _) = alerts.next_json().await;
+    assert_eq!(topic, "alerts/alice/temperature");
+    assert!(gw.shutdown(WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_changed_password_file_in_the_running_binary() {
+    use crate::runtime_cli::{stderr_lines, wait_for_line};
+    if mosquitto_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("broker.passwd");
+    passwd(&pw, "alice", "first-secret");
+    let port = free_port();
+    let config = write(
+        dir.path(),
+        "edgefn.toml",
+        &secured(
+            &format!("0.0.0.0:{port}"),
+            &format!("password_file = {}", lit(&pw)),
+        ),
+    );
+    let mut child = Command::new(edgefn_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("EDGEFN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let child = KillOnDrop(child);
+    wait_for_line(&lines, &["Gateway started."]);
+    let login = |password: &str| {
+        let out = publish(
+            port,
+            &["-u", "alice", "-P", password],
+            "sensors/alice/temperature",
+            20.0,
+        );
+        out.status.success()
+    };
+    assert!(login("first-secret") && !login("second-secret"));
+
+    passwd(&pw, "alice", "second-secret");
+    signal(&child.0, "HUP");
+    wait_for_line(&lines, &["password file re-read", "users=1"]);
+    assert!(login("second-secret") && !login("first-secret"));
+
+    // A malformed file is refused; the entries in force stay.
+    std::fs::write(&pw, "alice:plaintext\n").unwrap();
+    signal(&child.0, "HUP");
+    wait_for_line(
+        &lines,
+        &["password file could not be re-read", "broker.passwd:1"],
+    );
+    assert!(login("second-secret"));
+    signal(&child.0, "TERM");
+    let mut child = child;
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

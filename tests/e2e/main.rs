@@ -21,6 +21,7 @@ mod durability;
 mod guest_limits;
 mod memory;
 mod operations;
+mod passwd;
 mod pipeline;
 mod reload;
 mod runtime;

@@ -495,6 +495,15 @@ pub fn package(board: &Board, profile: &str) -> anyhow::Result<PathBuf> {
     }
     let doc = stage.join("usr/share/doc/edgefn");
     copy(&root().join("README.md"), &doc.join("README.md"), 0o644)?;
+    // The README links into docs/: ship them beside it.
+    for entry in std::fs::read_dir(root().join("docs"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "md")
+            && let Some(name) = path.file_name()
+        {
+            copy(&path, &doc.join("docs").join(name), 0o644)?;
+        }
+    }
     std::fs::write(
         doc.join("copyright"),
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: edgefn\n\nFiles: *\nLicense: Apache-2.0\n On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.\n",

@@ -175,13 +175,14 @@ fn tls_listener(
     allow_anonymous: Option<bool>,
     has_passwords: bool,
 ) -> Option<TlsListener> {
-    let addr = listen_addr(p, "broker.tls.listen", &t.listen, "0.0.0.0:8883")?;
+    let mut problems = Vec::new();
+    let built = t.build(resolve, &mut problems);
+    for (key, reason) in problems {
+        p.add(key, reason);
+    }
+    let (addr, _) = built?;
     let (cert, key) = (resolve(&t.cert), resolve(&t.key));
     let client_ca = t.client_ca.as_deref().map(resolve);
-    if let Err(e) = tls::acceptor(&cert, &key, client_ca.as_deref()) {
-        p.add("broker.tls", e.to_string());
-        return None;
-    }
     let anonymous = anonymous(
         p,
         "broker.tls.listen",
