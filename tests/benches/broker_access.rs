@@ -17,8 +17,9 @@
 //! takes them. Per broker: messages delivered (must be all: the run fails
 //! after printing its table if any is lost), latency publish → receive
 //! p50/p99, throughput, the broker process's CPU time per message
-//! (utime + stime from `/proc/<pid>/stat`), its peak RSS (`VmHWM`), and
-//! the publisher's CONNECT → CONNACK time (the login).
+//! (utime + stime from `/proc/<pid>/stat`), its peak RSS (`VmHWM`, before
+//! the clients connect and at the end), and the publisher's CONNECT →
+//! CONNACK time (the login).
 //!
 //! ```sh
 //! cargo bench -p edgefn-tests --bench broker_access
@@ -132,7 +133,10 @@ type Arrival = (u64, u64, u64);
 /// polls its connection (abort it to disconnect).
 async fn subscriber(
     broker: &Broker,
-) -> (mpsc::UnboundedReceiver<Arrival>, tokio::task::JoinHandle<()>) {
+) -> (
+    mpsc::UnboundedReceiver<Arrival>,
+    tokio::task::JoinHandle<()>,
+) {
     let (client, mut eventloop) = AsyncClient::new(options(broker, "sub"), 1000);
     client.subscribe("bench/#", QoS::AtLeastOnce).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -172,7 +176,11 @@ async fn subscriber(
         .await
         .expect("a SUBACK within 10 s")
         .unwrap();
-    assert!(ok, "{}: the subscription to bench/# was refused", broker.label);
+    assert!(
+        ok,
+        "{}: the subscription to bench/# was refused",
+        broker.label
+    );
     (rx, task)
 }
 
@@ -296,7 +304,10 @@ async fn phase(
         else {
             break; // 10 s without a message: the rest is lost.
         };
-        let Some(slot) = seq.checked_sub(first).and_then(|i| seen.get_mut(i as usize)) else {
+        let Some(slot) = seq
+            .checked_sub(first)
+            .and_then(|i| seen.get_mut(i as usize))
+        else {
             continue;
         };
         if std::mem::replace(slot, true) {
@@ -327,6 +338,8 @@ struct Row {
     connect: Duration,
     steady: Phase,
     flood: Phase,
+    /// Before any client connected, and at the end.
+    rss_idle_kib: u64,
     peak_rss_kib: u64,
     errors: u64,
 }
@@ -334,6 +347,7 @@ struct Row {
 async fn run(broker: &Broker, n: usize, rate: f64) -> Row {
     let pid = broker.proc.0.id();
     let errors0 = ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+    let rss_idle_kib = peak_rss_kib(pid);
     let (mut rx, sub_task) = subscriber(broker).await;
     let publisher = publisher(broker).await;
     let steady = phase(pid, &publisher, &mut rx, 0, n, Some(rate)).await;
@@ -347,6 +361,7 @@ async fn run(broker: &Broker, n: usize, rate: f64) -> Row {
         connect: publisher.connect,
         steady,
         flood,
+        rss_idle_kib,
         peak_rss_kib: peak_rss_kib(pid),
         errors: ERRORS.load(std::sync::atomic::Ordering::Relaxed) - errors0,
     }
@@ -355,13 +370,13 @@ async fn run(broker: &Broker, n: usize, rate: f64) -> Row {
 fn print_table(rows: &[Row], n: usize, rate: f64) {
     println!();
     println!(
-        "| broker | login (CONNACK) ms | steady {rate:.0}/s: delivered | p50 / p99 ms | CPU µs/msg | flat out: delivered | msgs/s | p50 / p99 ms | CPU µs/msg | peak RSS MiB | client errors |"
+        "| broker | login (CONNACK) ms | steady {rate:.0}/s: delivered | p50 / p99 ms | CPU µs/msg | flat out: delivered | msgs/s | p50 / p99 ms | CPU µs/msg | peak RSS MiB: before clients, end | client errors |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let (s, f) = (&r.steady, &r.flood);
         println!(
-            "| {} | {:.1} | {}/{n}{} | {:.2} / {:.2} | {:.1} | {}/{n}{} | {:.0} | {:.1} / {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {:.1} | {}/{n}{} | {:.2} / {:.2} | {:.1} | {}/{n}{} | {:.0} | {:.1} / {:.1} | {:.1} | {:.1}, {:.1} | {} |",
             r.label,
             r.connect.as_secs_f64() * 1000.0,
             s.delivered,
@@ -375,6 +390,7 @@ fn print_table(rows: &[Row], n: usize, rate: f64) {
             f.pct_ms(0.5),
             f.pct_ms(0.99),
             f.cpu_us_per_msg(n),
+            r.rss_idle_kib as f64 / 1024.0,
             r.peak_rss_kib as f64 / 1024.0,
             r.errors,
         );

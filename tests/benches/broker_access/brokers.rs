@@ -135,8 +135,9 @@ impl Setup {
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
+        // Started means listening, the guard's listeners included (no TCP
+        // probe: on the TLS port it would log a failed handshake).
         let proc = start_edgefn(&self.edgefn, &cfg);
-        wait_port(device_port);
         Broker {
             label,
             proc,
