@@ -73,12 +73,17 @@ fn publish(port: u16, login: &[&str], topic: &str, value: f64) -> Output {
 /// A subscriber on the gateway's internal listener, as local functions see
 /// the broker: every alert the function raises.
 async fn alerts(gw: &edgefn::supervisor::Gateway) -> Subscriber {
+    internal(gw, "alerts/#").await
+}
+
+/// A subscriber to `filter` on the gateway's internal listener.
+async fn internal(gw: &edgefn::supervisor::Gateway, filter: &str) -> Subscriber {
     let (host, port) = gw.local_broker();
-    let mut opts = MqttOptions::new(client_id("alerts"), host, port);
+    let mut opts = MqttOptions::new(client_id("internal"), host, port);
     if let Some((user, password)) = gw.local_login() {
         opts.set_credentials(user, password);
     }
-    Subscriber::connect_with(opts, &["alerts/#"]).await
+    Subscriber::connect_with(opts, &[filter]).await
 }
 
 fn metric(gw: &edgefn::supervisor::Gateway) -> (u64, u64, u64) {
@@ -680,4 +685,51 @@ async fn sighup_applies_a_changed_password_file_in_the_running_binary() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_pointed_at_the_embedded_broker_keeps_working_when_logins_are_required() {
+    if mosquitto_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("broker.passwd");
+    passwd(&pw, "alice", "alice-secret");
+    let port = free_port();
+    // As in the demo, the sink `cloud` points back at the embedded broker's
+    // own listener, which now refuses clients without a login.
+    let toml = format!(
+        r#"{base}
+[[functions]]
+name = "enrich"
+component = {enrich}
+triggers = ["sensors/+/temperature"]
+sinks = ["cloud"]
+
+[[sinks]]
+kind = "mqtt"
+name = "cloud"
+url = "mqtt://127.0.0.1:{port}"
+topic = "cloud/{{gateway}}/{{topic}}"
+"#,
+        base = secured(
+            &format!("127.0.0.1:{port}"),
+            &format!("allow_anonymous = false\npassword_file = {}", lit(&pw))
+        ),
+        enrich = lit(&guest("enrich")),
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    let mut cloud = internal(&gw, "cloud/#").await;
+    let out = publish(
+        port,
+        &["-u", "alice", "-P", "alice-secret"],
+        "sensors/alice/temperature",
+        21.5,
+    );
+    assert!(out.status.success(), "{}", said(&out));
+    let (topic, envelope) = cloud.next_json().await;
+    assert_eq!(topic, "cloud/gw-sec/sensors/alice/temperature");
+    assert_eq!(envelope["payload"]["celsius"], 21.5, "{envelope}");
+    assert_eq!(metric(&gw).0, 0, "the sink logged in without a failure");
+    assert!(gw.shutdown(WAIT).await);
 }
