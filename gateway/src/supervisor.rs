@@ -147,7 +147,7 @@ impl Gateway {
             None => None,
         };
         let metrics = Arc::new(GatewayMetrics::default());
-        let (local, broker_guard) = match &config.broker {
+        let (local, embedded) = match &config.broker {
             Broker::Embedded {
                 retention_bytes_per_filter,
                 access,
@@ -160,10 +160,10 @@ impl Gateway {
                     host: loopback_for(broker.addr).to_string(),
                     port: broker.addr.port(),
                     client_id: format!("edgefn-{}", config.gateway_id),
-                    credentials: broker.login,
+                    credentials: broker.login.clone(),
                     tls: None,
                 };
-                (endpoint, broker.guard)
+                (endpoint, Some(broker))
             }
             Broker::External(endpoint) => (endpoint.clone(), None),
         };
@@ -201,7 +201,17 @@ impl Gateway {
             };
             let common = SinkCommon::of(spec);
             match &spec.kind {
-                SinkKind::Mqtt(m) => tracker.spawn(MqttSink::build(common, m).run(ctx)),
+                SinkKind::Mqtt(m) => {
+                    let own = embedded.as_ref().and_then(|b| b.own_client(&m.endpoint));
+                    let m = match own {
+                        Some(endpoint) => &crate::config::MqttSinkSpec {
+                            endpoint,
+                            ..m.clone()
+                        },
+                        None => m,
+                    };
+                    tracker.spawn(MqttSink::build(common, m).run(ctx))
+                }
                 SinkKind::Http(h) => tracker.spawn(HttpSink::build(common, h).run(ctx)),
             };
         }
@@ -381,7 +391,7 @@ impl Gateway {
             pooling,
             admin,
             progress,
-            broker_guard,
+            broker_guard: embedded.and_then(|b| b.guard),
         };
         // Events published before the source has subscribed would be missed:
         // wait for the subscription, but do not fail start-up over an

@@ -38,7 +38,7 @@ use rumqttd::{
     Config, ConnectionSettings, MetricSettings, MetricType, RouterConfig, ServerSettings,
 };
 
-use crate::config::Access;
+use crate::config::{Access, MqttEndpoint};
 use crate::metrics::GatewayMetrics;
 
 /// Why the embedded broker did not start.
@@ -100,6 +100,35 @@ pub struct Running {
     pub login: Option<(String, String)>,
     /// The enforcement layer, when `[broker]` asks for logins.
     pub guard: Option<Arc<guard::Guard>>,
+}
+
+impl Running {
+    /// `endpoint` as the gateway's own client should reach the embedded
+    /// broker: an MQTT sink pointed at the guard's plain listener without
+    /// credentials of its own is sent to rumqttd directly with the internal
+    /// login, so it keeps working when that listener requires logins.
+    pub fn own_client(&self, endpoint: &MqttEndpoint) -> Option<MqttEndpoint> {
+        let (login, guard) = (self.login.as_ref()?, self.guard.as_ref()?);
+        let plain = guard.listener("plain")?;
+        let host_ip = match endpoint.host.as_str() {
+            "localhost" => Some(std::net::IpAddr::from([127, 0, 0, 1])),
+            host => host.parse().ok(),
+        };
+        let ours = host_ip.is_some_and(|ip| {
+            ip == plain.ip()
+                || (ip.is_loopback() && (plain.ip().is_loopback() || plain.ip().is_unspecified()))
+        });
+        (ours
+            && endpoint.port == plain.port()
+            && endpoint.tls.is_none()
+            && endpoint.credentials.is_none())
+        .then(|| MqttEndpoint {
+            host: self.addr.ip().to_string(),
+            port: self.addr.port(),
+            credentials: Some(login.clone()),
+            ..endpoint.clone()
+        })
+    }
 }
 
 /// Starts the embedded broker as `access` asks: rumqttd alone on

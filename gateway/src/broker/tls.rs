@@ -459,8 +459,8 @@ mod tests {
     async fn a_cn_that_is_no_valid_user_name_is_refused() {
         let server = server(true);
         for (cn, expected) in [
-            (Some("bad/name"), "`/`"),
-            (Some("#"), "`#`"),
+            (Some("bad/name"), "'/'"),
+            (Some("#"), "'#'"),
             (None, "no CommonName"),
         ] {
             let cert = leaf(&server.ca, cn, false);

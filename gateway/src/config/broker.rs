@@ -9,10 +9,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use super::{Problems, listen_addr};
+use super::Problems;
 use crate::broker::acl::{self, AclRule};
-use crate::broker::passwd::Passwords;
-use crate::broker::tls::{self, BrokerTlsConfig};
+use crate::broker::passwd::{PasswdError, Passwords};
+use crate::broker::tls::BrokerTlsConfig;
 
 /// Who may connect to the embedded broker, where, and with which rights.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,10 +95,11 @@ pub(super) fn access(
                 "broker.password_file has no users yet: add one with `edgefn passwd FILE USER`."
             ),
             Ok(_) => {}
-            Err(e) => p.add(
+            Err(e @ PasswdError::Io { .. }) => p.add(
                 "broker.password_file",
                 format!("{e} (create it with `edgefn passwd FILE USER`)"),
             ),
+            Err(e) => p.add("broker.password_file", e.to_string()),
         }
     }
     let tls = keys

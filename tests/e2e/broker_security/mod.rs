@@ -13,6 +13,10 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode}
 
 use crate::support::*;
 
+mod abuse;
+mod reload;
+mod tls;
+
 /// Adds `user` with `password` to the password file at `path`, through
 /// `edgefn passwd` reading the password from stdin.
 fn passwd(path: &Path, user: &str, password: &str) {
@@ -73,12 +77,17 @@ fn publish(port: u16, login: &[&str], topic: &str, value: f64) -> Output {
 /// A subscriber on the gateway's internal listener, as local functions see
 /// the broker: every alert the function raises.
 async fn alerts(gw: &edgefn::supervisor::Gateway) -> Subscriber {
+    internal(gw, "alerts/#").await
+}
+
+/// A subscriber to `filter` on the gateway's internal listener.
+async fn internal(gw: &edgefn::supervisor::Gateway, filter: &str) -> Subscriber {
     let (host, port) = gw.local_broker();
-    let mut opts = MqttOptions::new(client_id("alerts"), host, port);
+    let mut opts = MqttOptions::new(client_id("internal"), host, port);
     if let Some((user, password)) = gw.local_login() {
         opts.set_credentials(user, password);
     }
-    Subscriber::connect_with(opts, &["alerts/#"]).await
+    Subscriber::connect_with(opts, &[filter]).await
 }
 
 fn metric(gw: &edgefn::supervisor::Gateway) -> (u64, u64, u64) {
@@ -381,305 +390,4 @@ pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tls_listener_takes_client_certificates_or_passwords() {
-    if mosquitto_missing() {
-        return;
-    }
-    let pki = crate::tls::make_pki();
-    let rogue = crate::tls::make_pki();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let ca = write(d, "ca.pem", &pki.ca);
-    let (cert, key) = (
-        write(d, "server.pem", &pki.server.0),
-        write(d, "server.key", &pki.server.1),
-    );
-    // The client certificate's CN, `edgefn-gateway`, is the device's user name.
-    let (ccert, ckey) = (
-        write(d, "client.pem", &pki.client.0),
-        write(d, "client.key", &pki.client.1),
-    );
-    let (rcert, rkey) = (
-        write(d, "rogue.pem", &rogue.client.0),
-        write(d, "rogue.key", &rogue.client.1),
-    );
-    let pw = d.join("broker.passwd");
-    passwd(&pw, "alice", "alice-secret");
-    let toml = secured(
-        "127.0.0.1:0",
-        &format!(
-            "allow_anonymous = false\npassword_file = {}\n\n[broker.tls]\nlisten = \"127.0.0.1:0\"\ncert = {}\nkey = {}\nclient_ca = {}\n",
-            lit(&pw),
-            lit(&cert),
-            lit(&key),
-            lit(&ca)
-        ),
-    );
-    let (gw, _dir) = gateway(&toml).await;
-    let port = gw.broker_listener("tls").expect("TLS listener").port();
-    let mut alerts = alerts(&gw).await;
-    let tls_pub = |extra: &[&str], topic: &str, value: f64| {
-        let payload = format!(r#"{{"value": {value}}}"#);
-        Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "localhost",
-                "-p",
-                &port.to_string(),
-                "-V",
-                "mqttv311",
-                "--cafile",
-            ])
-            .arg(&ca)
-            .args(extra)
-            .args(["-q", "1", "-t", topic, "-m", &payload])
-            .output()
-            .unwrap()
-    };
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-
-    // With a client certificate: logged in as its CN, no password.
-    let out = tls_pub(
-        &["--cert", &s(&ccert), "--key", &s(&ckey)],
-        "sensors/edgefn-gateway/temperature",
-        60.0,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (topic, _) = alerts.next_json().await;
-    assert_eq!(topic, "alerts/edgefn-gateway/temperature");
-    // Without one: a password logs in; nothing at all does not.
-    let out = tls_pub(
-        &["-u", "alice", "-P", "alice-secret"],
-        "sensors/alice/temperature",
-        61.0,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (topic, _) = alerts.next_json().await;
-    assert_eq!(topic, "alerts/alice/temperature");
-    let before = metric(&gw).0;
-    let out = tls_pub(&[], "sensors/alice/temperature", 62.0);
-    assert!(!out.status.success(), "anonymous TLS client accepted");
-    // A certificate from another CA fails the handshake.
-    let out = tls_pub(
-        &["--cert", &s(&rcert), "--key", &s(&rkey)],
-        "sensors/edgefn-gateway/temperature",
-        63.0,
-    );
-    assert!(!out.status.success(), "a foreign certificate was accepted");
-    eventually("both refusals counted", || metric(&gw).0 >= before + 2).await;
-    assert!(alerts.try_next().is_none());
-    assert!(gw.shutdown(WAIT).await);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_password_file_applies_on_reload_and_disconnects_revoked_devices() {
-    if mosquitto_missing() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "old-secret");
-    passwd(&pw, "bob", "bob-secret");
-    let toml = secured("0.0.0.0:0", &format!("password_file = {}", lit(&pw)));
-    let (gw, cfg_dir) = gateway(&toml).await;
-    let port = gw.broker_listener("plain").expect("guarded").port();
-    let mut alerts = alerts(&gw).await;
-    let (_alice, mut alice_events) = device(port, "alice", "old-secret", "alice-1").await;
-
-    // Change Alice's password, remove Bob, add Carol; then reload as SIGHUP does.
-    passwd(&pw, "alice", "new-secret");
-    let out = Command::new(edgefn_bin())
-        .args(["passwd", "--delete"])
-        .arg(&pw)
-        .arg("bob")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    passwd(&pw, "carol", "carol-secret");
-    let config = edgefn::config::load(&cfg_dir.path().join("edgefn.toml")).unwrap();
-    gw.reload(config).await;
-
-    // Alice's open connection, logged in with the old password, is closed.
-    tokio::time::timeout(WAIT, async { while alice_events.poll().await.is_ok() {} })
-        .await
-        .expect("the revoked connection is closed");
-    for (login, ok) in [
-        (["-u", "alice", "-P", "old-secret"], false),
-        (["-u", "bob", "-P", "bob-secret"], false),
-        (["-u", "alice", "-P", "new-secret"], true),
-        (["-u", "carol", "-P", "carol-secret"], true),
-    ] {
-        let out = publish(
-            port,
-            &login,
-            &format!("sensors/{}/temperature", login[1]),
-            70.0,
-        );
-        assert_eq!(out.status.success(), ok, "{login:?}");
-    }
-    for user in ["alice", "carol"] {
-        let (topic, _) = alerts.next_json().await;
-        assert_eq!(topic, format!("alerts/{user}/temperature"));
-    }
-    assert!(gw.shutdown(WAIT).await);
-}
-
-/// Sends `bytes` on a fresh connection and returns what comes back before
-/// the guard closes it.
-async fn raw(port: u16, bytes: &[u8]) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut back = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
-        .await
-        .expect("the guard closes the connection in time")
-        .ok();
-    back
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_protocol_abuse_close_only_the_offending_connection() {
-    if mosquitto_missing() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "alice-secret");
-    let toml = secured("0.0.0.0:0", &format!("password_file = {}", lit(&pw)));
-    let (gw, _dir) = gateway(&toml).await;
-    let port = gw.broker_listener("plain").expect("guarded").port();
-    let mut alerts = alerts(&gw).await;
-
-    // Not MQTT at all: closed without an answer.
-    assert!(
-        raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .is_empty()
-    );
-    // A remaining length far over the 1 MiB packet limit: closed.
-    assert!(raw(port, &[0x10, 0xff, 0xff, 0xff, 0x7f]).await.is_empty());
-    // MQTT 5: CONNACK 1 (unacceptable protocol version).
-    let mqtt5 = [
-        0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 0,
-    ];
-    assert_eq!(raw(port, &mqtt5).await, [0x20, 2, 0, 1]);
-    // A logged-in device that sends a second CONNECT is disconnected.
-    let mut connect = bytes::BytesMut::new();
-    rumqttc::mqttbytes::v4::Connect::new("again")
-        .write(&mut connect)
-        .unwrap();
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut login = bytes::BytesMut::new();
-        let mut c = rumqttc::mqttbytes::v4::Connect::new("alice-3");
-        c.set_login("alice", "alice-secret");
-        c.write(&mut login).unwrap();
-        s.write_all(&login).await.unwrap();
-        s.write_all(&connect).await.unwrap();
-    }
-    let mut back = Vec::new();
-    tokio::time::timeout(
-        WAIT,
-        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut back),
-    )
-    .await
-    .expect("closed in time")
-    .ok();
-    // Closed (read_to_end returned), at most after rumqttd's CONNACK.
-    assert!(back.is_empty() || back == [0x20, 2, 0, 0], "{back:02x?}");
-
-    // Everyone else is still served.
-    let out = publish(
-        port,
-        &["-u", "alice", "-P", "alice-secret"],
-        "sensors/alice/temperature",
-        80.0,
-    );
-    assert!(out.status.success());
-    let (topic, _) = alerts.next_json().await;
-    assert_eq!(topic, "alerts/alice/temperature");
-    assert!(gw.shutdown(WAIT).await);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_applies_a_changed_password_file_in_the_running_binary() {
-    use crate::runtime_cli::{stderr_lines, wait_for_line};
-    if mosquitto_missing() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "first-secret");
-    let port = free_port();
-    let config = write(
-        dir.path(),
-        "edgefn.toml",
-        &secured(
-            &format!("0.0.0.0:{port}"),
-            &format!("password_file = {}", lit(&pw)),
-        ),
-    );
-    let mut child = Command::new(edgefn_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("EDGEFN_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    let child = KillOnDrop(child);
-    wait_for_line(&lines, &["Gateway started."]);
-    let login = |password: &str| {
-        let out = publish(
-            port,
-            &["-u", "alice", "-P", password],
-            "sensors/alice/temperature",
-            20.0,
-        );
-        out.status.success()
-    };
-    assert!(login("first-secret") && !login("second-secret"));
-
-    passwd(&pw, "alice", "second-secret");
-    signal(&child.0, "HUP");
-    wait_for_line(&lines, &["password file re-read", "users=1"]);
-    assert!(login("second-secret") && !login("first-secret"));
-
-    // A malformed file is refused; the entries in force stay.
-    std::fs::write(&pw, "alice:plaintext\n").unwrap();
-    signal(&child.0, "HUP");
-    wait_for_line(
-        &lines,
-        &["password file could not be re-read", "broker.passwd:1"],
-    );
-    assert!(login("second-secret"));
-    signal(&child.0, "TERM");
-    let mut child = child;
-    let status = tokio::task::spawn_blocking(move || child.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
 }
