@@ -91,6 +91,8 @@ async fn the_tls_listener_takes_client_certificates_or_passwords() {
     let (topic, _) = alerts.next_json().await;
     assert_eq!(topic, "alerts/alice/temperature");
     let before = metric(&gw).0;
+    // A bare connect and close (a port scan, a health check) is no login.
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
     let out = tls_pub(&[], "sensors/alice/temperature", 62.0);
     assert!(!out.status.success(), "anonymous TLS client accepted");
     // A certificate from another CA fails the handshake.
@@ -101,6 +103,7 @@ async fn the_tls_listener_takes_client_certificates_or_passwords() {
     );
     assert!(!out.status.success(), "a foreign certificate was accepted");
     eventually("both refusals counted", || metric(&gw).0 >= before + 2).await;
+    assert_eq!(metric(&gw).0, before + 2, "the bare connect counted as a login");
     assert!(alerts.try_next().is_none());
     assert!(gw.shutdown(WAIT).await);
 }

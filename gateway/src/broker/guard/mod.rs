@@ -43,7 +43,7 @@ use crate::runtime::logs::LogRate;
 
 /// Connections the guard serves at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// Password checks (argon2, ~20 MiB and tens of ms each) run at once; a
+/// Password checks (argon2id, 7 MiB and tens of ms each) run at once; a
 /// flood of logins queues here instead of exhausting memory and CPU.
 const CONCURRENT_VERIFICATIONS: usize = 2;
 /// Warning lines a second about refused clients, before they are summed up.

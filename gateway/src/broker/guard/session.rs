@@ -55,6 +55,12 @@ pub(super) async fn serve(guard: &Guard, stream: TcpStream, peer: SocketAddr, en
     };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
+        // A bare connect and close (a port scan, a TCP health check) is
+        // not a login attempt.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(%peer, "Embedded broker: closed before the TLS handshake.");
+            return;
+        }
         Ok(Err(e)) => {
             failed_login(
                 guard,
