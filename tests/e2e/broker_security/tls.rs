@@ -103,7 +103,11 @@ async fn the_tls_listener_takes_client_certificates_or_passwords() {
     );
     assert!(!out.status.success(), "a foreign certificate was accepted");
     eventually("both refusals counted", || metric(&gw).0 >= before + 2).await;
-    assert_eq!(metric(&gw).0, before + 2, "the bare connect counted as a login");
+    assert_eq!(
+        metric(&gw).0,
+        before + 2,
+        "the bare connect counted as a login"
+    );
     assert!(alerts.try_next().is_none());
     assert!(gw.shutdown(WAIT).await);
 }
