@@ -2,6 +2,7 @@
 //! [`SourceSpec`]s.
 
 use super::*;
+use crate::topic::validate_topic_name;
 
 pub(super) fn sources(
     p: &mut Problems<'_>,
