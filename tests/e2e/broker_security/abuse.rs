@@ -24,13 +24,13 @@ async fn garbage_and_protocol_abuse_close_only_the_offending_connection() {
     if mosquitto_missing() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "alice-secret");
-    let toml = secured("0.0.0.0:0", &format!("password_file = {}", lit(&pw)));
-    let (gw, _dir) = gateway(&toml).await;
-    let port = gw.broker_listener("plain").expect("guarded").port();
-    let mut alerts = alerts(&gw).await;
+    let Guarded {
+        gw,
+        port,
+        mut alerts,
+        _keep,
+        ..
+    } = guarded("0.0.0.0:0", &[("alice", "alice-secret")], "").await;
 
     // Not MQTT at all: closed without an answer.
     assert!(

@@ -147,6 +147,43 @@ fn check_and_run_refuse_an_anonymous_network_listener_and_accept_an_explicit_cho
     );
 }
 
+/// A gateway of [`secured`] whose broker checks logins against a password
+/// file of `users` (made with `edgefn passwd`), plus `extra` `[broker]` keys.
+struct Guarded {
+    gw: edgefn::supervisor::Gateway,
+    /// The guard's plain listener.
+    port: u16,
+    /// Every alert the function raises.
+    alerts: Subscriber,
+    /// The password file.
+    pw: PathBuf,
+    /// The configuration file.
+    config: PathBuf,
+    /// The folders of the configuration (and data) and the password file:
+    /// bind them (`_keep`) for as long as the gateway runs.
+    _keep: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn guarded(listen: &str, users: &[(&str, &str)], extra: &str) -> Guarded {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("broker.passwd");
+    for (user, password) in users {
+        passwd(&pw, user, password);
+    }
+    let toml = secured(listen, &format!("password_file = {}\n{extra}", lit(&pw)));
+    let (gw, config_dir) = gateway(&toml).await;
+    let port = gw.broker_listener("plain").expect("guarded").port();
+    let alerts = alerts(&gw).await;
+    Guarded {
+        gw,
+        port,
+        alerts,
+        pw,
+        config: config_dir.path().join("edgefn.toml"),
+        _keep: (config_dir, dir),
+    }
+}
+
 /// A command's stdout and stderr together.
 fn said(out: &Output) -> String {
     format!(
@@ -161,13 +198,13 @@ async fn a_network_listener_refuses_anonymous_clients_and_wrong_passwords() {
     if mosquitto_missing() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "alice-secret");
-    let toml = secured("0.0.0.0:0", &format!("password_file = {}", lit(&pw)));
-    let (gw, _dir) = gateway(&toml).await;
-    let port = gw.broker_listener("plain").expect("guarded").port();
-    let mut alerts = alerts(&gw).await;
+    let Guarded {
+        gw,
+        port,
+        mut alerts,
+        _keep,
+        ..
+    } = guarded("0.0.0.0:0", &[("alice", "alice-secret")], "").await;
 
     // Anonymous: refused (CONNACK 5), for a publisher and a subscriber.
     let out = publish(port, &[], "sensors/alice/temperature", 40.0);
@@ -256,26 +293,20 @@ async fn a_device_publishes_and_reads_only_inside_its_rights() {
     if mosquitto_missing() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "alice-secret");
-    passwd(&pw, "bob", "bob-secret");
-    let toml = secured(
-        "127.0.0.1:0",
-        &format!(
-            r#"allow_anonymous = false
-password_file = {}
+    let acl = r#"allow_anonymous = false
 
 [[broker.acl]]
-publish = ["sensors/{{user}}/#"]
-subscribe = ["alerts/{{user}}/#"]
-"#,
-            lit(&pw)
-        ),
-    );
-    let (gw, _dir) = gateway(&toml).await;
-    let port = gw.broker_listener("plain").expect("guarded").port();
-    let mut alerts = alerts(&gw).await;
+publish = ["sensors/{user}/#"]
+subscribe = ["alerts/{user}/#"]
+"#;
+    let users = [("alice", "alice-secret"), ("bob", "bob-secret")];
+    let Guarded {
+        gw,
+        port,
+        mut alerts,
+        _keep,
+        ..
+    } = guarded("127.0.0.1:0", &users, acl).await;
     let alice = ["-u", "alice", "-P", "alice-secret"];
 
     // Alice spoofing Bob's sensor: acknowledged (MQTT 3.1.1 has no refusal)

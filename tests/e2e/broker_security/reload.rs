@@ -11,14 +11,16 @@ async fn a_changed_password_file_applies_on_reload_and_disconnects_revoked_devic
     if mosquitto_missing() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("broker.passwd");
-    passwd(&pw, "alice", "old-secret");
-    passwd(&pw, "bob", "bob-secret");
-    let toml = secured("0.0.0.0:0", &format!("password_file = {}", lit(&pw)));
-    let (gw, cfg_dir) = gateway(&toml).await;
-    let port = gw.broker_listener("plain").expect("guarded").port();
-    let mut alerts = alerts(&gw).await;
+    let users = [("alice", "old-secret"), ("bob", "bob-secret")];
+    let Guarded {
+        gw,
+        port,
+        mut alerts,
+        pw,
+        config,
+        _keep,
+        ..
+    } = guarded("0.0.0.0:0", &users, "").await;
     let (_alice, mut alice_events) = device(port, "alice", "old-secret", "alice-1").await;
 
     // Change Alice's password, remove Bob, add Carol; then reload as SIGHUP does.
@@ -35,7 +37,7 @@ async fn a_changed_password_file_applies_on_reload_and_disconnects_revoked_devic
         String::from_utf8_lossy(&out.stderr)
     );
     passwd(&pw, "carol", "carol-secret");
-    let config = edgefn::config::load(&cfg_dir.path().join("edgefn.toml")).unwrap();
+    let config = edgefn::config::load(&config).unwrap();
     gw.reload(config).await;
 
     // Alice's open connection, logged in with the old password, is closed.
