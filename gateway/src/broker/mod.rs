@@ -139,42 +139,33 @@ pub async fn start(
     retention_bytes_per_filter: u64,
     metrics: Arc<GatewayMetrics>,
 ) -> Result<Running, BrokerError> {
-    if !access.guarded() {
+    let (listen, login) = if access.guarded() {
+        (free_loopback_port()?, Some(guard::internal_login()))
+    } else {
         if !access.plain.addr.ip().is_loopback() {
             tracing::warn!(listen = %access.plain.addr, "broker.allow_anonymous = true: anyone who can reach the embedded broker may publish and read every topic.");
         }
-        let listen = access.plain.addr;
-        let m = metrics.clone();
-        let broker = tokio::task::spawn_blocking(move || {
-            EmbeddedBroker::start(listen, None, retention_bytes_per_filter, m)
-        })
-        .await
-        .map_err(|e| BrokerError::Start {
-            addr: listen,
-            reason: e.to_string(),
-        })??;
-        return Ok(Running {
-            addr: broker.addr(),
-            login: None,
-            guard: None,
-        });
-    }
-    let internal = free_loopback_port()?;
-    let login = guard::internal_login();
+        (access.plain.addr, None)
+    };
     let (m, l) = (metrics.clone(), login.clone());
     let broker = tokio::task::spawn_blocking(move || {
-        EmbeddedBroker::start(internal, Some(l), retention_bytes_per_filter, m)
+        EmbeddedBroker::start(listen, l, retention_bytes_per_filter, m)
     })
     .await
     .map_err(|e| BrokerError::Start {
-        addr: internal,
+        addr: listen,
         reason: e.to_string(),
     })??;
-    let guard = guard::Guard::start(access, broker.addr(), login.clone(), metrics).await?;
+    let guard = match &login {
+        Some(login) => {
+            Some(guard::Guard::start(access, broker.addr(), login.clone(), metrics).await?)
+        }
+        None => None,
+    };
     Ok(Running {
         addr: broker.addr(),
-        login: Some(login),
-        guard: Some(guard),
+        login,
+        guard,
     })
 }
 

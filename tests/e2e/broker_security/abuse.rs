@@ -32,14 +32,26 @@ async fn garbage_and_protocol_abuse_close_only_the_offending_connection() {
         ..
     } = guarded("0.0.0.0:0", &[("alice", "alice-secret")], "").await;
 
-    // Not MQTT at all: closed without an answer.
+    // Not MQTT at all: closed without an answer, at once.
+    let started = std::time::Instant::now();
     assert!(
         raw(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .is_empty()
     );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // A remaining length far over the 1 MiB packet limit: closed.
     assert!(raw(port, &[0x10, 0xff, 0xff, 0xff, 0x7f]).await.is_empty());
+    // A CONNECT announcing 100,000 bytes (over the 64 KiB a client may make
+    // the guard buffer before it logs in): closed at once, not after the
+    // 10 s CONNECT timeout.
+    let big_connect = [0x10, 0xa0, 0x8d, 0x06];
+    let started = std::time::Instant::now();
+    assert!(raw(port, &big_connect).await.is_empty());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "an oversized CONNECT was buffered"
+    );
     // MQTT 5: CONNACK 1 (unacceptable protocol version).
     let mqtt5 = [
         0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 10, 0, 0, 0,

@@ -105,16 +105,7 @@ pub(super) async fn run<S>(
         r = down(&shared, up_rx, device_tx, injected) => r,
         r = revoked(guard, &device.identity) => r,
     };
-    tracing::debug!(peer = %device.peer, user = device.identity_name(), end = %end, "Embedded broker: client disconnected.");
-}
-
-impl Device {
-    fn identity_name(&self) -> &str {
-        match &self.identity {
-            Identity::Anonymous => "",
-            Identity::User { name, .. } => name,
-        }
-    }
+    tracing::debug!(peer = %device.peer, user = device.identity.name(), end = %end, "Embedded broker: client disconnected.");
 }
 
 /// Device → rumqttd.
@@ -206,7 +197,7 @@ fn subscribe(
     }
     guard.count(&guard.metrics().broker_refused_subscribes, refused as u64);
     for (f, _) in s.filters.iter().zip(&granted).filter(|(_, g)| !**g) {
-        guard.warn(|| tracing::warn!(peer = %device.peer, user = device.identity_name(), filter = %cut(&f.path), "Embedded broker: refused a subscription outside the device's rights."));
+        guard.warn(|| tracing::warn!(peer = %device.peer, user = device.identity.name(), filter = %cut(&f.path), "Embedded broker: refused a subscription outside the device's rights."));
     }
     if refused == granted.len() {
         let codes = vec![SubscribeReasonCode::Failure; granted.len()];
@@ -225,7 +216,7 @@ fn subscribe(
 
 fn refused_publish(guard: &Guard, device: &Device, topic: &str) {
     guard.count(&guard.metrics().broker_refused_publishes, 1);
-    guard.warn(|| tracing::warn!(peer = %device.peer, user = device.identity_name(), topic = %cut(topic), "Embedded broker: refused a publish outside the device's rights."));
+    guard.warn(|| tracing::warn!(peer = %device.peer, user = device.identity.name(), topic = %cut(topic), "Embedded broker: refused a publish outside the device's rights."));
 }
 
 /// rumqttd → device, with the guard's own answers in between.

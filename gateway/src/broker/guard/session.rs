@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pump::{self, Device};
@@ -25,6 +25,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest packet from a device (rumqttd's own limit).
 pub(super) const MAX_PACKET: usize = MAX_PAYLOAD_BYTES;
+/// Largest CONNECT (its will included): what an unauthenticated client may
+/// make the guard buffer, so 1024 half-sent CONNECTs hold at most 64 MiB.
+const MAX_CONNECT: usize = 64 * 1024;
 
 /// Who a client is once logged in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +43,8 @@ pub(super) enum Identity {
 }
 
 impl Identity {
-    fn name(&self) -> &str {
+    /// The user name; empty for an anonymous client.
+    pub(super) fn name(&self) -> &str {
         match self {
             Self::Anonymous => "",
             Self::User { name, .. } => name,
@@ -160,7 +164,15 @@ async fn read_connect<S>(
 where
     S: AsyncRead + Unpin,
 {
-    match pump::read_packet(io, inbuf, MAX_PACKET).await {
+    // Not a CONNECT from its first byte (say, an HTTP request): close now
+    // rather than wait for the rest of a packet that will never come.
+    if inbuf.is_empty() && !matches!(io.read_buf(inbuf).await, Ok(n) if n > 0) {
+        return Err(None);
+    }
+    if inbuf.first().is_some_and(|b| b >> 4 != 1) {
+        return Err(None);
+    }
+    match pump::read_packet(io, inbuf, MAX_CONNECT).await {
         Ok(Some(Packet::Connect(c))) if c.protocol == Protocol::V4 => Ok(c),
         Ok(Some(Packet::Connect(_)))
         | Err(pump::ReadError::Codec(
