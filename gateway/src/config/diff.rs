@@ -166,17 +166,15 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
     match (&running.broker, &new.broker) {
         (
             Broker::Embedded {
-                listen: a,
                 retention_bytes_per_filter: ra,
                 access: xa,
             },
             Broker::Embedded {
-                listen: b,
                 retention_bytes_per_filter: rb,
                 access: xb,
             },
         ) => {
-            d.key("broker", "listen", a, b);
+            d.key("broker", "listen", &xa.plain.addr, &xb.plain.addr);
             d.key("broker", "retention_bytes_per_filter", ra, rb);
             // The password file's *contents* are re-read on every SIGHUP;
             // which file, the listeners and the rights need a restart.

@@ -315,13 +315,12 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                 };
                 broker::access(&mut p, &resolve, keys)
             });
-            listen.zip(retention).zip(access).map(
-                |((listen, retention_bytes_per_filter), access)| Broker::Embedded {
-                    listen,
+            retention
+                .zip(access)
+                .map(|(retention_bytes_per_filter, access)| Broker::Embedded {
                     retention_bytes_per_filter,
                     access,
-                },
-            )
+                })
         }
         BrokerConfig::External(ext) => endpoint(
             &mut p,

@@ -126,8 +126,6 @@ pub struct I2cSpec {
 pub enum Broker {
     /// rumqttd inside the gateway, listening on this address.
     Embedded {
-        /// TCP address for MQTT 3.1.1 clients.
-        listen: SocketAddr,
         /// Bytes kept per subscription filter (`broker.retention_bytes_per_filter`).
         retention_bytes_per_filter: u64,
         /// Listeners, logins and topic rights.

@@ -40,7 +40,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.gateway_id, "gw1");
     assert_eq!(c.data_dir, Path::new("/etc/edgefn/data"));
     assert!(
-        matches!(c.broker, Broker::Embedded { listen, .. } if listen.to_string() == "127.0.0.1:1883")
+        matches!(c.broker, Broker::Embedded { ref access, .. } if access.plain.addr.to_string() == "127.0.0.1:1883")
     );
     let f = &c.functions[0];
     assert_eq!(f.component, Path::new("/etc/edgefn/f.wasm"));
@@ -70,7 +70,7 @@ fn demo_config_is_valid() {
     let c = load_with_env(&path, &no_env).expect("demo config is valid");
     assert_eq!(c.gateway_id, "demo-gw");
     assert!(
-        matches!(c.broker, Broker::Embedded { listen, .. } if listen.to_string() == "127.0.0.1:1883")
+        matches!(c.broker, Broker::Embedded { ref access, .. } if access.plain.addr.to_string() == "127.0.0.1:1883")
     );
     let names: Vec<&str> = c.functions.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(
@@ -95,7 +95,9 @@ fn demo_listen_address_follows_the_environment() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
     let env = |name: &str| (name == "EDGEFN_MQTT_LISTEN").then(|| "127.0.0.1:2883".to_owned());
     let c = load_with_env(&path, &env).expect("valid");
-    assert!(matches!(c.broker, Broker::Embedded { listen, .. } if listen.port() == 2883));
+    assert!(
+        matches!(c.broker, Broker::Embedded { ref access, .. } if access.plain.addr.port() == 2883)
+    );
     assert_eq!(mqtt(&c.sinks[0]).endpoint.port, 2883);
 }
 
