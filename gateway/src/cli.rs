@@ -505,6 +505,11 @@ fn check(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    // The sinks' clients and TLS settings, as at start (nothing connects).
+    if let Err(e) = crate::supervisor::build_sinks(&config, crate::sinks::SinkEnv::default()) {
+        writeln!(out, "{}: {e}", path.display())?;
+        return Ok(ExitCode::FAILURE);
+    }
     let runtime = Runtime::new(&RuntimeOptions::ephemeral(config.runtime.clone()))?;
     match load_functions(&runtime, &config) {
         Ok(functions) => {

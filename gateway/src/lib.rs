@@ -55,4 +55,5 @@ pub mod simulate;
 pub mod sinks;
 pub mod sources;
 pub mod supervisor;
+pub mod text;
 pub mod topic;

@@ -16,9 +16,51 @@ use crate::event::{Event, now_ms};
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{NewRecord, Outbox};
 use crate::progress::{Activity, Beat};
-use crate::runtime::Outputs;
-use crate::runtime::logs::{REASON_BYTES, bounded};
-use crate::sources::serial::SourceStats;
+use crate::sources::SourceStats;
+use crate::text::bounded;
+
+/// Longest failure reason in a dead letter.
+pub const REASON_BYTES: usize = 4096;
+
+/// A message the function asked to publish on the local broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Topic name.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// MQTT QoS level (0, 1 or 2).
+    pub qos: u8,
+}
+
+/// A payload the function asked to forward to a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Sink name.
+    pub sink: String,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// Bytes the function asked to write to a serial port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialWrite {
+    /// The serial source's name.
+    pub port: String,
+    /// The bytes.
+    pub data: Bytes,
+}
+
+/// Everything one successful invocation produced, in call order per kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outputs {
+    /// Local publishes.
+    pub publishes: Vec<Publish>,
+    /// Forwards to sinks.
+    pub forwards: Vec<Forward>,
+    /// Writes to serial ports.
+    pub serial_writes: Vec<SerialWrite>,
+}
 
 /// Hands outputs to the local broker and the outbox. Cloned into every
 /// function worker.
@@ -150,6 +192,17 @@ pub fn dead_letter_topic(function: &str) -> String {
     format!("edgefn/deadletter/functions/{function}")
 }
 
+/// Which function (and version) a dead letter is about.
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionRef<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// The version that failed.
+    pub version: &'a str,
+    /// Its counters.
+    pub metrics: &'a FunctionMetrics,
+}
+
 impl OutputPort {
     /// Publishes `event` on `function`'s dead-letter topic (QoS 1) with the
     /// reason, instead of letting it vanish, and counts it. The reason is at
@@ -158,15 +211,15 @@ impl OutputPort {
     /// (`payload_bytes`, `payload_cut`), so the dead letter always arrives.
     pub async fn dead_letter(
         &self,
-        function: &crate::runtime::LoadedFunction,
+        function: FunctionRef<'_>,
         event: &Event,
         kind: &str,
         reason: &str,
         elapsed: Option<Duration>,
     ) {
         let mut body = serde_json::json!({
-            "function": function.name(),
-            "version": function.version(),
+            "function": function.name,
+            "version": function.version,
             "failure": kind,
             // The guest's part is already cut to REASON_BYTES; this bounds
             // the whole (failure prefix included) as a last resort.
@@ -185,16 +238,16 @@ impl OutputPort {
             body["elapsed_us"] = u64::try_from(e.as_micros()).unwrap_or(u64::MAX).into();
         }
         function
-            .metrics()
+            .metrics
             .dead_lettered
             .fetch_add(1, Ordering::Relaxed);
-        let topic = dead_letter_topic(function.name());
+        let topic = dead_letter_topic(function.name);
         if let Err(e) = self
             .local
             .publish(topic, QoS::AtLeastOnce, false, body.to_string())
             .await
         {
-            tracing::error!(function = %function.name(), error = %e, "Dead letter could not be queued.");
+            tracing::error!(function = %function.name, error = %e, "Dead letter could not be queued.");
         }
     }
 }

@@ -155,3 +155,31 @@ fn check_names_the_file_and_key_of_a_bad_setting() {
     );
     assert!(out.contains("2 problems"), "{out}");
 }
+
+/// A sink's clients are built at `check` and at start, before any task runs,
+/// not at its first delivery: an HTTP sink whose client certificate does not
+/// belong to its key is refused by both, naming the sink and the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_whose_tls_cannot_be_set_up_fails_check_and_start() {
+    let pki = crate::tls::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("device.pem");
+    let key = dir.path().join("other.key");
+    std::fs::write(&cert, &pki.client.0).unwrap();
+    std::fs::write(&key, &pki.server.1).unwrap();
+    let (config, _d) = config(&format!(
+        "[gateway]\nid = \"gw\"\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:0\"\n[[sinks]]\nkind = \"http\"\nname = \"ingest\"\nurl = \"https://127.0.0.1:9/ingest\"\n[sinks.tls]\ncert = {}\nkey = {}\n",
+        lit(&cert),
+        lit(&key)
+    ));
+    let (code, out) = run(Command::Check {
+        config: config.path.clone(),
+    });
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("sinks.ingest: tls: "), "{out}");
+    match Gateway::start(&config).await {
+        Err(StartError::Sink(e)) => assert!(e.to_string().contains("sinks.ingest"), "{e}"),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a gateway whose sink cannot be built must not start"),
+    }
+}

@@ -27,7 +27,7 @@ use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxError, Reader};
 use crate::progress::Progress;
 use crate::sinks::DeliveryStats;
-use crate::sources::serial::SourceStats;
+use crate::sources::SourceStats;
 
 pub use render::{functions_json, prometheus};
 

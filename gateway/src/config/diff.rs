@@ -15,7 +15,7 @@
 
 use std::fmt;
 
-use super::{Broker, MqttEndpoint, SinkKind, SinkSpec, SourceSpec, ValidConfig};
+use super::{Broker, SinkSpec, SourceSpec, ValidConfig};
 
 /// One setting that differs from the running configuration and is not
 /// applied until a restart.
@@ -85,16 +85,6 @@ impl Diff {
         }
     }
 
-    fn endpoint(&mut self, section: &str, a: &MqttEndpoint, b: &MqttEndpoint) {
-        self.key(section, "url", &(&a.host, a.port), &(&b.host, b.port));
-        self.key(section, "client_id", &a.client_id, &b.client_id);
-        let user = |e: &MqttEndpoint| e.credentials.as_ref().map(|c| c.0.clone());
-        let pass = |e: &MqttEndpoint| e.credentials.as_ref().map(|c| c.1.clone());
-        self.key(section, "username", &user(a), &user(b));
-        self.key(section, "password", &pass(a), &pass(b));
-        self.key(section, "tls", &a.tls, &b.tls);
-    }
-
     fn sink(&mut self, section: &str, a: &SinkSpec, b: &SinkSpec) {
         self.key(section, "format", &a.format, &b.format);
         self.key(section, "batch_max", &a.batch_max, &b.batch_max);
@@ -104,56 +94,27 @@ impl Diff {
         self.key(section, "outbox.max_bytes", &la.max_bytes, &lb.max_bytes);
         self.key(section, "outbox.ttl_s", &la.ttl, &lb.ttl);
         self.key(section, "outbox.full_policy", &la.policy, &lb.policy);
-        match (&a.kind, &b.kind) {
-            (SinkKind::Mqtt(a), SinkKind::Mqtt(b)) => {
-                self.endpoint(section, &a.endpoint, &b.endpoint);
-                self.key(section, "topic", &a.topic_template, &b.topic_template);
-                self.key(section, "max_inflight", &a.max_inflight, &b.max_inflight);
-                self.key(section, "keep_alive_s", &a.keep_alive, &b.keep_alive);
-                self.key(section, "protocol", &a.protocol, &b.protocol);
-                self.key(section, "ack_timeout_s", &a.ack_timeout, &b.ack_timeout);
-            }
-            (SinkKind::Http(a), SinkKind::Http(b)) => {
-                self.key(section, "url", &a.url, &b.url);
-                self.key(section, "headers", &a.headers, &b.headers);
-                self.key(section, "timeout_ms", &a.timeout, &b.timeout);
-                self.key(section, "max_backoff_ms", &a.max_backoff, &b.max_backoff);
-                self.key(section, "tls", &a.tls, &b.tls);
-            }
-            _ => self.key(section, "kind", &0, &1),
+        self.keys(section, a.kind.changed(&b.kind));
+    }
+
+    /// Records `keys` of `section` as changed.
+    fn keys(&mut self, section: &str, keys: Vec<&'static str>) {
+        for key in keys {
+            self.0.push(RestartNeeded {
+                section: section.to_owned(),
+                key,
+                change: "changed",
+            });
         }
     }
 
     fn source(&mut self, section: &str, a: &SourceSpec, b: &SourceSpec) {
-        match (a, b) {
-            (SourceSpec::Serial(a), SourceSpec::Serial(b)) => {
-                self.key(section, "path", &a.path, &b.path);
-                self.key(section, "baud", &a.baud, &b.baud);
-                self.key(section, "data_bits", &a.data_bits, &b.data_bits);
-                self.key(section, "parity", &a.parity, &b.parity);
-                self.key(section, "stop_bits", &a.stop_bits, &b.stop_bits);
-                self.key(section, "flow_control", &a.flow_control, &b.flow_control);
-                self.key(section, "framing", &a.framing, &b.framing);
-                self.key(section, "topic", &a.topic, &b.topic);
-                self.key(section, "mirror_topic", &a.mirror_topic, &b.mirror_topic);
-            }
-            (SourceSpec::I2c(a), SourceSpec::I2c(b)) => {
-                self.key(section, "bus", &a.bus, &b.bus);
-                self.key(section, "driver", &a.driver, &b.driver);
-                self.key(section, "address", &a.address, &b.address);
-                self.key(section, "interval_ms", &a.interval, &b.interval);
-                self.key(section, "topic", &a.topic, &b.topic);
-            }
-            _ => self.key(section, "kind", &0, &1),
-        }
+        self.keys(section, a.changed(b));
     }
 }
 
 fn source_name(s: &SourceSpec) -> &str {
-    match s {
-        SourceSpec::Serial(s) => &s.name,
-        SourceSpec::I2c(s) => &s.name,
-    }
+    s.common().name
 }
 
 /// Every setting of `new` that differs from `running` and needs a restart.
@@ -194,7 +155,11 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
             d.key("broker", "tls", &xa.tls, &xb.tls);
             d.key("broker", "acl", &xa.acl, &xb.acl);
         }
-        (Broker::External(a), Broker::External(b)) => d.endpoint("broker", a, b),
+        (Broker::External(a), Broker::External(b)) => {
+            let mut keys = super::KeyChanges::default();
+            keys.endpoint(a, b);
+            d.keys("broker", keys.into_keys());
+        }
         _ => d.key("broker", "kind", &0, &1),
     }
     let (ka, kb) = (&running.source_keep_alive, &new.source_keep_alive);
@@ -274,7 +239,8 @@ pub fn missing_targets(running: &ValidConfig, new: &ValidConfig) -> Vec<String> 
             let running_port = running
                 .sources
                 .iter()
-                .any(|s| matches!(s, SourceSpec::Serial(s) if &s.name == port));
+                .map(SourceSpec::common)
+                .any(|s| s.writable && s.name == port);
             if !running_port {
                 problems.push(format!(
                     "functions.{}: serial port `{port}` is not running (sources are added at a restart)",

@@ -10,7 +10,7 @@ use super::*;
     clippy::too_many_arguments,
     reason = "one call per connection kind; a struct would only rename the arguments"
 )]
-pub(super) fn endpoint(
+pub(crate) fn endpoint(
     p: &mut Problems<'_>,
     key: &str,
     resolve: &dyn Fn(&Path) -> PathBuf,
@@ -100,93 +100,6 @@ pub(super) fn endpoint(
     })
 }
 
-pub(super) fn http_sink(
-    p: &mut Problems<'_>,
-    key: &str,
-    resolve: &dyn Fn(&Path) -> PathBuf,
-    c: &schema::HttpSinkConfig,
-) -> Option<SinkKind> {
-    let secure = c.url.starts_with("https://");
-    if !secure && !c.url.starts_with("http://") {
-        p.add(
-            format!("{key}.url"),
-            format!("`{}` must start with `http://` or `https://`", c.url),
-        );
-        return None;
-    }
-    match reqwest::Url::parse(&c.url) {
-        Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => {}
-        Ok(_) => {
-            p.add(format!("{key}.url"), format!("`{}` has no host", c.url));
-            return None;
-        }
-        Err(e) => {
-            p.add(
-                format!("{key}.url"),
-                format!("`{}` is not a valid URL: {e}", c.url),
-            );
-            return None;
-        }
-    }
-    if !(100..=600_000).contains(&c.timeout_ms) {
-        p.add(
-            format!("{key}.timeout_ms"),
-            "must be between 100 and 600000",
-        );
-    }
-    if c.max_backoff_ms < 100 {
-        p.add(format!("{key}.max_backoff_ms"), "must be at least 100");
-    }
-    let mut headers = Vec::new();
-    for (name, value) in &c.headers {
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-        {
-            p.add(
-                format!("{key}.headers.{name}"),
-                "is not a valid header name",
-            );
-        } else if value.contains(['\r', '\n']) {
-            p.add(
-                format!("{key}.headers.{name}"),
-                "must not contain line breaks",
-            );
-        } else {
-            headers.push((name.clone(), value.clone()));
-        }
-    }
-    if let Some(token) = &c.bearer_token {
-        if token.is_empty() || token.contains(['\r', '\n']) {
-            p.add(
-                format!("{key}.bearer_token"),
-                "must be a non-empty single line",
-            );
-        } else {
-            headers.push(("Authorization".into(), format!("Bearer {token}")));
-        }
-    }
-    let tls = match (&c.tls, secure) {
-        (Some(_), false) => {
-            p.add(
-                format!("{key}.tls"),
-                format!("is set but `{}` is not `https://`", c.url),
-            );
-            None
-        }
-        (Some(t), true) => http_tls(p, &format!("{key}.tls"), t, resolve),
-        (None, _) => None,
-    };
-    Some(SinkKind::Http(HttpSinkSpec {
-        url: c.url.clone(),
-        headers,
-        timeout: Duration::from_millis(c.timeout_ms),
-        max_backoff: Duration::from_millis(c.max_backoff_ms),
-        tls,
-    }))
-}
-
 /// The TLS material of an MQTT connection: `ca` is required (rumqttc trusts
 /// only the CAs it is given).
 pub(super) fn tls_material(
@@ -212,7 +125,7 @@ pub(super) fn tls_material(
 /// The TLS material of an HTTP sink: `ca`, a client certificate, or both;
 /// without `ca` the system's CAs are trusted. `alpn` is refused: the HTTP
 /// client offers its own protocols and would ignore it.
-pub(super) fn http_tls(
+pub(crate) fn http_tls(
     p: &mut Problems<'_>,
     key: &str,
     t: &TlsConfig,

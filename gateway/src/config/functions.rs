@@ -18,7 +18,49 @@ pub(super) fn filters(p: &mut Problems<'_>, key: &str, raw: &[String]) -> Filter
     FilterSet::new(out)
 }
 
-pub(super) fn function(
+/// Every `[[functions]]` entry; `sinks` and `serial_ports` are the names
+/// they may refer to.
+pub(super) fn functions(
+    p: &mut Problems<'_>,
+    config: &Config,
+    sink_names: &BTreeSet<String>,
+    serial_names: &BTreeSet<String>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Vec<FunctionSpec> {
+    let mut functions = Vec::new();
+    let mut function_names = BTreeSet::new();
+    for (i, f) in config.functions.iter().enumerate() {
+        let key = format!("functions[{i}]");
+        check_name(p, &format!("{key}.name"), &f.name);
+        if !function_names.insert(f.name.clone()) {
+            p.add(
+                format!("{key}.name"),
+                format!("duplicate function name `{}`", f.name),
+            );
+        }
+        for (j, port) in f.serial_ports.iter().enumerate() {
+            if !serial_names.contains(port) {
+                p.add(
+                    format!("{key}.serial_ports[{j}]"),
+                    format!("no serial source named `{port}` is configured under [[sources]]"),
+                );
+            }
+        }
+        if let Some(spec) = function(
+            p,
+            &key,
+            f,
+            sink_names,
+            resolve,
+            config.runtime.max_memory_mib,
+        ) {
+            functions.push(spec);
+        }
+    }
+    functions
+}
+
+fn function(
     p: &mut Problems<'_>,
     key: &str,
     f: &FunctionConfig,
@@ -134,7 +176,7 @@ pub(super) fn function(
     })
 }
 
-pub(super) fn check_topic_template(p: &mut Problems<'_>, key: &str, template: &str) {
+pub(crate) fn check_topic_template(p: &mut Problems<'_>, key: &str, template: &str) {
     let mut rest = template;
     while let Some(start) = rest.find('{') {
         let Some(len) = rest[start..].find('}') else {

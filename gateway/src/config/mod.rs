@@ -13,6 +13,8 @@ mod endpoint;
 mod functions;
 pub mod interpolate;
 pub mod schema;
+mod scope;
+mod sinks;
 mod sources;
 mod spec;
 
@@ -25,11 +27,14 @@ use std::time::Duration;
 pub use broker::{Access, Listener, TlsListener};
 pub use functions::render_topic;
 pub use schema::EnvelopeFormat;
-use schema::{BrokerConfig, Config, SinkConfig, TlsConfig};
+use schema::{BrokerConfig, Config, TlsConfig};
+pub use scope::{KeyChanges, Scope};
 pub use spec::*;
 
-use endpoint::{endpoint, http_sink};
-use functions::{check_topic_template, function};
+pub(crate) use endpoint::{endpoint, http_tls};
+pub(crate) use functions::check_topic_template;
+use functions::functions;
+use sinks::sinks;
 use sources::sources;
 
 /// One problem in a configuration file.
@@ -236,13 +241,14 @@ fn interpolate_value(
 }
 
 /// Collects problems while validating.
-struct Problems<'a> {
+/// Every problem found so far, each under its key path.
+pub struct Problems<'a> {
     file: &'a Path,
     list: Vec<ConfigError>,
 }
 
 impl Problems<'_> {
-    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.to_owned(),
             key: key.into(),
@@ -251,9 +257,96 @@ impl Problems<'_> {
     }
 }
 
+/// `[broker]`: the embedded broker's listeners and logins, or the external
+/// broker's endpoint.
+fn broker_spec(
+    p: &mut Problems<'_>,
+    config: &Config,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Option<Broker> {
+    match &config.broker {
+        BrokerConfig::Embedded {
+            listen,
+            retention_bytes_per_filter,
+            allow_anonymous,
+            password_file,
+            tls,
+            acl,
+            ..
+        } => {
+            let retention = broker_retention(p, *retention_bytes_per_filter);
+            let listen = listen_addr(p, "broker.listen", listen, "127.0.0.1:1883");
+            let access = listen.and_then(|listen| {
+                let keys = broker::AccessKeys {
+                    listen,
+                    allow_anonymous: *allow_anonymous,
+                    password_file: password_file.as_deref(),
+                    tls: tls.as_ref(),
+                    acl: acl.as_deref(),
+                };
+                broker::access(p, resolve, keys)
+            });
+            retention
+                .zip(access)
+                .map(|(retention_bytes_per_filter, access)| Broker::Embedded {
+                    retention_bytes_per_filter,
+                    access,
+                })
+        }
+        BrokerConfig::External(ext) => endpoint(
+            p,
+            "broker",
+            resolve,
+            &ext.url,
+            ext.client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgefn-{}", config.gateway.id)),
+            ext.username.as_deref(),
+            ext.password.as_deref(),
+            ext.tls.as_ref(),
+        )
+        .map(Broker::External),
+    }
+}
+
+/// `[runtime]`.
+fn runtime_spec(p: &mut Problems<'_>, config: &Config) -> RuntimeSpec {
+    let rt = &config.runtime;
+    if !(1..=4096).contains(&rt.max_memory_mib) {
+        p.add("runtime.max_memory_mib", "must be between 1 and 4096 MiB");
+    }
+    if let Some(n) = rt.pool_instances
+        && !(1..=10_000).contains(&n)
+    {
+        p.add("runtime.pool_instances", "must be between 1 and 10000");
+    }
+    if rt.watch_ms != 0 && rt.watch_ms < 50 {
+        p.add(
+            "runtime.watch_ms",
+            "must be 0 (off) or at least 50 milliseconds",
+        );
+    }
+    if rt.rollback_after == 0 {
+        p.add("runtime.rollback_after", "must be at least 1");
+    }
+    RuntimeSpec {
+        pooling: rt.pooling,
+        pool_instances: rt.pool_instances.unwrap_or_else(|| {
+            u32::try_from(config.functions.len())
+                .unwrap_or(u32::MAX)
+                .saturating_mul(2)
+                .saturating_add(8)
+        }),
+        max_memory_bytes: rt.max_memory_mib.saturating_mul(1024 * 1024),
+        compile_cache: rt.compile_cache,
+        watch: (rt.watch_ms > 0).then(|| Duration::from_millis(rt.watch_ms)),
+        rollback_after: rt.rollback_after,
+    }
+}
+
 /// Characters allowed in gateway ids, function names and sink names: they
 /// end up in MQTT topics, metric labels and file names.
-fn check_name(p: &mut Problems<'_>, key: &str, name: &str) {
+pub(crate) fn check_name(p: &mut Problems<'_>, key: &str, name: &str) {
     if name.is_empty() {
         p.add(key, "must not be empty");
     } else if name.len() > 64 {
@@ -293,135 +386,10 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
     if !(1..=65_535).contains(&keep_alive_s) {
         p.add("broker.keep_alive_s", "must be between 1 and 65535 seconds");
     }
-    let broker = match &config.broker {
-        BrokerConfig::Embedded {
-            listen,
-            retention_bytes_per_filter,
-            allow_anonymous,
-            password_file,
-            tls,
-            acl,
-            ..
-        } => {
-            let retention = broker_retention(&mut p, *retention_bytes_per_filter);
-            let listen = listen_addr(&mut p, "broker.listen", listen, "127.0.0.1:1883");
-            let access = listen.and_then(|listen| {
-                let keys = broker::AccessKeys {
-                    listen,
-                    allow_anonymous: *allow_anonymous,
-                    password_file: password_file.as_deref(),
-                    tls: tls.as_ref(),
-                    acl: acl.as_deref(),
-                };
-                broker::access(&mut p, &resolve, keys)
-            });
-            retention
-                .zip(access)
-                .map(|(retention_bytes_per_filter, access)| Broker::Embedded {
-                    retention_bytes_per_filter,
-                    access,
-                })
-        }
-        BrokerConfig::External(ext) => endpoint(
-            &mut p,
-            "broker",
-            &resolve,
-            &ext.url,
-            ext.client_id
-                .clone()
-                .unwrap_or_else(|| format!("edgefn-{gateway_id}")),
-            ext.username.as_deref(),
-            ext.password.as_deref(),
-            ext.tls.as_ref(),
-        )
-        .map(Broker::External),
-    };
+    let broker = broker_spec(&mut p, &config, &resolve);
 
-    let mut sinks = Vec::new();
-    let mut sink_names = BTreeSet::new();
-    for (i, sink) in config.sinks.iter().enumerate() {
-        let key = format!("sinks[{i}]");
-        check_name(&mut p, &format!("{key}.name"), sink.name());
-        if !sink_names.insert(sink.name().to_owned()) {
-            p.add(
-                format!("{key}.name"),
-                format!("duplicate sink name `{}`", sink.name()),
-            );
-        }
-        let (format, batch_max, batch_linger_ms, outbox) = match sink {
-            SinkConfig::Mqtt(c) => (c.format, c.batch_max, c.batch_linger_ms, &c.outbox),
-            SinkConfig::Http(c) => (c.format, c.batch_max, c.batch_linger_ms, &c.outbox),
-        };
-        if !(1..=10_000).contains(&batch_max) {
-            p.add(format!("{key}.batch_max"), "must be between 1 and 10000");
-        }
-        if batch_linger_ms > 60_000 {
-            p.add(format!("{key}.batch_linger_ms"), "must be at most 60000");
-        }
-        if outbox.max_rows == 0 {
-            p.add(format!("{key}.outbox.max_rows"), "must be at least 1");
-        }
-        if outbox.max_bytes < 1024 {
-            p.add(format!("{key}.outbox.max_bytes"), "must be at least 1024");
-        }
-        if outbox.ttl_s == 0 {
-            p.add(format!("{key}.outbox.ttl_s"), "must be at least 1 second");
-        }
-        let limits = crate::outbox::SinkLimits {
-            sink: sink.name().to_owned(),
-            max_rows: outbox.max_rows,
-            max_bytes: outbox.max_bytes,
-            ttl: Duration::from_secs(outbox.ttl_s),
-            policy: outbox.full_policy,
-        };
-        let kind = match sink {
-            SinkConfig::Mqtt(c) => {
-                check_topic_template(&mut p, &format!("{key}.topic"), &c.topic);
-                if c.max_inflight == 0 {
-                    p.add(format!("{key}.max_inflight"), "must be at least 1");
-                }
-                if c.keep_alive_s < 5 {
-                    p.add(format!("{key}.keep_alive_s"), "must be at least 5 seconds");
-                }
-                if c.ack_timeout_s == 0 {
-                    p.add(format!("{key}.ack_timeout_s"), "must be at least 1 second");
-                }
-                endpoint(
-                    &mut p,
-                    &key,
-                    &resolve,
-                    &c.url,
-                    c.client_id
-                        .clone()
-                        .unwrap_or_else(|| format!("edgefn-{gateway_id}-{}", c.name)),
-                    c.username.as_deref(),
-                    c.password.as_deref(),
-                    c.tls.as_ref(),
-                )
-                .map(|endpoint| {
-                    SinkKind::Mqtt(MqttSinkSpec {
-                        endpoint,
-                        topic_template: c.topic.clone(),
-                        max_inflight: c.max_inflight,
-                        keep_alive: Duration::from_secs(c.keep_alive_s),
-                        protocol: c.protocol,
-                        ack_timeout: Duration::from_secs(c.ack_timeout_s),
-                    })
-                })
-            }
-            SinkConfig::Http(c) => http_sink(&mut p, &key, &resolve, c),
-        };
-        if let Some(kind) = kind {
-            sinks.push(SinkSpec {
-                name: sink.name().to_owned(),
-                format,
-                batch_max,
-                batch_linger: Duration::from_millis(batch_linger_ms),
-                limits,
-                kind,
-            });
-        }
-    }
+    let sinks = sinks(&mut p, &config, &resolve);
+    let sink_names: BTreeSet<String> = sinks.iter().map(|s| s.name.clone()).collect();
 
     if !(1..=1000).contains(&config.outbox.max_commits_per_sec) {
         p.add("outbox.max_commits_per_sec", "must be between 1 and 1000");
@@ -430,80 +398,16 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
     let sources = sources(&mut p, &config, &resolve);
     let serial_names: BTreeSet<String> = sources
         .iter()
-        .filter_map(|s| match s {
-            SourceSpec::Serial(s) => Some(s.name.clone()),
-            SourceSpec::I2c(_) => None,
-        })
+        .map(SourceSpec::common)
+        .filter(|c| c.writable)
+        .map(|c| c.name.to_owned())
         .collect();
 
-    let rt = &config.runtime;
-    if !(1..=4096).contains(&rt.max_memory_mib) {
-        p.add("runtime.max_memory_mib", "must be between 1 and 4096 MiB");
-    }
-    if let Some(n) = rt.pool_instances
-        && !(1..=10_000).contains(&n)
-    {
-        p.add("runtime.pool_instances", "must be between 1 and 10000");
-    }
-    if rt.watch_ms != 0 && rt.watch_ms < 50 {
-        p.add(
-            "runtime.watch_ms",
-            "must be 0 (off) or at least 50 milliseconds",
-        );
-    }
-    if rt.rollback_after == 0 {
-        p.add("runtime.rollback_after", "must be at least 1");
-    }
-    let runtime = RuntimeSpec {
-        pooling: rt.pooling,
-        pool_instances: rt.pool_instances.unwrap_or_else(|| {
-            u32::try_from(config.functions.len())
-                .unwrap_or(u32::MAX)
-                .saturating_mul(2)
-                .saturating_add(8)
-        }),
-        max_memory_bytes: rt.max_memory_mib.saturating_mul(1024 * 1024),
-        compile_cache: rt.compile_cache,
-        watch: (rt.watch_ms > 0).then(|| Duration::from_millis(rt.watch_ms)),
-        rollback_after: rt.rollback_after,
-    };
-    let mut functions = Vec::new();
-    let mut function_names = BTreeSet::new();
-    for (i, f) in config.functions.iter().enumerate() {
-        let key = format!("functions[{i}]");
-        check_name(&mut p, &format!("{key}.name"), &f.name);
-        if !function_names.insert(f.name.clone()) {
-            p.add(
-                format!("{key}.name"),
-                format!("duplicate function name `{}`", f.name),
-            );
-        }
-        for (j, port) in f.serial_ports.iter().enumerate() {
-            if !serial_names.contains(port) {
-                p.add(
-                    format!("{key}.serial_ports[{j}]"),
-                    format!("no serial source named `{port}` is configured under [[sources]]"),
-                );
-            }
-        }
-        if let Some(spec) = function(
-            &mut p,
-            &key,
-            f,
-            &sink_names,
-            &resolve,
-            config.runtime.max_memory_mib,
-        ) {
-            functions.push(spec);
-        }
-    }
+    let runtime = runtime_spec(&mut p, &config);
+    let functions = functions(&mut p, &config, &sink_names, &serial_names, &resolve);
     // A mirrored frame must not come back in as an MQTT event.
     for (i, s) in sources.iter().enumerate() {
-        let mirror = match s {
-            SourceSpec::Serial(s) => &s.mirror_topic,
-            SourceSpec::I2c(s) => &s.mirror_topic,
-        };
-        if let Some(m) = mirror
+        if let Some(m) = s.common().mirror_topic
             && let Some(f) = functions.iter().find(|f| f.triggers.matches(m))
         {
             p.add(

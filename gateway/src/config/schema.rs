@@ -11,11 +11,16 @@ use serde::Deserialize;
 
 mod functions;
 mod sinks;
-mod sources;
 
+pub use crate::sinks::http::config::HttpSinkConfig;
+pub use crate::sinks::mqtt::config::{MqttProtocol, MqttSinkConfig};
+pub use crate::sources::SourceConfig;
+pub use crate::sources::i2c::config::{I2cDriver, I2cSourceConfig};
+pub use crate::sources::serial::config::{
+    FlowControl, FramingKind, LengthEndian, LengthWidth, Parity, SerialSourceConfig,
+};
 pub use functions::*;
 pub use sinks::*;
-pub use sources::*;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -304,7 +309,9 @@ pub struct TlsConfig {
 pub(crate) const NESTED_PATH: char = '\u{1}';
 
 /// Splits a tagged table into its `kind` and the rest.
-fn tagged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(String, toml::Table), D::Error> {
+pub(crate) fn tagged<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<(String, toml::Table), D::Error> {
     use serde::de::Error;
     let mut table = toml::Table::deserialize(d)?;
     match table.remove("kind") {
@@ -317,7 +324,9 @@ fn tagged<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(String, toml::Table
 }
 
 /// Deserializes the rest of a tagged table, keeping the nested key path.
-fn inner<T: serde::de::DeserializeOwned, E: serde::de::Error>(table: toml::Table) -> Result<T, E> {
+pub(crate) fn inner<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+    table: toml::Table,
+) -> Result<T, E> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
         E::custom(format!(
@@ -325,4 +334,18 @@ fn inner<T: serde::de::DeserializeOwned, E: serde::de::Error>(table: toml::Table
             e.into_inner()
         ))
     })
+}
+
+/// The error for an unknown `kind` of `what` (`source`, `sink`), listing
+/// the known ones.
+pub(crate) fn unknown_kind<E: serde::de::Error>(what: &str, kind: &str, known: &[&str]) -> E {
+    let quoted: Vec<String> = known.iter().map(|k| format!("\"{k}\"")).collect();
+    let list = match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    E::custom(format!(
+        "{NESTED_PATH}kind{NESTED_PATH}unknown {what} kind `{kind}` (use {list})"
+    ))
 }

@@ -10,6 +10,12 @@ use std::time::Duration;
 
 use super::broker::Access;
 use super::schema::{self, EnvelopeFormat};
+pub use crate::sinks::SinkKind;
+pub use crate::sinks::http::config::{HttpSinkSpec, HttpTls};
+pub use crate::sinks::mqtt::config::MqttSinkSpec;
+pub use crate::sources::SourceSpec;
+pub use crate::sources::i2c::config::I2cSpec;
+pub use crate::sources::serial::config::SerialSpec;
 use crate::topic::FilterSet;
 
 /// A validated configuration: addresses parsed, paths resolved, filters
@@ -68,59 +74,6 @@ pub struct RuntimeSpec {
     pub rollback_after: u32,
 }
 
-/// A validated serial or I2C source.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceSpec {
-    /// A serial port.
-    Serial(SerialSpec),
-    /// An I2C sensor.
-    I2c(I2cSpec),
-}
-
-/// A validated serial source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SerialSpec {
-    /// Unique name.
-    pub name: String,
-    /// Device path.
-    pub path: PathBuf,
-    /// Line speed.
-    pub baud: u32,
-    /// 5..=8.
-    pub data_bits: u8,
-    /// Parity.
-    pub parity: schema::Parity,
-    /// 1 or 2.
-    pub stop_bits: u8,
-    /// Flow control.
-    pub flow_control: schema::FlowControl,
-    /// Framing, with its limits.
-    pub framing: edgefn_drivers::codec::Framing,
-    /// Event topic.
-    pub topic: String,
-    /// Optional local MQTT mirror topic.
-    pub mirror_topic: Option<String>,
-}
-
-/// A validated I2C source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct I2cSpec {
-    /// Unique name.
-    pub name: String,
-    /// Bus device.
-    pub bus: PathBuf,
-    /// Driver.
-    pub driver: schema::I2cDriver,
-    /// 7-bit address.
-    pub address: u8,
-    /// Poll interval.
-    pub interval: Duration,
-    /// Event topic.
-    pub topic: String,
-    /// Optional local MQTT mirror topic.
-    pub mirror_topic: Option<String>,
-}
-
 /// The local broker, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Broker {
@@ -168,26 +121,6 @@ impl fmt::Debug for TlsMaterial {
             .field("ca_bytes", &self.ca.len())
             .field("client_auth", &self.client_auth.is_some())
             .field("alpn", &self.alpn.len())
-            .finish()
-    }
-}
-
-/// TLS files of an HTTP sink, read and checked at validation time.
-#[derive(Clone, PartialEq)]
-pub struct HttpTls {
-    /// PEM CA certificates trusted besides the system's; `None`: the
-    /// system's only.
-    pub ca: Option<Vec<u8>>,
-    /// PEM client certificate chain and key, for mutual TLS.
-    pub client_auth: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl fmt::Debug for HttpTls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print key material.
-        f.debug_struct("HttpTls")
-            .field("ca_bytes", &self.ca.as_ref().map(Vec::len))
-            .field("client_auth", &self.client_auth.is_some())
             .finish()
     }
 }
@@ -340,45 +273,4 @@ pub struct SinkSpec {
     pub limits: crate::outbox::SinkLimits,
     /// Kind-specific settings.
     pub kind: SinkKind,
-}
-
-/// Kind-specific sink settings.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SinkKind {
-    /// MQTT.
-    Mqtt(MqttSinkSpec),
-    /// HTTP(S).
-    Http(HttpSinkSpec),
-}
-
-/// A validated MQTT sink.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MqttSinkSpec {
-    /// The broker to deliver to.
-    pub endpoint: MqttEndpoint,
-    /// Topic template with `{gateway}`, `{function}`, `{sink}`, `{topic}`.
-    pub topic_template: String,
-    /// In-flight window (messages).
-    pub max_inflight: u16,
-    /// Keep-alive interval.
-    pub keep_alive: Duration,
-    /// Protocol version.
-    pub protocol: schema::MqttProtocol,
-    /// Tear the connection down when a publish waits longer than this.
-    pub ack_timeout: Duration,
-}
-
-/// A validated HTTP sink.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HttpSinkSpec {
-    /// The URL batches are POSTed to.
-    pub url: String,
-    /// Extra headers, including `Authorization` when a token is set.
-    pub headers: Vec<(String, String)>,
-    /// Request timeout.
-    pub timeout: Duration,
-    /// Longest wait between retries.
-    pub max_backoff: Duration,
-    /// Custom CA and/or client identity.
-    pub tls: Option<HttpTls>,
 }

@@ -18,6 +18,7 @@ use crate::bindings::edgefn::function::host::Host;
 use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
 use crate::bindings::edgefn::function::{kv, serial};
 use crate::config::Limits;
+use crate::output::{Forward, Outputs, Publish, SerialWrite};
 use crate::runtime::logs::{LogBudget, LogRate};
 use crate::runtime::state::{KvRefusal, KvTxn};
 use crate::runtime::wasi::{self, Capture, Deadline};
@@ -42,46 +43,6 @@ pub struct Capabilities {
     pub max_calls: u32,
     /// Bytes per published or forwarded payload.
     pub max_payload_bytes: usize,
-}
-
-/// A message the function asked to publish on the local broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
-    /// Topic name.
-    pub topic: String,
-    /// Payload.
-    pub payload: Bytes,
-    /// MQTT QoS level (0, 1 or 2).
-    pub qos: u8,
-}
-
-/// A payload the function asked to forward to a sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Forward {
-    /// Sink name.
-    pub sink: String,
-    /// Payload.
-    pub payload: Bytes,
-}
-
-/// Bytes the function asked to write to a serial port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SerialWrite {
-    /// The serial source's name.
-    pub port: String,
-    /// The bytes.
-    pub data: Bytes,
-}
-
-/// Everything one successful invocation produced, in call order per kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Outputs {
-    /// Local publishes.
-    pub publishes: Vec<Publish>,
-    /// Forwards to sinks.
-    pub forwards: Vec<Forward>,
-    /// Writes to serial ports.
-    pub serial_writes: Vec<SerialWrite>,
 }
 
 /// Caps linear memory, tables and instances, and remembers whether a cap was

@@ -12,7 +12,6 @@
 //!   [`REASON_BYTES`] in the dead letter and [`LOG_LINE_BYTES`] in the
 //!   gateway's own log line; each cut says `… (N bytes cut)`.
 
-use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,30 +22,10 @@ use crate::metrics::FunctionMetrics;
 
 /// Longest guest log line, and longest failure reason in a log line.
 pub const LOG_LINE_BYTES: usize = 1024;
-/// Longest failure reason in a dead letter.
-pub const REASON_BYTES: usize = 4096;
+pub use crate::output::REASON_BYTES;
+pub use crate::text::{bound, bounded};
 /// How often, at most, a function's suppressed lines are summed up in the log.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
-
-/// `s` cut to at most `max` bytes (on a character boundary) plus
-/// `… (N bytes cut)`.
-pub fn bounded(s: &str, max: usize) -> Cow<'_, str> {
-    if s.len() <= max {
-        return Cow::Borrowed(s);
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}… ({} bytes cut)", &s[..end], s.len() - end))
-}
-
-/// Cuts an owned string in place (see [`bounded`]).
-pub fn bound(s: &mut String, max: usize) {
-    if let Cow::Owned(cut) = bounded(s, max) {
-        *s = cut;
-    }
-}
 
 /// A function's log rate over time, shared by all its stores.
 #[derive(Debug)]

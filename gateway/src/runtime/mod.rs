@@ -46,7 +46,8 @@ use crate::bindings::{Function, FunctionPre};
 use crate::config::schema::InstanceMode;
 use crate::config::{FunctionSpec, Limits, MAX_TABLE_ELEMENTS, RuntimeSpec, ValidConfig};
 use crate::metrics::{Failure, FunctionMetrics};
-pub use host::{Capabilities, Forward, HostState, Outputs, Publish, SerialWrite};
+pub use crate::output::{Forward, Outputs, Publish, SerialWrite};
+pub use host::{Capabilities, HostState};
 use invoke::root_message;
 use state::{KvTxn, StateStore};
 
@@ -500,6 +501,15 @@ impl LoadedFunction {
     /// Its counters.
     pub fn metrics(&self) -> &Arc<FunctionMetrics> {
         &self.metrics
+    }
+
+    /// Name, version and counters, for a dead letter.
+    pub fn id(&self) -> crate::output::FunctionRef<'_> {
+        crate::output::FunctionRef {
+            name: self.name(),
+            version: self.version(),
+            metrics: self.metrics(),
+        }
     }
 
     /// Its limits.

@@ -115,10 +115,13 @@ impl Worker {
                     "the circuit breaker is open for another {} ms",
                     left.as_millis()
                 );
-                rt.block_on(
-                    self.port
-                        .dead_letter(&current, &event, "breaker-open", &reason, None),
-                );
+                rt.block_on(self.port.dead_letter(
+                    current.id(),
+                    &event,
+                    "breaker-open",
+                    &reason,
+                    None,
+                ));
                 continue;
             }
             self.beat.busy(Activity::Invoking);
@@ -182,6 +185,11 @@ impl Worker {
                     tracing::info!(function = %f.name(), "Circuit breaker closed: the function works again.");
                 }
                 breaker.success();
+                // Before the outputs go out: whoever sees them sees the
+                // breaker closed.
+                f.metrics()
+                    .breaker_state
+                    .store(breaker.state() as u8, Ordering::Relaxed);
                 self.port
                     .deliver(f.name(), event, outputs, f.metrics(), &self.beat)
                     .await;
@@ -200,7 +208,7 @@ impl Worker {
                 }
                 self.port
                     .dead_letter(
-                        f,
+                        f.id(),
                         event,
                         failure.kind(),
                         &failure.to_string(),

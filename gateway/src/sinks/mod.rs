@@ -1,5 +1,8 @@
-//! Sinks: delivery from the durable outbox to the cloud. Each kind lives in
-//! its own folder and implements [`Sink`]; each configured sink runs one
+//! Sinks: delivery from the durable outbox to the cloud. Each kind is a
+//! plug-in folder implementing [`SinkPlugin`] (its table and validation in
+//! `<kind>/config.rs`, a fallible `build` that creates its clients and TLS
+//! settings, which `edgefn check` runs too, and its task, [`Sink::run`]);
+//! the kinds are listed once, in `sink_kinds!` below. Each configured sink runs one
 //! delivery task that reads its records from the [`Outbox`] in sequence
 //! order, sends them, and confirms each record only when the other side has
 //! acknowledged *that* record (MQTT PUBACK for its packet id, HTTP 2xx).
@@ -17,6 +20,17 @@
 pub mod envelope;
 pub mod http;
 pub mod mqtt;
+mod plugin;
+
+use plugin::sink_kinds;
+pub use plugin::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
+
+// The kinds of `[[sinks]]`: adding one is its folder, one line here, and its
+// docs (see docs/adding-a-kind.md).
+sink_kinds! {
+    Mqtt(mqtt::Mqtt),
+    Http(http::Http),
+}
 
 use std::future::Future;
 use std::sync::Arc;
@@ -108,14 +122,15 @@ impl SinkCommon {
     }
 }
 
-/// A kind of sink.
+/// A built sink's delivery task.
 pub trait Sink: Sized + Send + 'static {
-    /// The kind's own validated settings.
-    type Spec;
-    /// Prepares the sink; starts no task.
-    fn build(common: SinkCommon, spec: &Self::Spec) -> Self;
     /// Delivers records from the outbox until `ctx.stop` fires.
     fn run(self, ctx: SinkContext) -> impl Future<Output = ()> + Send;
+
+    /// The sink as a [`BuiltSink`].
+    fn boxed(self) -> BuiltSink {
+        Box::new(move |ctx| Box::pin(self.run(ctx)))
+    }
 }
 
 /// How long a stopping sink waits for outstanding acknowledgements.

@@ -1,17 +1,35 @@
-//! Sources: where events come from. Each kind lives in its own folder and
-//! implements [`Source`]; the supervisor builds every source before starting
-//! any task, then runs each on the task tracker.
+//! Sources: where events come from.
 //!
-//! Kinds: [`mqtt`] (the local broker, subscribed to the functions'
-//! triggers), [`serial`] (framed serial ports, with write-back) and [`i2c`]
-//! (polled embedded-hal sensor drivers).
+//! Each kind of `[[sources]]` entry is a plug-in folder implementing
+//! [`SourcePlugin`]: its table and validation (`<kind>/config.rs`), a
+//! fallible `build` that creates devices, clients and timers before any task
+//! starts, and its task ([`Source::run`]). The kinds are listed once, in
+//! `source_kinds!` below; configuration, reload diffs and start-up only
+//! dispatch on `kind` (see `docs/adding-a-kind.md`).
+//!
+//! Kinds: [`serial`] (framed serial ports, with write-back) and [`i2c`]
+//! (polled embedded-hal sensor drivers). The [`mqtt`] source, the local
+//! broker subscribed to the functions' triggers, is not a `[[sources]]`
+//! entry: every gateway has exactly one.
 
 pub mod i2c;
 pub mod mqtt;
+mod plugin;
 pub mod serial;
+
+use plugin::source_kinds;
+pub use plugin::{BuildEnv, BuiltSource, Common, SourcePlugin};
+
+// The kinds of `[[sources]]`: adding one is its folder, one line here, and
+// its docs (see docs/adding-a-kind.md).
+source_kinds! {
+    Serial(serial::Serial),
+    I2c(i2c::I2c),
+}
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +69,27 @@ pub struct SourceError {
     pub source_name: String,
     /// What is wrong.
     pub reason: String,
+}
+
+/// Counters of one `[[sources]]` entry (serial port, I2C sensor, timer…).
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Frames (or readings) turned into events.
+    pub frames: AtomicU64,
+    /// Malformed frames skipped.
+    pub invalid: AtomicU64,
+    /// Overlong frames skipped.
+    pub oversize: AtomicU64,
+    /// Bytes thrown away while resynchronising.
+    pub discarded_bytes: AtomicU64,
+    /// Times the device was opened.
+    pub opened: AtomicU64,
+    /// Failed opens, read errors, EOFs, failed polls.
+    pub failures: AtomicU64,
+    /// Writes sent to the device.
+    pub written: AtomicU64,
+    /// Writes dropped (device not open, or queue full).
+    pub writes_dropped: AtomicU64,
 }
 
 /// Publishes a serial frame or I2C reading on its source's `mirror_topic`

@@ -20,8 +20,12 @@ use std::time::Duration;
 
 use rand::Rng;
 
+pub mod config;
+
+use super::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
 use super::{Sink, SinkCommon, SinkContext, dead_letter, envelope};
-use crate::config::{EnvelopeFormat, HttpSinkSpec};
+use crate::config::{EnvelopeFormat, KeyChanges, Scope};
+use config::{HttpSinkConfig, HttpSinkSpec};
 
 /// Bytes of an error response kept for the dead letter.
 const MAX_ERROR_BODY: usize = 1024;
@@ -30,6 +34,7 @@ const MAX_ERROR_BODY: usize = 1024;
 pub struct HttpSink {
     common: SinkCommon,
     spec: HttpSinkSpec,
+    client: reqwest::Client,
 }
 
 enum Outcome {
@@ -38,7 +43,9 @@ enum Outcome {
     Retry(String),
 }
 
-fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, String> {
+/// The HTTP client of `spec`: its timeouts, and the CA and client identity
+/// of `tls`.
+fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, (&'static str, reqwest::Error)> {
     let mut b = reqwest::Client::builder()
         .timeout(spec.timeout)
         .connect_timeout(spec.timeout)
@@ -46,9 +53,7 @@ fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, String> {
     if let Some(tls) = &spec.tls {
         // `ca` adds to the system's CAs; without it they alone are trusted.
         if let Some(ca) = &tls.ca {
-            for cert in
-                reqwest::Certificate::from_pem_bundle(ca).map_err(|e| format!("tls.ca: {e}"))?
-            {
+            for cert in reqwest::Certificate::from_pem_bundle(ca).map_err(|e| ("tls.ca", e))? {
                 b = b.add_root_certificate(cert);
             }
         }
@@ -56,33 +61,70 @@ fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, String> {
             let mut pem = cert.clone();
             pem.push(b'\n');
             pem.extend_from_slice(key);
-            b = b.identity(
-                reqwest::Identity::from_pem(&pem).map_err(|e| format!("tls.cert/key: {e}"))?,
-            );
+            b = b.identity(reqwest::Identity::from_pem(&pem).map_err(|e| ("tls.cert", e))?);
         }
     }
-    b.build().map_err(|e| e.to_string())
+    let what = if spec.tls.is_some() {
+        "tls"
+    } else {
+        "HTTP client"
+    };
+    b.build().map_err(|e| (what, e))
+}
+
+/// `kind = "http"`.
+pub struct Http;
+
+impl SinkPlugin for Http {
+    const KIND: &'static str = "http";
+    type Config = HttpSinkConfig;
+    type Spec = HttpSinkSpec;
+
+    fn common(c: &HttpSinkConfig) -> CommonKeys<'_> {
+        CommonKeys {
+            name: &c.name,
+            format: c.format,
+            batch_max: c.batch_max,
+            batch_linger_ms: c.batch_linger_ms,
+            outbox: &c.outbox,
+        }
+    }
+
+    fn validate(c: &HttpSinkConfig, scope: &mut Scope<'_, '_>) -> Option<HttpSinkSpec> {
+        config::validate(c, scope)
+    }
+
+    fn changed(a: &HttpSinkSpec, b: &HttpSinkSpec, keys: &mut KeyChanges) {
+        keys.key("url", &a.url, &b.url);
+        keys.key("headers", &a.headers, &b.headers);
+        keys.key("timeout_ms", &a.timeout, &b.timeout);
+        keys.key("max_backoff_ms", &a.max_backoff, &b.max_backoff);
+        keys.key("tls", &a.tls, &b.tls);
+    }
+
+    fn build(
+        common: SinkCommon,
+        spec: &HttpSinkSpec,
+        _env: &SinkEnv<'_>,
+    ) -> Result<BuiltSink, SinkError> {
+        let client = client(spec).map_err(|(what, e)| SinkError {
+            sink: common.name.clone(),
+            what,
+            source: Box::new(e),
+        })?;
+        Ok(HttpSink {
+            common,
+            spec: spec.clone(),
+            client,
+        }
+        .boxed())
+    }
 }
 
 impl Sink for HttpSink {
-    type Spec = HttpSinkSpec;
-
-    fn build(common: SinkCommon, spec: &HttpSinkSpec) -> Self {
-        Self {
-            common,
-            spec: spec.clone(),
-        }
-    }
-
     async fn run(self, ctx: SinkContext) {
         let spec = self.spec.clone();
-        let client = match client(&spec) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(sink = %self.common.name, error = %e, "HTTP sink cannot start.");
-                return;
-            }
-        };
+        let client = self.client.clone();
         let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
             return;
         };

@@ -34,10 +34,13 @@ use std::time::Instant;
 use rumqttc::{Outgoing, QoS, Transport};
 use tokio::sync::mpsc;
 
+pub mod config;
+
+use super::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
 use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
-use crate::config::schema::MqttProtocol;
-use crate::config::{MqttSinkSpec, render_topic};
+use crate::config::{KeyChanges, Scope, render_topic};
 use crate::outbox::StoredRecord;
+use config::{MqttProtocol, MqttSinkConfig, MqttSinkSpec};
 
 /// Records read from the outbox per query at most.
 const READ_AHEAD: usize = 1000;
@@ -192,16 +195,53 @@ struct InFlight {
     sent_at: Instant,
 }
 
-impl Sink for MqttSink {
+/// `kind = "mqtt"`.
+pub struct Mqtt;
+
+impl SinkPlugin for Mqtt {
+    const KIND: &'static str = "mqtt";
+    type Config = MqttSinkConfig;
     type Spec = MqttSinkSpec;
 
-    fn build(common: SinkCommon, spec: &MqttSinkSpec) -> Self {
-        Self {
-            common,
-            spec: spec.clone(),
+    fn common(c: &MqttSinkConfig) -> CommonKeys<'_> {
+        CommonKeys {
+            name: &c.name,
+            format: c.format,
+            batch_max: c.batch_max,
+            batch_linger_ms: c.batch_linger_ms,
+            outbox: &c.outbox,
         }
     }
 
+    fn validate(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Option<MqttSinkSpec> {
+        config::validate(c, scope)
+    }
+
+    fn changed(a: &MqttSinkSpec, b: &MqttSinkSpec, keys: &mut KeyChanges) {
+        keys.endpoint(&a.endpoint, &b.endpoint);
+        keys.key("topic", &a.topic_template, &b.topic_template);
+        keys.key("max_inflight", &a.max_inflight, &b.max_inflight);
+        keys.key("keep_alive_s", &a.keep_alive, &b.keep_alive);
+        keys.key("protocol", &a.protocol, &b.protocol);
+        keys.key("ack_timeout_s", &a.ack_timeout, &b.ack_timeout);
+    }
+
+    fn build(
+        common: SinkCommon,
+        spec: &MqttSinkSpec,
+        env: &SinkEnv<'_>,
+    ) -> Result<BuiltSink, SinkError> {
+        let mut spec = spec.clone();
+        // A sink pointed at the embedded broker's guarded listener connects
+        // to rumqttd directly, with the internal login.
+        if let Some(endpoint) = env.broker.and_then(|b| b.own_client(&spec.endpoint)) {
+            spec.endpoint = endpoint;
+        }
+        Ok(MqttSink { common, spec }.boxed())
+    }
+}
+
+impl Sink for MqttSink {
     async fn run(self, ctx: SinkContext) {
         let spec = self.spec.clone();
         let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {

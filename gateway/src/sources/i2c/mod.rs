@@ -16,15 +16,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use edgefn_drivers::sensors::{bme280, sht3x};
-use embedded_hal::i2c::I2c;
+use embedded_hal::i2c::I2c as I2cBus;
 use linux_embedded_hal::{Delay, I2cdev};
 
-use super::serial::SourceStats;
-use super::{Source, SourceContext, SourceError};
-use crate::config::I2cSpec;
-use crate::config::schema::I2cDriver;
+pub mod config;
+
+use super::SourceStats;
+use super::{BuildEnv, BuiltSource, Common, Source, SourceContext, SourceError, SourcePlugin};
+use crate::config::KeyChanges;
 use crate::event::{Event, SourceKind};
 use crate::progress::{Activity, Beat};
+use config::{I2cDriver, I2cSourceConfig, I2cSpec};
 
 /// Opens a bus: `/dev/i2c-N` in the gateway, a mock bus in tests.
 pub type BusOpener<B> = Arc<dyn Fn(&Path) -> Result<B, String> + Send + Sync>;
@@ -50,6 +52,68 @@ pub struct I2cParts {
     pub local: rumqttc::AsyncClient,
 }
 
+/// `kind = "i2c"`.
+pub struct I2c;
+
+impl SourcePlugin for I2c {
+    const KIND: &'static str = "i2c";
+    type Config = I2cSourceConfig;
+    type Spec = I2cSpec;
+
+    fn name(config: &I2cSourceConfig) -> &str {
+        &config.name
+    }
+
+    fn validate(
+        config: &I2cSourceConfig,
+        scope: &mut crate::config::Scope<'_, '_>,
+    ) -> Option<I2cSpec> {
+        config::validate(config, scope)
+    }
+
+    fn common(spec: &I2cSpec) -> Common<'_> {
+        Common {
+            name: &spec.name,
+            topic: &spec.topic,
+            mirror_topic: spec.mirror_topic.as_deref(),
+            writable: false,
+        }
+    }
+
+    fn changed(a: &I2cSpec, b: &I2cSpec, keys: &mut KeyChanges) {
+        keys.key("bus", &a.bus, &b.bus);
+        keys.key("driver", &a.driver, &b.driver);
+        keys.key("address", &a.address, &b.address);
+        keys.key("interval_ms", &a.interval, &b.interval);
+        keys.key("topic", &a.topic, &b.topic);
+        keys.key("mirror_topic", &a.mirror_topic, &b.mirror_topic);
+    }
+
+    fn build(
+        spec: &I2cSpec,
+        env: &BuildEnv,
+        ctx: &SourceContext,
+    ) -> Result<BuiltSource, SourceError> {
+        let stats = Arc::new(SourceStats::default());
+        let source = I2cSource::build(
+            I2cParts {
+                spec: spec.clone(),
+                stats: stats.clone(),
+                beat: env
+                    .progress
+                    .watch("source", &spec.name, crate::progress::SOURCE_LIMIT),
+                local: env.local.clone(),
+            },
+            ctx,
+        )?;
+        Ok(BuiltSource {
+            stats,
+            writes: None,
+            run: Box::pin(source.run(ctx.clone())),
+        })
+    }
+}
+
 impl Source for I2cSource {
     type Config = I2cParts;
 
@@ -72,7 +136,7 @@ struct Failed {
     invalid: bool,
 }
 
-impl<B: I2c + Send + 'static> I2cSource<B> {
+impl<B: I2cBus + Send + 'static> I2cSource<B> {
     /// A source whose bus is opened by `open`.
     pub fn with_bus(parts: I2cParts, open: BusOpener<B>) -> Self {
         let mirror = parts.spec.mirror_topic.is_some().then_some(parts.local);
@@ -158,7 +222,7 @@ enum Sensor<B> {
     Sht3x(sht3x::Sht3x<B>),
 }
 
-impl<B: I2c> Sensor<B> {
+impl<B: I2cBus> Sensor<B> {
     fn new(bus: B, spec: &I2cSpec) -> Self {
         match spec.driver {
             I2cDriver::Bme280 => Self::Bme280(bme280::Bme280::new(bus, spec.address)),
@@ -201,7 +265,7 @@ impl<B: I2c> Sensor<B> {
 }
 
 /// One reading; returns the driver (if the bus is open) for the next poll.
-fn poll<B: I2c>(
+fn poll<B: I2cBus>(
     sensor: Option<Sensor<B>>,
     spec: &I2cSpec,
     open: &(dyn Fn(&Path) -> Result<B, String> + Send + Sync),

@@ -10,7 +10,7 @@
 //! an actuator command should not fire minutes late.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use bytes::BytesMut;
@@ -21,32 +21,14 @@ use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::codec::{Decoder, FramedRead};
 
-use super::{Source, SourceContext, SourceError};
-use crate::config::SerialSpec;
-use crate::config::schema::{FlowControl, Parity};
+pub mod config;
+
+use super::SourceStats;
+use super::{BuildEnv, BuiltSource, Common, Source, SourceContext, SourceError, SourcePlugin};
+use crate::config::KeyChanges;
 use crate::event::{Event, SourceKind};
 use crate::progress::{Activity, Beat};
-
-/// Counters of one serial or I2C source.
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    /// Frames (or readings) turned into events.
-    pub frames: AtomicU64,
-    /// Malformed frames skipped.
-    pub invalid: AtomicU64,
-    /// Overlong frames skipped.
-    pub oversize: AtomicU64,
-    /// Bytes thrown away while resynchronising.
-    pub discarded_bytes: AtomicU64,
-    /// Times the device was opened.
-    pub opened: AtomicU64,
-    /// Failed opens, read errors, EOFs, failed polls.
-    pub failures: AtomicU64,
-    /// Writes sent to the device.
-    pub written: AtomicU64,
-    /// Writes dropped (device not open, or queue full).
-    pub writes_dropped: AtomicU64,
-}
+use config::{FlowControl, Parity, SerialSourceConfig, SerialSpec};
 
 impl SourceStats {
     fn add_codec_delta(&self, now: CodecStats, before: &mut CodecStats) {
@@ -114,6 +96,73 @@ pub struct SerialParts {
     pub local: rumqttc::AsyncClient,
     /// Its progress, for the watchdog ([`crate::progress`]).
     pub beat: Arc<Beat>,
+}
+
+/// `kind = "serial"`.
+pub struct Serial;
+
+impl SourcePlugin for Serial {
+    const KIND: &'static str = "serial";
+    type Config = SerialSourceConfig;
+    type Spec = SerialSpec;
+
+    fn name(config: &SerialSourceConfig) -> &str {
+        &config.name
+    }
+
+    fn validate(
+        config: &SerialSourceConfig,
+        scope: &mut crate::config::Scope<'_, '_>,
+    ) -> Option<SerialSpec> {
+        config::validate(config, scope)
+    }
+
+    fn common(spec: &SerialSpec) -> Common<'_> {
+        Common {
+            name: &spec.name,
+            topic: &spec.topic,
+            mirror_topic: spec.mirror_topic.as_deref(),
+            writable: true,
+        }
+    }
+
+    fn changed(a: &SerialSpec, b: &SerialSpec, keys: &mut KeyChanges) {
+        keys.key("path", &a.path, &b.path);
+        keys.key("baud", &a.baud, &b.baud);
+        keys.key("data_bits", &a.data_bits, &b.data_bits);
+        keys.key("parity", &a.parity, &b.parity);
+        keys.key("stop_bits", &a.stop_bits, &b.stop_bits);
+        keys.key("flow_control", &a.flow_control, &b.flow_control);
+        keys.key("framing", &a.framing, &b.framing);
+        keys.key("topic", &a.topic, &b.topic);
+        keys.key("mirror_topic", &a.mirror_topic, &b.mirror_topic);
+    }
+
+    fn build(
+        spec: &SerialSpec,
+        env: &BuildEnv,
+        ctx: &SourceContext,
+    ) -> Result<BuiltSource, SourceError> {
+        let stats = Arc::new(SourceStats::default());
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let source = SerialSource::build(
+            SerialParts {
+                spec: spec.clone(),
+                writes: rx,
+                stats: stats.clone(),
+                local: env.local.clone(),
+                beat: env
+                    .progress
+                    .watch("source", &spec.name, crate::progress::SOURCE_LIMIT),
+            },
+            ctx,
+        )?;
+        Ok(BuiltSource {
+            stats,
+            writes: Some(tx),
+            run: Box::pin(source.run(ctx.clone())),
+        })
+    }
 }
 
 impl Source for SerialSource {

@@ -1,38 +1,11 @@
-//! `[[sources]]` as written: serial ports and I2C sensors.
+//! The `[[sources]]` table of `kind = "serial"` as written, its validation,
+//! and the validated [`SerialSpec`].
 
-use super::*;
+use std::path::PathBuf;
 
-/// `[[sources]]`: a serial port or an I2C sensor, chosen by `kind`.
-#[derive(Debug, Clone)]
-pub enum SourceConfig {
-    /// A serial port (UART, USB-serial adapter).
-    Serial(SerialSourceConfig),
-    /// An I2C sensor polled at an interval.
-    I2c(I2cSourceConfig),
-}
+use serde::Deserialize;
 
-impl SourceConfig {
-    /// The source's name.
-    pub fn name(&self) -> &str {
-        match self {
-            Self::Serial(c) => &c.name,
-            Self::I2c(c) => &c.name,
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for SourceConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (kind, table) = tagged::<D>(d)?;
-        match kind.as_str() {
-            "serial" => inner::<_, D::Error>(table).map(Self::Serial),
-            "i2c" => inner::<_, D::Error>(table).map(Self::I2c),
-            other => Err(serde::de::Error::custom(format!(
-                "{NESTED_PATH}kind{NESTED_PATH}unknown source kind `{other}` (use \"serial\" or \"i2c\")"
-            ))),
-        }
-    }
-}
+use crate::config::Scope;
 
 /// `[[sources]]` with `kind = "serial"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -146,45 +119,103 @@ pub enum LengthEndian {
     Little,
 }
 
-/// `[[sources]]` with `kind = "i2c"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct I2cSourceConfig {
-    /// Unique name (in logs and events).
+/// A validated serial source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerialSpec {
+    /// Unique name.
     pub name: String,
-    /// The Linux I2C bus device.
-    #[serde(default = "default_i2c_bus")]
-    pub bus: PathBuf,
-    /// `bme280` or `sht3x`.
-    pub driver: I2cDriver,
-    /// 7-bit address; default 0x76 for the BME280, 0x44 for the SHT3x.
-    #[serde(default)]
-    pub address: Option<u8>,
-    /// Milliseconds between readings.
-    #[serde(default = "default_interval_ms")]
-    pub interval_ms: u64,
-    /// Topic of the events (a JSON reading each).
+    /// Device path.
+    pub path: PathBuf,
+    /// Line speed.
+    pub baud: u32,
+    /// 5..=8.
+    pub data_bits: u8,
+    /// Parity.
+    pub parity: Parity,
+    /// 1 or 2.
+    pub stop_bits: u8,
+    /// Flow control.
+    pub flow_control: FlowControl,
+    /// Framing, with its limits.
+    pub framing: edgefn_drivers::codec::Framing,
+    /// Event topic.
     pub topic: String,
-    /// Also publish each reading on this local MQTT topic: with no function
-    /// at all, this makes the source a plain I2C → MQTT bridge. Must not
-    /// match a function's triggers, or the reading would be handled twice.
-    #[serde(default)]
+    /// Optional local MQTT mirror topic.
     pub mirror_topic: Option<String>,
 }
 
-fn default_i2c_bus() -> PathBuf {
-    PathBuf::from("/dev/i2c-1")
-}
-fn default_interval_ms() -> u64 {
-    5000
-}
-
-/// Supported I2C sensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum I2cDriver {
-    /// Bosch BME280: temperature, pressure, humidity.
-    Bme280,
-    /// Sensirion SHT3x: temperature, humidity.
-    Sht3x,
+/// Checks the serial keys of `c`.
+pub(super) fn validate(c: &SerialSourceConfig, scope: &mut Scope<'_, '_>) -> Option<SerialSpec> {
+    use edgefn_drivers::codec::{Endian, Framing, Width};
+    if !(50..=4_000_000).contains(&c.baud) {
+        scope.add("baud", "must be between 50 and 4000000");
+    }
+    if !(5..=8).contains(&c.data_bits) {
+        scope.add("data_bits", "must be 5, 6, 7 or 8");
+    }
+    if !(1..=2).contains(&c.stop_bits) {
+        scope.add("stop_bits", "must be 1 or 2");
+    }
+    let default_max = if c.framing == FramingKind::Nmea {
+        82
+    } else {
+        1024
+    };
+    let max = c.max_frame.unwrap_or(default_max);
+    if !(1..=65_535).contains(&max) {
+        scope.add("max_frame", "must be between 1 and 65535");
+    }
+    if c.framing != FramingKind::LengthPrefixed
+        && (c.length_width.is_some() || c.length_endian.is_some())
+    {
+        scope.add(
+            "length_width",
+            "only applies to `framing = \"length_prefixed\"`",
+        );
+    }
+    let width = match c.length_width.unwrap_or(LengthWidth::U16) {
+        LengthWidth::U8 => Width::U8,
+        LengthWidth::U16 => Width::U16,
+    };
+    if width == Width::U8 && max > 255 && c.framing == FramingKind::LengthPrefixed {
+        scope.add(
+            "max_frame",
+            "can be at most 255 with `length_width = \"u8\"`",
+        );
+    }
+    let min = c.min_len.unwrap_or(1);
+    if c.min_len.is_some() && c.framing != FramingKind::LengthPrefixed {
+        scope.add("min_len", "only applies to `framing = \"length_prefixed\"`");
+    } else if min > max {
+        scope.add("min_len", format!("must be at most max_frame ({max})"));
+    }
+    let endian = match c.length_endian.unwrap_or(LengthEndian::Big) {
+        LengthEndian::Big => Endian::Big,
+        LengthEndian::Little => Endian::Little,
+    };
+    let framing = match c.framing {
+        FramingKind::Lines => Framing::Lines { max },
+        FramingKind::Cobs => Framing::Cobs { max },
+        FramingKind::Slip => Framing::Slip { max },
+        FramingKind::LengthPrefixed => Framing::LengthPrefixed {
+            width,
+            endian,
+            min,
+            max,
+        },
+        FramingKind::Nmea => Framing::Nmea { max },
+        FramingKind::Pms5003 => Framing::Pms5003,
+    };
+    Some(SerialSpec {
+        name: c.name.clone(),
+        path: scope.resolve(&c.path),
+        baud: c.baud,
+        data_bits: c.data_bits,
+        parity: c.parity,
+        stop_bits: c.stop_bits,
+        flow_control: c.flow_control,
+        framing,
+        topic: c.topic.clone(),
+        mirror_topic: c.mirror_topic.clone(),
+    })
 }

@@ -1,0 +1,145 @@
+//! The `[[sinks]]` table of `kind = "mqtt"` as written, its validation, and
+//! the validated [`MqttSinkSpec`].
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::schema::{EnvelopeFormat, SinkOutboxConfig, TlsConfig};
+use crate::config::{MqttEndpoint, Scope, check_topic_template, endpoint};
+
+/// MQTT protocol version of a sink connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1; the idempotency key travels in the envelope (`id`).
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5; the idempotency key also travels as the user property
+    /// `idempotency-key`.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// `[[sinks]]` with `kind = "mqtt"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    /// Unique name that functions use in `forward(sink, ...)`.
+    pub name: String,
+    /// `mqtt://host:port`, or `mqtts://host:port` together with `tls`.
+    pub url: String,
+    /// MQTT client id; defaults to `edgefn-<gateway id>-<sink name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// User name, if the broker requires authentication.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password, if the broker requires authentication.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Topic of each forwarded record. `{gateway}`, `{function}`, `{sink}`
+    /// and `{topic}` (the topic of the event the function handled) are
+    /// replaced.
+    #[serde(default = "default_sink_topic")]
+    pub topic: String,
+    /// Envelope encoding: `json` (readable) or `cbor` (compact).
+    #[serde(default)]
+    pub format: EnvelopeFormat,
+    /// TLS settings, required for `mqtts://`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Records in flight (sent, not yet acknowledged) at most.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// MQTT keep-alive, in seconds.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// `"3.1.1"` (default) or `"5"`.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Records per MQTT message at most; above 1, a message carries an array
+    /// of envelopes (fewer publishes, e.g. for AWS IoT's 100 publishes/s).
+    #[serde(default = "default_mqtt_batch_max")]
+    pub batch_max: usize,
+    /// How long to wait for a batch to fill (only with `batch_max` > 1).
+    #[serde(default)]
+    pub batch_linger_ms: u64,
+    /// A connection with a publish unacknowledged this long is torn down and
+    /// rebuilt, and everything unconfirmed is sent again.
+    #[serde(default = "default_ack_timeout_s")]
+    pub ack_timeout_s: u64,
+    /// Outbox limits for this sink.
+    #[serde(default)]
+    pub outbox: SinkOutboxConfig,
+}
+
+fn default_mqtt_batch_max() -> usize {
+    1
+}
+fn default_ack_timeout_s() -> u64 {
+    30
+}
+
+fn default_sink_topic() -> String {
+    "edgefn/{gateway}/{function}".to_owned()
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+
+/// A validated MQTT sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSinkSpec {
+    /// The broker to deliver to.
+    pub endpoint: MqttEndpoint,
+    /// Topic template with `{gateway}`, `{function}`, `{sink}`, `{topic}`.
+    pub topic_template: String,
+    /// In-flight window (messages).
+    pub max_inflight: u16,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+    /// Protocol version.
+    pub protocol: MqttProtocol,
+    /// Tear the connection down when a publish waits longer than this.
+    pub ack_timeout: Duration,
+}
+
+/// Checks the MQTT keys of `c`.
+pub(super) fn validate(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Option<MqttSinkSpec> {
+    if c.max_inflight == 0 {
+        scope.add("max_inflight", "must be at least 1");
+    }
+    if c.keep_alive_s < 5 {
+        scope.add("keep_alive_s", "must be at least 5 seconds");
+    }
+    if c.ack_timeout_s == 0 {
+        scope.add("ack_timeout_s", "must be at least 1 second");
+    }
+    let gateway_id = scope.gateway_id().to_owned();
+    let (p, key, resolve) = scope.parts();
+    check_topic_template(p, &format!("{key}.topic"), &c.topic);
+    endpoint(
+        p,
+        key,
+        resolve,
+        &c.url,
+        c.client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgefn-{gateway_id}-{}", c.name)),
+        c.username.as_deref(),
+        c.password.as_deref(),
+        c.tls.as_ref(),
+    )
+    .map(|endpoint| MqttSinkSpec {
+        endpoint,
+        topic_template: c.topic.clone(),
+        max_inflight: c.max_inflight,
+        keep_alive: Duration::from_secs(c.keep_alive_s),
+        protocol: c.protocol,
+        ack_timeout: Duration::from_secs(c.ack_timeout_s),
+    })
+}
