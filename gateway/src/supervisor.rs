@@ -40,6 +40,7 @@ use crate::sinks::{DeliveryStats, Sink, SinkCommon, SinkContext};
 use crate::sources::i2c::{I2cParts, I2cSource};
 use crate::sources::mqtt::{AckPoint, MqttSource, MqttSourceConfig};
 use crate::sources::serial::{SerialParts, SerialSource, SourceStats, WRITE_QUEUE};
+use crate::sources::timer::{TimerParts, TimerSource};
 use crate::sources::{Source, SourceContext, SourceError};
 
 /// How long start-up waits for the MQTT source's subscription.
@@ -117,6 +118,7 @@ pub struct Gateway {
 enum Parts {
     Serial(SerialParts),
     I2c(I2cParts),
+    Timer(TimerParts),
 }
 
 impl Gateway {
@@ -243,6 +245,15 @@ impl Gateway {
                         local: publisher.clone(),
                     }));
                 }
+                SourceSpec::Timer(s) => {
+                    source_stats.push((s.name.clone(), "timer", stats.clone()));
+                    source_parts.push(Parts::Timer(TimerParts {
+                        spec: s.clone(),
+                        stats,
+                        beat: progress.watch("source", &s.name, SOURCE_LIMIT),
+                        data_dir: config.data_dir.clone(),
+                    }));
+                }
             }
         }
         let port = OutputPort::new(publisher.clone(), outbox.clone(), serial_writers);
@@ -330,6 +341,9 @@ impl Gateway {
                 }
                 Parts::I2c(p) => {
                     device_sources.spawn(I2cSource::build(p, &ctx)?.run(ctx.clone()));
+                }
+                Parts::Timer(p) => {
+                    device_sources.spawn(TimerSource::build(p, &ctx)?.run(ctx.clone()));
                 }
             }
         }

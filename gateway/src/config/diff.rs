@@ -144,6 +144,23 @@ impl Diff {
                 self.key(section, "interval_ms", &a.interval, &b.interval);
                 self.key(section, "topic", &a.topic, &b.topic);
             }
+            (SourceSpec::Timer(a), SourceSpec::Timer(b)) => {
+                use crate::sources::timer::schedule::Schedule;
+                let every = |s: &Schedule| match s {
+                    Schedule::Every(d) => Some(*d),
+                    Schedule::Cron(_) => None,
+                };
+                let cron = |s: &Schedule| match s {
+                    Schedule::Every(_) => None,
+                    Schedule::Cron(c) => Some((c.expr().to_owned(), c.tz())),
+                };
+                let (ea, eb) = (every(&a.schedule), every(&b.schedule));
+                self.key(section, "interval_ms", &ea, &eb);
+                let (ca, cb) = (cron(&a.schedule), cron(&b.schedule));
+                self.key(section, "cron", &ca, &cb);
+                self.key(section, "catch_up", &a.catch_up, &b.catch_up);
+                self.key(section, "topic", &a.topic, &b.topic);
+            }
             _ => self.key(section, "kind", &0, &1),
         }
     }
@@ -153,6 +170,7 @@ fn source_name(s: &SourceSpec) -> &str {
     match s {
         SourceSpec::Serial(s) => &s.name,
         SourceSpec::I2c(s) => &s.name,
+        SourceSpec::Timer(s) => &s.name,
     }
 }
 

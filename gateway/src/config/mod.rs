@@ -236,13 +236,13 @@ fn interpolate_value(
 }
 
 /// Collects problems while validating.
-struct Problems<'a> {
+pub(crate) struct Problems<'a> {
     file: &'a Path,
     list: Vec<ConfigError>,
 }
 
 impl Problems<'_> {
-    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
         self.list.push(ConfigError {
             file: self.file.to_owned(),
             key: key.into(),
@@ -432,7 +432,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         .iter()
         .filter_map(|s| match s {
             SourceSpec::Serial(s) => Some(s.name.clone()),
-            SourceSpec::I2c(_) => None,
+            SourceSpec::I2c(_) | SourceSpec::Timer(_) => None,
         })
         .collect();
 
@@ -502,6 +502,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         let mirror = match s {
             SourceSpec::Serial(s) => &s.mirror_topic,
             SourceSpec::I2c(s) => &s.mirror_topic,
+            SourceSpec::Timer(_) => &None,
         };
         if let Some(m) = mirror
             && let Some(f) = functions.iter().find(|f| f.triggers.matches(m))

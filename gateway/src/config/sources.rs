@@ -25,6 +25,7 @@ pub(super) fn sources(
         let topic = match source {
             SourceConfig::Serial(c) => &c.topic,
             SourceConfig::I2c(c) => &c.topic,
+            SourceConfig::Timer(c) => &c.topic,
         };
         if let Err(e) = validate_topic_name(topic) {
             p.add(format!("{key}.topic"), format!("`{topic}`: {e}"));
@@ -145,6 +146,12 @@ pub(super) fn sources(
                     topic: c.topic.clone(),
                     mirror_topic: c.mirror_topic.clone(),
                 }));
+            }
+            SourceConfig::Timer(c) => {
+                let now_ms = i64::try_from(crate::event::now_ms()).unwrap_or(i64::MAX);
+                if let Some(spec) = crate::sources::timer::config::validate(p, &key, c, now_ms) {
+                    out.push(SourceSpec::Timer(spec));
+                }
             }
         }
     }

@@ -75,6 +75,8 @@ pub enum SourceSpec {
     Serial(SerialSpec),
     /// An I2C sensor.
     I2c(I2cSpec),
+    /// A timer.
+    Timer(crate::sources::timer::TimerSpec),
 }
 
 /// A validated serial source.

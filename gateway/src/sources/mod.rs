@@ -3,12 +3,14 @@
 //! any task, then runs each on the task tracker.
 //!
 //! Kinds: [`mqtt`] (the local broker, subscribed to the functions'
-//! triggers), [`serial`] (framed serial ports, with write-back) and [`i2c`]
-//! (polled embedded-hal sensor drivers).
+//! triggers), [`serial`] (framed serial ports, with write-back), [`i2c`]
+//! (polled embedded-hal sensor drivers) and [`timer`] (ticks at an interval
+//! or at cron times).
 
 pub mod i2c;
 pub mod mqtt;
 pub mod serial;
+pub mod timer;
 
 use std::future::Future;
 use std::sync::Arc;

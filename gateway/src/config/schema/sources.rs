@@ -9,6 +9,8 @@ pub enum SourceConfig {
     Serial(SerialSourceConfig),
     /// An I2C sensor polled at an interval.
     I2c(I2cSourceConfig),
+    /// A timer: ticks at an interval or at cron times.
+    Timer(crate::sources::timer::TimerSourceConfig),
 }
 
 impl SourceConfig {
@@ -17,6 +19,7 @@ impl SourceConfig {
         match self {
             Self::Serial(c) => &c.name,
             Self::I2c(c) => &c.name,
+            Self::Timer(c) => &c.name,
         }
     }
 }
@@ -27,8 +30,9 @@ impl<'de> Deserialize<'de> for SourceConfig {
         match kind.as_str() {
             "serial" => inner::<_, D::Error>(table).map(Self::Serial),
             "i2c" => inner::<_, D::Error>(table).map(Self::I2c),
+            "timer" => inner::<_, D::Error>(table).map(Self::Timer),
             other => Err(serde::de::Error::custom(format!(
-                "{NESTED_PATH}kind{NESTED_PATH}unknown source kind `{other}` (use \"serial\" or \"i2c\")"
+                "{NESTED_PATH}kind{NESTED_PATH}unknown source kind `{other}` (use \"serial\", \"i2c\" or \"timer\")"
             ))),
         }
     }

@@ -46,6 +46,10 @@ pub struct SourceStats {
     pub written: AtomicU64,
     /// Writes dropped (device not open, or queue full).
     pub writes_dropped: AtomicU64,
+    /// Timer ticks whose time passed while the timer could not fire
+    /// (dropped under `catch_up = "skip"`, folded into one late tick under
+    /// `"once"`).
+    pub ticks_skipped: AtomicU64,
 }
 
 impl SourceStats {
