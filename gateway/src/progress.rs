@@ -46,6 +46,8 @@ pub enum Activity {
     Writing = 4,
     /// Mirroring a serial frame to the local broker.
     Mirroring = 5,
+    /// Saving a timer's state file (`catch_up = "once"`).
+    Saving = 6,
 }
 
 impl Activity {
@@ -55,6 +57,7 @@ impl Activity {
             2 => Self::Delivering,
             3 => Self::Polling,
             4 => Self::Writing,
+            6 => Self::Saving,
             _ => Self::Mirroring,
         }
     }
@@ -66,6 +69,7 @@ impl Activity {
             Self::Polling => "sensor poll running",
             Self::Writing => "write to the device pending",
             Self::Mirroring => "mirror publish pending",
+            Self::Saving => "timer state file being written",
         }
     }
 }

@@ -29,5 +29,6 @@ mod runtime_cli;
 mod serial;
 mod sinks;
 mod support;
+mod timer;
 mod tls;
 mod watchdog;

@@ -145,6 +145,12 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "Serial writes dropped (port not open, its queue full, or the write failed), per source.",
         &|s| get(&s.writes_dropped),
     );
+    per_source(
+        &mut out,
+        "edgefn_source_ticks_skipped_total",
+        "Timer ticks whose time passed while the timer could not fire (skipped, or folded into one catch-up tick), per source.",
+        &|s| get(&s.ticks_skipped),
+    );
     Family::new(
         &mut out,
         "edgefn_events_unmatched_total",

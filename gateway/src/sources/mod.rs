@@ -7,8 +7,9 @@
 //! `source_kinds!` below; configuration, reload diffs and start-up only
 //! dispatch on `kind` (see `docs/adding-a-kind.md`).
 //!
-//! Kinds: [`serial`] (framed serial ports, with write-back) and [`i2c`]
-//! (polled embedded-hal sensor drivers). The [`mqtt`] source, the local
+//! Kinds: [`serial`] (framed serial ports, with write-back), [`i2c`]
+//! (polled embedded-hal sensor drivers) and [`timer`] (ticks at an interval
+//! or at cron times). The [`mqtt`] source, the local
 //! broker subscribed to the functions' triggers, is not a `[[sources]]`
 //! entry: every gateway has exactly one.
 
@@ -16,6 +17,7 @@ pub mod i2c;
 pub mod mqtt;
 mod plugin;
 pub mod serial;
+pub mod timer;
 
 use plugin::source_kinds;
 pub use plugin::{BuildEnv, BuiltSource, Common, SourcePlugin};
@@ -25,6 +27,7 @@ pub use plugin::{BuildEnv, BuiltSource, Common, SourcePlugin};
 source_kinds! {
     Serial(serial::Serial),
     I2c(i2c::I2c),
+    Timer(timer::Timer),
 }
 
 use std::future::Future;
@@ -90,6 +93,10 @@ pub struct SourceStats {
     pub written: AtomicU64,
     /// Writes dropped (device not open, or queue full).
     pub writes_dropped: AtomicU64,
+    /// Timer ticks whose time passed while the timer could not fire
+    /// (dropped under `catch_up = "skip"`, folded into one late tick under
+    /// `"once"`).
+    pub ticks_skipped: AtomicU64,
 }
 
 /// Publishes a serial frame or I2C reading on its source's `mirror_topic`
