@@ -1,12 +1,14 @@
 //! Builds the whole gateway from a [`ValidConfig`] and shuts it down.
 //!
 //! Start order: data dir, engine and every function (all load errors are
-//! collected), broker, sinks, local publisher, function workers, sources, the
-//! file watch for hot reload. No task starts before everything that can fail
+//! collected), broker, local publisher, function workers, the router, sinks
+//! (an MQTT sink with `subscribe` feeds cloud commands to the router),
+//! sources, the file watch for hot reload. No task starts before everything that can fail
 //! has been checked.
 //!
-//! Shutdown is a drain, not an abort: cancelling stops the sources; dropping
-//! the router closes each function's queue, so the workers finish what is
+//! Shutdown is a drain, not an abort: cancelling stops the sources and the
+//! sinks' command intake; dropping the router (every holder lets go)
+//! closes each function's queue, so the workers finish what is
 //! queued; the last worker's end closes the sinks' queues and disconnects the
 //! local publisher after its queued publishes; sinks wait briefly for
 //! acknowledgements. The caller bounds the whole with a timeout.
@@ -182,39 +184,6 @@ impl Gateway {
         let (publisher, poll) = local_publisher(&local, publisher_stop.clone(), metrics.clone());
         tracker.spawn(poll);
 
-        let sinks_stop = CancellationToken::new();
-        let mut sinks = Vec::new();
-        for spec in &config.sinks {
-            let stats = Arc::new(DeliveryStats::default());
-            let kind = match &spec.kind {
-                SinkKind::Mqtt(_) => "mqtt",
-                SinkKind::Http(_) => "http",
-            };
-            sinks.push((spec.name.clone(), kind, stats.clone()));
-            let ctx = SinkContext {
-                outbox: outbox.clone(),
-                gateway_id: config.gateway_id.clone(),
-                stop: sinks_stop.clone(),
-                metrics: metrics.clone(),
-                stats,
-                local: publisher.clone(),
-            };
-            let common = SinkCommon::of(spec);
-            match &spec.kind {
-                SinkKind::Mqtt(m) => {
-                    let own = embedded.as_ref().and_then(|b| b.own_client(&m.endpoint));
-                    let m = match own {
-                        Some(endpoint) => &crate::config::MqttSinkSpec {
-                            endpoint,
-                            ..m.clone()
-                        },
-                        None => m,
-                    };
-                    tracker.spawn(MqttSink::build(common, m).run(ctx))
-                }
-                SinkKind::Http(h) => tracker.spawn(HttpSink::build(common, h).run(ctx)),
-            };
-        }
         // Serial sources: their write queues go to the workers' output port.
         let mut serial_writers = SerialWriters::new();
         let mut source_parts = Vec::new();
@@ -285,6 +254,46 @@ impl Gateway {
                 .run(),
             );
         }
+        // Sinks start after the router: cloud commands go through it.
+        let router = Arc::new(Router::new(routes, metrics.clone()));
+        let sinks_stop = CancellationToken::new();
+        let mut sinks = Vec::new();
+        for spec in &config.sinks {
+            let stats = Arc::new(DeliveryStats::default());
+            let kind = match &spec.kind {
+                SinkKind::Mqtt(_) => "mqtt",
+                SinkKind::Http(_) => "http",
+            };
+            sinks.push((spec.name.clone(), kind, stats.clone()));
+            let ctx = SinkContext {
+                outbox: outbox.clone(),
+                gateway_id: config.gateway_id.clone(),
+                stop: sinks_stop.clone(),
+                metrics: metrics.clone(),
+                stats,
+                local: publisher.clone(),
+                router: match &spec.kind {
+                    SinkKind::Mqtt(m) if !m.subscribe.is_empty() => Some(router.clone()),
+                    _ => None,
+                },
+                cancel: cancel.clone(),
+            };
+            let common = SinkCommon::of(spec);
+            match &spec.kind {
+                SinkKind::Mqtt(m) => {
+                    let own = embedded.as_ref().and_then(|b| b.own_client(&m.endpoint));
+                    let m = match own {
+                        Some(endpoint) => &crate::config::MqttSinkSpec {
+                            endpoint,
+                            ..m.clone()
+                        },
+                        None => m,
+                    };
+                    tracker.spawn(MqttSink::build(common, m).run(ctx))
+                }
+                SinkKind::Http(h) => tracker.spawn(HttpSink::build(common, h).run(ctx)),
+            };
+        }
         let pooling = runtime.pooling();
         let reloader = Arc::new(Reloader::new(
             runtime,
@@ -319,7 +328,7 @@ impl Gateway {
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let ctx = SourceContext {
             cancel: cancel.clone(),
-            router: Arc::new(Router::new(routes, metrics.clone())),
+            router,
             metrics: metrics.clone(),
             ready: Arc::new(ready_tx),
         };

@@ -112,6 +112,7 @@ impl Diff {
                 self.key(section, "keep_alive_s", &a.keep_alive, &b.keep_alive);
                 self.key(section, "protocol", &a.protocol, &b.protocol);
                 self.key(section, "ack_timeout_s", &a.ack_timeout, &b.ack_timeout);
+                self.key(section, "subscribe", &a.subscribe, &b.subscribe);
             }
             (SinkKind::Http(a), SinkKind::Http(b)) => {
                 self.key(section, "url", &a.url, &b.url);

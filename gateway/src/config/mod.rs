@@ -8,6 +8,7 @@
 //! path (e.g. `functions[1].limits.timeout_ms`) and the reason.
 
 mod broker;
+mod commands;
 pub mod diff;
 mod endpoint;
 mod functions;
@@ -386,6 +387,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                 if c.ack_timeout_s == 0 {
                     p.add(format!("{key}.ack_timeout_s"), "must be at least 1 second");
                 }
+                let subscribe = commands::subscribe(&mut p, &key, c, &gateway_id);
                 endpoint(
                     &mut p,
                     &key,
@@ -406,10 +408,14 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
                         keep_alive: Duration::from_secs(c.keep_alive_s),
                         protocol: c.protocol,
                         ack_timeout: Duration::from_secs(c.ack_timeout_s),
+                        subscribe,
                     })
                 })
             }
-            SinkConfig::Http(c) => http_sink(&mut p, &key, &resolve, c),
+            SinkConfig::Http(c) => {
+                commands::refuse_on_http(&mut p, &key, c.subscribe.is_some());
+                http_sink(&mut p, &key, &resolve, c)
+            }
         };
         if let Some(kind) = kind {
             sinks.push(SinkSpec {
@@ -497,6 +503,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             functions.push(spec);
         }
     }
+    commands::check_reach(&mut p, &config.sinks, &functions, &gateway_id);
     // A mirrored frame must not come back in as an MQTT event.
     for (i, s) in sources.iter().enumerate() {
         let mirror = match s {

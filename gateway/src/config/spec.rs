@@ -366,6 +366,8 @@ pub struct MqttSinkSpec {
     pub protocol: schema::MqttProtocol,
     /// Tear the connection down when a publish waits longer than this.
     pub ack_timeout: Duration,
+    /// Cloud command filters (`{gateway}` replaced); empty: none.
+    pub subscribe: Vec<crate::topic::TopicFilter>,
 }
 
 /// A validated HTTP sink.

@@ -128,6 +128,11 @@ pub struct HttpSinkConfig {
     /// Outbox limits for this sink.
     #[serde(default)]
     pub outbox: SinkOutboxConfig,
+    /// Not supported: only MQTT sinks take cloud commands. Accepted here
+    /// only to refuse it with a clear message instead of serde's
+    /// unknown-field text.
+    #[serde(default)]
+    pub subscribe: Option<toml::Value>,
 }
 
 fn default_http_batch_max() -> usize {
@@ -194,6 +199,11 @@ pub struct MqttSinkConfig {
     /// Outbox limits for this sink.
     #[serde(default)]
     pub outbox: SinkOutboxConfig,
+    /// Topic filters to receive cloud commands on, on this sink's connection
+    /// (persistent session, QoS 1); `{gateway}` is replaced by the gateway
+    /// id. Each message triggers the functions whose triggers match it.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 fn default_mqtt_batch_max() -> usize {

@@ -26,6 +26,12 @@
 //! batch may start at the same record and carry more, so a key naming only
 //! the first record would make the cloud drop the longer batch as a
 //! duplicate. A single envelope's key is its `id`.
+//!
+//! # Commands
+//! With `subscribe`, the connection also receives cloud commands
+//! ([`commands`]).
+
+mod commands;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -38,6 +44,7 @@ use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
 use crate::config::schema::MqttProtocol;
 use crate::config::{MqttSinkSpec, render_topic};
 use crate::outbox::StoredRecord;
+use commands::Commands;
 
 /// Records read from the outbox per query at most.
 const READ_AHEAD: usize = 1000;
@@ -51,9 +58,16 @@ pub struct MqttSink {
 /// What the connection's event loop reported.
 #[derive(Debug)]
 enum Wire {
-    ConnAck,
+    ConnAck {
+        session_present: bool,
+    },
+    /// A cloud command (only with `subscribe`).
+    Command(rumqttc::Publish),
     Sent(u16),
-    Acked { pkid: u16, rejected: Option<String> },
+    Acked {
+        pkid: u16,
+        rejected: Option<String>,
+    },
     Closed(String),
 }
 
@@ -112,18 +126,28 @@ fn connect(
         MqttProtocol::V311 => {
             let mut opts = crate::mqtt::options(ep, "", spec.keep_alive);
             opts.set_inflight(spec.max_inflight);
-            opts.set_clean_session(true);
+            // Cloud commands wait at the broker while the gateway is away.
+            let subscribing = !spec.subscribe.is_empty();
+            opts.set_clean_session(!subscribing);
+            opts.set_manual_acks(subscribing);
             let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, cap);
             let task = tokio::spawn(async move {
                 use rumqttc::{Event, Packet};
                 loop {
                     let wire = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck,
+                        Ok(Event::Incoming(Packet::ConnAck(c))) => Wire::ConnAck {
+                            session_present: c.session_present,
+                        },
+                        Ok(Event::Incoming(Packet::Publish(p))) => Wire::Command(p),
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
                             pkid: ack.pkid,
                             rejected: None,
                         },
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                            let _ = tx.send(Wire::Closed("disconnected".to_owned()));
+                            return;
+                        }
                         Ok(_) => continue,
                         Err(e) => {
                             let _ = tx.send(Wire::Closed(e.to_string()));
@@ -161,7 +185,9 @@ fn connect(
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
                 loop {
                     let wire = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck,
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck {
+                            session_present: false,
+                        },
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
                             pkid: ack.pkid,
@@ -202,8 +228,9 @@ impl Sink for MqttSink {
         }
     }
 
-    async fn run(self, ctx: SinkContext) {
+    async fn run(self, mut ctx: SinkContext) {
         let spec = self.spec.clone();
+        let mut commands = Commands::start(&mut ctx, &self.common.name, &spec.subscribe);
         let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
             return;
         };
@@ -308,11 +335,19 @@ impl Sink for MqttSink {
                 let ack_deadline = oldest.map(|t| t + spec.ack_timeout);
                 tokio::select! {
                     w = wire.recv() => match w {
-                        Some(Wire::ConnAck) => {
+                        Some(Wire::ConnAck { session_present }) => {
                             connected = true;
                             failures = 0;
                             ctx.stats.connects.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(sink = %self.common.name, "Sink connected.");
+                            if let (Some(c), Client::V4(client)) = (&mut commands, &client) {
+                                c.connected(client, session_present).await;
+                            }
+                        }
+                        Some(Wire::Command(p)) => {
+                            if let Some(c) = &mut commands {
+                                c.take(p);
+                            }
                         }
                         Some(Wire::Sent(pkid)) => {
                             if let Some(f) = queued.pop_front() {
@@ -346,13 +381,39 @@ impl Sink for MqttSink {
                         stopping_since = Some(Instant::now());
                     }
                     () = tokio::time::sleep(STOP_GRACE), if stopping_since.is_some() => {}
+                    () = cancelled(&commands), if commands.as_ref().is_some_and(Commands::open) => {
+                        if let Some(c) = &mut commands {
+                            c.stop();
+                        }
+                    }
                 }
             };
-            client.disconnect();
-            poller.abort();
+            // A stopping connection is still up, for the last acks.
+            if let Some(c) = &commands
+                && stopping_since.is_none()
+            {
+                c.connection_lost();
+            }
             if stopping_since.is_some() || ctx.stop.is_cancelled() {
+                // The last command acknowledgements go out before the
+                // disconnect (requests leave in order).
+                if let Some(c) = commands.take() {
+                    c.finish().await;
+                }
+                client.disconnect();
+                let _ = tokio::time::timeout(STOP_GRACE, async {
+                    while let Some(w) = wire.recv().await {
+                        if matches!(w, Wire::Closed(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                poller.abort();
                 break;
             }
+            client.disconnect();
+            poller.abort();
             ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
             let unconfirmed = queued.len() + by_pkid.len();
             if !connected {
@@ -368,10 +429,21 @@ impl Sink for MqttSink {
             }
             let wait = crate::mqtt::backoff(failures);
             failures = failures.saturating_add(1);
-            tokio::select! {
-                () = ctx.stop.cancelled() => break,
-                () = tokio::time::sleep(wait) => {}
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    () = ctx.stop.cancelled() => break,
+                    () = tokio::time::sleep_until(until) => break,
+                    () = cancelled(&commands), if commands.as_ref().is_some_and(Commands::open) => {
+                        if let Some(c) = &mut commands {
+                            c.stop();
+                        }
+                    }
+                }
             }
+        }
+        if let Some(c) = commands {
+            c.finish().await;
         }
         tracing::debug!(sink = %self.common.name, "Sink stopped.");
     }
@@ -395,6 +467,14 @@ fn take_batch(
         }
     }
     Some((topic, batch))
+}
+
+/// Waits until the gateway starts stopping, if the sink takes commands.
+async fn cancelled(commands: &Option<Commands>) {
+    match commands {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -1,0 +1,134 @@
+//! Cloud commands: messages an MQTT sink receives on its `subscribe`
+//! filters, on the same connection it delivers on. Each one triggers the
+//! functions whose triggers match its topic, exactly like a message of the
+//! local broker (an MQTT event with the extra attribute `sink = "<name>"`),
+//! and is acknowledged to the cloud broker only once those functions are
+//! done and their forwards are committed to the outbox, in receive order
+//! (the MQTT source's [`intake`] machinery).
+//!
+//! The connection then uses a persistent session (`clean_session = false`)
+//! with manual acknowledgements and subscribes at QoS 1 on every CONNACK, so
+//! what the cloud sends while the gateway is away waits at the cloud broker.
+//! Intake stops (and lets go of the router) when the gateway starts
+//! stopping; what was not dispatched by then stays unacknowledged and comes
+//! again on the next run. Delivery of outbox records is unaffected: every
+//! connection is a fresh client, so rumqttc has no pending publishes of its
+//! own to resend; the outbox drives every re-send.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Publish, QoS, SubscribeFilter};
+use tokio_util::sync::CancellationToken;
+
+use super::SinkContext;
+use crate::sources::mqtt::AckPoint;
+use crate::sources::mqtt::intake::{self, Acker, IntakeOptions, Intaker};
+use crate::topic::TopicFilter;
+
+/// How long a stopping sink waits for the last command acknowledgements.
+const ACK_GRACE: Duration = Duration::from_secs(2);
+
+/// The command intake of one MQTT sink.
+pub(super) struct Commands {
+    sink: String,
+    filters: Vec<TopicFilter>,
+    intaker: Intaker,
+    acker: Acker,
+    cancel: CancellationToken,
+}
+
+impl Commands {
+    /// The intake of sink `sink`, if it subscribes to anything; takes the
+    /// router out of `ctx`.
+    pub(super) fn start(
+        ctx: &mut SinkContext,
+        sink: &str,
+        filters: &[TopicFilter],
+    ) -> Option<Self> {
+        let router = ctx.router.take()?;
+        if filters.is_empty() {
+            return None;
+        }
+        let (intaker, acker) = intake::start(
+            router,
+            ctx.cancel.clone(),
+            None,
+            ctx.metrics.clone(),
+            IntakeOptions {
+                ack_point: AckPoint::Handled,
+                attributes: vec![("sink".to_owned(), sink.to_owned())],
+                counters: ctx.stats.clone(),
+            },
+        );
+        Some(Self {
+            sink: sink.to_owned(),
+            filters: filters.to_vec(),
+            intaker,
+            acker,
+            cancel: ctx.cancel.clone(),
+        })
+    }
+
+    /// A connection was made (CONNACK): acknowledge its messages through
+    /// `client`, and subscribe (again: the session may be new).
+    pub(super) async fn connected(&mut self, client: &AsyncClient, session_present: bool) {
+        self.intaker.connected(client.clone());
+        let subs = self
+            .filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.as_str().to_owned(), QoS::AtLeastOnce));
+        match client.subscribe_many(subs).await {
+            Ok(()) => {
+                tracing::info!(sink = %self.sink, filters = ?self.filters.iter().map(TopicFilter::as_str).collect::<Vec<_>>(), session_present, "Sink subscribing to cloud commands.");
+            }
+            Err(e) => {
+                tracing::error!(sink = %self.sink, error = %e, "Sink could not subscribe to cloud commands.");
+            }
+        }
+    }
+
+    /// A command arrived.
+    pub(super) fn take(&mut self, p: Publish) {
+        self.intaker.take(p);
+    }
+
+    /// The connection was lost: its commands are not acknowledged any more
+    /// (the cloud broker sends them again).
+    pub(super) fn connection_lost(&self) {
+        self.intaker.connection_lost();
+    }
+
+    /// Whether intake still runs (the gateway is not stopping).
+    pub(super) fn open(&self) -> bool {
+        !self.intaker.stopped()
+    }
+
+    /// Waits until the gateway starts stopping.
+    pub(super) async fn cancelled(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// Stops intake: later commands stay unacknowledged.
+    pub(super) fn stop(&mut self) {
+        if self.open() {
+            tracing::debug!(sink = %self.sink, "Sink stops taking cloud commands.");
+        }
+        self.intaker.stop();
+    }
+
+    /// Ends intake and waits (briefly) until every command taken in has had
+    /// its acknowledgement queued, so they go out before the disconnect.
+    pub(super) async fn finish(self) {
+        let Self {
+            mut intaker,
+            acker,
+            sink,
+            ..
+        } = self;
+        intaker.stop();
+        drop(intaker);
+        if tokio::time::timeout(ACK_GRACE, acker.task).await.is_err() {
+            tracing::warn!(sink = %sink, "Cloud command acknowledgements still pending at stop; the cloud broker sends those commands again.");
+        }
+    }
+}
