@@ -95,6 +95,19 @@ async fn round_trip(gw_id: &str, toml: &str, cloud: &mut Publisher, answers: &mu
             == stats.commands_received.load(Ordering::Relaxed)
     })
     .await;
+    // The plain test's gateway has an admin endpoint: the counters are
+    // exposed there.
+    if let Some(addr) = gw.admin_addr() {
+        let (_, text) = crate::operations::get(addr, "/metrics", None).await;
+        let m = crate::operations::parse(&text);
+        let sample =
+            |name: &str| crate::operations::value(&m, &format!("{name}{{sink=\"cloud\"}}"));
+        let received = stats.commands_received.load(Ordering::Relaxed) as f64;
+        assert_eq!(sample("edgefn_sink_commands_total"), received);
+        assert_eq!(sample("edgefn_sink_commands_acked_total"), received);
+    } else {
+        assert_ne!(gw_id, "gw-cmd", "the plain test scrapes /metrics");
+    }
     assert!(gw.shutdown(WAIT).await, "the gateway drains and stops");
 }
 
@@ -110,7 +123,7 @@ async fn cloud_commands_trigger_functions_and_answers_go_back_to_the_cloud() {
         &gateway_header("gw-cmd"),
         &format!("mqtt://127.0.0.1:{port}"),
         "",
-    );
+    ) + "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
     round_trip("gw-cmd", &toml, &mut cloud, &mut answers).await;
 }
 
