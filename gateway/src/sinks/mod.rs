@@ -77,7 +77,7 @@ pub struct DeliveryStats {
 }
 
 impl crate::sources::mqtt::intake::IntakeCounters for DeliveryStats {
-    fn taken(&self) {
+    fn taken(&self, _: &GatewayMetrics) {
         self.commands_received.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -87,6 +87,13 @@ impl Commands {
         }
     }
 
+    /// The broker answered the subscription.
+    pub(super) fn subscribed(&self, granted: bool) {
+        if !granted {
+            tracing::error!(sink = %self.sink, filters = ?self.filters.iter().map(TopicFilter::as_str).collect::<Vec<_>>(), "The cloud broker refused a command subscription (check its ACL or policy).");
+        }
+    }
+
     /// A command arrived.
     pub(super) fn take(&mut self, p: Publish) {
         self.intaker.take(p);

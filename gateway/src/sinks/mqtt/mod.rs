@@ -63,6 +63,8 @@ enum Wire {
     },
     /// A cloud command (only with `subscribe`).
     Command(rumqttc::Publish),
+    /// The broker answered a subscription; `false`: it refused a filter.
+    Subscribed(bool),
     Sent(u16),
     Acked {
         pkid: u16,
@@ -139,6 +141,10 @@ fn connect(
                             session_present: c.session_present,
                         },
                         Ok(Event::Incoming(Packet::Publish(p))) => Wire::Command(p),
+                        Ok(Event::Incoming(Packet::SubAck(s))) => Wire::Subscribed(
+                            !s.return_codes
+                                .contains(&rumqttc::SubscribeReasonCode::Failure),
+                        ),
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
                             pkid: ack.pkid,
@@ -342,6 +348,11 @@ impl Sink for MqttSink {
                             tracing::info!(sink = %self.common.name, "Sink connected.");
                             if let (Some(c), Client::V4(client)) = (&mut commands, &client) {
                                 c.connected(client, session_present).await;
+                            }
+                        }
+                        Some(Wire::Subscribed(granted)) => {
+                            if let Some(c) = &commands {
+                                c.subscribed(granted);
                             }
                         }
                         Some(Wire::Command(p)) => {

@@ -30,15 +30,20 @@ use crate::router::Router;
 /// counters.
 pub(crate) trait IntakeCounters: Send + Sync + 'static {
     /// A message was taken in (handed to the dispatcher).
-    fn taken(&self) {}
+    fn taken(&self, metrics: &GatewayMetrics);
     /// A message was acknowledged to its broker.
     fn acked(&self) {}
 }
 
-/// No extra counters (the MQTT source).
-pub(crate) struct NoCounters;
+/// The MQTT source's counters: its events count as the gateway's MQTT
+/// input (`edgefn_source_events_total{source="mqtt"}`).
+pub(crate) struct SourceCounters;
 
-impl IntakeCounters for NoCounters {}
+impl IntakeCounters for SourceCounters {
+    fn taken(&self, metrics: &GatewayMetrics) {
+        metrics.events_in.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// What differs between the users of an intake.
 pub(crate) struct IntakeOptions {
@@ -211,8 +216,7 @@ impl Intaker {
             return;
         }
         self.dropping = false;
-        self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-        self.counters.taken();
+        self.counters.taken(&self.metrics);
         let n = self.next;
         self.next += 1;
         let ack = match &self.client {

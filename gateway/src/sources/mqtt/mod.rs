@@ -119,7 +119,7 @@ impl Source for MqttSource {
             IntakeOptions {
                 ack_point: self.ack_point,
                 attributes: Vec::new(),
-                counters: Arc::new(intake::NoCounters),
+                counters: Arc::new(intake::SourceCounters),
             },
         );
         drop(ctx.router);
