@@ -374,4 +374,113 @@ fn subscribe_errors_name_the_key() {
         "{err}"
     );
     assert!(!err.contains("subscribe[0]"), "{err}");
+
+    let err = config_error(&format!(
+        "{header}{function}\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\nurl = \"mqtt://127.0.0.1:1\"\nprotocol = \"5\"\nsubscribe = [\"commands/{{gateway}}/#\"]\n"
+    ));
+    assert!(
+        err.contains("edgefn.toml: sinks[0].subscribe: cloud commands need protocol = \"3.1.1\""),
+        "{err}"
+    );
+}
+
+/// A cloud broker that lost the session (a restart without persistence):
+/// the sink subscribes again on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_subscribes_again_when_the_cloud_broker_lost_its_session() {
+    let port = free_port();
+    let Some(mut mosquitto) = Mosquitto::start_on(port) else {
+        return;
+    };
+    let toml = answer_config(
+        &gateway_header("gw-cmd-resub"),
+        &format!("mqtt://127.0.0.1:{port}"),
+        "",
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    {
+        let mut answers = Subscriber::connect("127.0.0.1", port, &["answers/#"]).await;
+        let mut cloud = Publisher::connect("127.0.0.1", port).await;
+        probe(&mut cloud, &mut answers, "gw-cmd-resub").await;
+    }
+    let stats = gw.sink_stats("cloud").unwrap().clone();
+    mosquitto.stop();
+    mosquitto.restart();
+    eventually("the sink reconnected", || {
+        stats.connects.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    let mut answers = Subscriber::connect("127.0.0.1", port, &["answers/#"]).await;
+    let mut cloud = Publisher::connect("127.0.0.1", port).await;
+    let answer = probe(&mut cloud, &mut answers, "gw-cmd-resub").await;
+    assert_eq!(attribute(&answer, "sink"), Some("cloud"));
+    assert!(gw.shutdown(WAIT).await);
+}
+
+/// With `subscribe` the sink's connection has a persistent session; its
+/// outbox-driven delivery is unchanged: across a cloud outage every
+/// forwarded reading arrives, each under one id, and commands work after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_taking_commands_loses_no_record_across_a_cloud_outage() {
+    let port = free_port();
+    let Some(mut mosquitto) = Mosquitto::start_persistent(port) else {
+        return;
+    };
+    let mut cloud_sub = persistent_subscriber(port, "cloud-watcher-cmd", &["cloud/#"]).await;
+    let header = format!(
+        "{}\n[[functions]]\nname = \"answer\"\ncomponent = {}\ntriggers = [\"commands/+/#\"]\nsinks = [\"cloud\"]\nconfig = {{ mode = \"answer\" }}\n",
+        gateway_header("gw-cmd-outage"),
+        lit(&guest("misbehave"))
+    );
+    let toml =
+        crate::durability::enrich_config(&header, port, "subscribe = [\"commands/{gateway}/#\"]");
+    let (gw, _dir) = gateway(&toml).await;
+    let (host, lport) = gw.local_broker();
+    let mut sensor = Publisher::connect(host, lport).await;
+    let n = 600;
+    for i in 0..n / 2 {
+        sensor
+            .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+            .await;
+    }
+    mosquitto.stop();
+    for i in n / 2..n {
+        sensor
+            .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+            .await;
+    }
+    mosquitto.restart();
+    let seen =
+        crate::durability::collect_range(&mut cloud_sub, 0, n, Duration::from_secs(120)).await;
+    for (reading, ids) in &seen {
+        assert_eq!(ids.len(), 1, "reading {reading} under several ids: {ids:?}");
+    }
+    let outbox = gw.outbox().sink_stats("cloud").unwrap();
+    eventually("the outbox drains", || {
+        outbox.rows.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let stats = gw.sink_stats("cloud").unwrap();
+    assert!(
+        stats.failures.load(Ordering::Relaxed) >= 1,
+        "the outage was noticed"
+    );
+    assert!(
+        stats.delivered.load(Ordering::Relaxed) >= n,
+        "delivered: {}",
+        stats.delivered.load(Ordering::Relaxed)
+    );
+    // Commands still arrive (answers go to `cloud/…` like the readings).
+    let mut cloud = Publisher::connect("127.0.0.1", port).await;
+    cloud.publish("commands/gw-cmd-outage/ping", "after").await;
+    loop {
+        let (topic, body) = cloud_sub.next().await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if v["function"] == "answer" {
+            assert_eq!(topic, "cloud/gw-cmd-outage/commands/gw-cmd-outage/ping");
+            assert_eq!(attribute(&v["payload"], "sink"), Some("cloud"));
+            break;
+        }
+    }
+    assert!(gw.shutdown(WAIT).await);
 }
