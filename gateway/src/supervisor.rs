@@ -254,7 +254,10 @@ impl Gateway {
                 .run(),
             );
         }
-        // Sinks start after the router: cloud commands go through it.
+        // Sinks start after the router: cloud commands go through it. Should
+        // a source then fail to build, intake stops (no command is taken for
+        // a gateway that did not start).
+        let stop_intake_on_error = cancel.clone().drop_guard();
         let router = Arc::new(Router::new(routes, metrics.clone()));
         let sinks_stop = CancellationToken::new();
         let mut sinks = Vec::new();
@@ -386,6 +389,7 @@ impl Gateway {
         };
         tokio::spawn(crate::progress::monitor(progress.clone(), cancel.clone()));
         tracker.close();
+        stop_intake_on_error.disarm();
         let gateway = Self {
             cancel,
             tracker,
