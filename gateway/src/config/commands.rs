@@ -1,6 +1,6 @@
 //! `subscribe` of an MQTT sink: the filters cloud commands arrive on.
 
-use super::schema::{MqttProtocol, MqttSinkConfig, SinkConfig};
+use super::schema::{MqttSinkConfig, SinkConfig};
 use super::{FunctionSpec, Problems};
 use crate::topic::TopicFilter;
 
@@ -19,13 +19,6 @@ pub(super) fn subscribe(
     c: &MqttSinkConfig,
     gateway_id: &str,
 ) -> Vec<TopicFilter> {
-    if !c.subscribe.is_empty() && c.protocol == MqttProtocol::V5 {
-        p.add(
-            format!("{key}.subscribe"),
-            "cloud commands need protocol = \"3.1.1\" (MQTT 5 is not supported for `subscribe` yet)",
-        );
-        return Vec::new();
-    }
     let mut filters = Vec::new();
     for (j, raw) in c.subscribe.iter().enumerate() {
         let rendered = render(raw, gateway_id);

@@ -6,8 +6,10 @@
 //! done and their forwards are committed to the outbox, in receive order
 //! (the MQTT source's [`intake`] machinery).
 //!
-//! The connection then uses a persistent session (`clean_session = false`)
-//! with manual acknowledgements and subscribes at QoS 1 on every CONNACK, so
+//! The connection then uses a persistent session (`clean_session = false`;
+//! over MQTT 5 `clean_start = false` with a session that never expires, as
+//! far as the broker allows) with manual acknowledgements and subscribes at
+//! QoS 1 on every CONNACK, so
 //! what the cloud sends while the gateway is away waits at the cloud broker.
 //! Intake stops (and lets go of the router) when the gateway starts
 //! stopping; what was not dispatched by then stays unacknowledged and comes
@@ -17,12 +19,12 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Publish, QoS, SubscribeFilter};
+use rumqttc::{Publish, QoS, SubscribeFilter};
 use tokio_util::sync::CancellationToken;
 
-use super::SinkContext;
+use super::{Client, SinkContext};
 use crate::sources::mqtt::AckPoint;
-use crate::sources::mqtt::intake::{self, Acker, IntakeOptions, Intaker};
+use crate::sources::mqtt::intake::{self, AckClient, Acker, IntakeOptions, Intaker};
 use crate::topic::TopicFilter;
 
 /// How long a stopping sink waits for the last command acknowledgements.
@@ -71,13 +73,22 @@ impl Commands {
 
     /// A connection was made (CONNACK): acknowledge its messages through
     /// `client`, and subscribe (again: the session may be new).
-    pub(super) async fn connected(&mut self, client: &AsyncClient, session_present: bool) {
-        self.intaker.connected(client.clone());
-        let subs = self
-            .filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.as_str().to_owned(), QoS::AtLeastOnce));
-        match client.subscribe_many(subs).await {
+    pub(super) async fn connected(&mut self, client: &Client, session_present: bool) {
+        let names = self.filters.iter().map(|f| f.as_str().to_owned());
+        let subscribed = match client {
+            Client::V4(c) => {
+                self.intaker.connected(AckClient::V4(c.clone()));
+                let subs = names.map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+                c.subscribe_many(subs).await.map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                use rumqttc::v5::mqttbytes::{QoS as Qos5, v5::Filter};
+                self.intaker.connected(AckClient::V5(c.clone()));
+                let subs = names.map(|f| Filter::new(f, Qos5::AtLeastOnce));
+                c.subscribe_many(subs).await.map_err(|e| e.to_string())
+            }
+        };
+        match subscribed {
             Ok(()) => {
                 tracing::info!(sink = %self.sink, filters = ?self.filters.iter().map(TopicFilter::as_str).collect::<Vec<_>>(), session_present, "Sink subscribing to cloud commands.");
             }

@@ -171,7 +171,14 @@ fn connect(
             let mut opts =
                 rumqttc::v5::MqttOptions::new(ep.client_id.clone(), ep.host.clone(), ep.port);
             opts.set_keep_alive(spec.keep_alive);
-            opts.set_clean_start(true);
+            let subscribing = !spec.subscribe.is_empty();
+            opts.set_clean_start(!subscribing);
+            opts.set_manual_acks(subscribing);
+            if subscribing {
+                // Commands wait at the broker while the gateway is away:
+                // 0xFFFFFFFF, the session never expires (brokers cap it).
+                opts.set_session_expiry_interval(Some(u32::MAX));
+            }
             opts.set_outgoing_inflight_upper_limit(spec.max_inflight);
             opts.set_max_packet_size(Some((crate::broker::MAX_PAYLOAD_BYTES + 64 * 1024) as u32));
             if let Some((user, password)) = &ep.credentials {
@@ -191,9 +198,25 @@ fn connect(
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
                 loop {
                     let wire = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck {
-                            session_present: false,
+                        Ok(Event::Incoming(Packet::ConnAck(c))) => Wire::ConnAck {
+                            session_present: c.session_present,
                         },
+                        Ok(Event::Incoming(Packet::Publish(p))) => match command_v5(p) {
+                            Some(p) => Wire::Command(p),
+                            None => continue,
+                        },
+                        Ok(Event::Incoming(Packet::SubAck(s))) => {
+                            Wire::Subscribed(s.return_codes.iter().all(|c| {
+                                matches!(
+                                    c,
+                                    rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                                )
+                            }))
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                            let _ = tx.send(Wire::Closed("disconnected".to_owned()));
+                            return;
+                        }
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
                             pkid: ack.pkid,
@@ -346,8 +369,8 @@ impl Sink for MqttSink {
                             failures = 0;
                             ctx.stats.connects.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(sink = %self.common.name, "Sink connected.");
-                            if let (Some(c), Client::V4(client)) = (&mut commands, &client) {
-                                c.connected(client, session_present).await;
+                            if let Some(c) = &mut commands {
+                                c.connected(&client, session_present).await;
                             }
                         }
                         Some(Wire::Subscribed(granted)) => {
@@ -478,6 +501,30 @@ fn take_batch(
         }
     }
     Some((topic, batch))
+}
+
+/// A command received over MQTT 5, as the intake takes it (topic and
+/// payload, QoS, packet id, flags); `None` (logged) for a topic that is not
+/// UTF-8, which MQTT forbids.
+fn command_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Option<rumqttc::Publish> {
+    use rumqttc::v5::mqttbytes::QoS as Qos5;
+    let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
+        tracing::warn!(
+            pkid = p.pkid,
+            "Cloud command with a topic that is not UTF-8 ignored."
+        );
+        return None;
+    };
+    let qos = match p.qos {
+        Qos5::AtMostOnce => QoS::AtMostOnce,
+        Qos5::AtLeastOnce => QoS::AtLeastOnce,
+        Qos5::ExactlyOnce => QoS::ExactlyOnce,
+    };
+    let mut out = rumqttc::Publish::from_bytes(topic, qos, p.payload);
+    out.pkid = p.pkid;
+    out.dup = p.dup;
+    out.retain = p.retain;
+    Some(out)
 }
 
 /// Waits until the gateway starts stopping, if the sink takes commands.

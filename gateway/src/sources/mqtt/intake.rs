@@ -55,12 +55,47 @@ pub(crate) struct IntakeOptions {
     pub counters: Arc<dyn IntakeCounters>,
 }
 
+/// The client a message is acknowledged through: of either protocol
+/// version (the MQTT source is 3.1.1; a sink may be 5).
+#[derive(Clone)]
+pub(crate) enum AckClient {
+    /// MQTT 3.1.1.
+    V4(AsyncClient),
+    /// MQTT 5.
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl AckClient {
+    /// Queues the acknowledgement of message `pkid` (at `qos`) on `topic`.
+    async fn ack(&self, topic: &str, qos: QoS, pkid: u16) -> Result<(), String> {
+        match self {
+            Self::V4(c) => {
+                let mut p = Publish::new(topic, qos, Vec::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            Self::V5(c) => {
+                use rumqttc::v5::mqttbytes::QoS as Qos5;
+                let qos = match qos {
+                    QoS::AtMostOnce => Qos5::AtMostOnce,
+                    QoS::AtLeastOnce => Qos5::AtLeastOnce,
+                    QoS::ExactlyOnce => Qos5::ExactlyOnce,
+                };
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(topic, qos, Vec::new(), None);
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
 /// A received message awaiting its turn to be acknowledged.
 struct Pending {
     n: u64,
     generation: u64,
-    /// The client of the connection it came on, and the packet to ack.
-    ack: Option<(AsyncClient, Publish)>,
+    /// The client of the connection it came on; the topic, QoS and packet
+    /// id of the message.
+    ack: Option<(AckClient, String, QoS, u16)>,
 }
 
 /// A received message on its way to the router.
@@ -111,7 +146,7 @@ pub(crate) struct Acker {
 pub(crate) fn start(
     router: Arc<Router>,
     cancel: CancellationToken,
-    client: Option<AsyncClient>,
+    client: Option<AckClient>,
     metrics: Arc<GatewayMetrics>,
     options: IntakeOptions,
 ) -> (Intaker, Acker) {
@@ -161,7 +196,7 @@ pub(crate) struct Intaker {
     held: Arc<Held>,
     metrics: Arc<GatewayMetrics>,
     /// The client of the current connection.
-    client: Option<AsyncClient>,
+    client: Option<AckClient>,
     attributes: Vec<(String, String)>,
     counters: Arc<dyn IntakeCounters>,
     /// Messages taken in so far.
@@ -193,7 +228,7 @@ impl Intaker {
     }
 
     /// Messages from now on come on the connection of `client`.
-    pub(crate) fn connected(&mut self, client: AsyncClient) {
+    pub(crate) fn connected(&mut self, client: AckClient) {
         self.client = Some(client);
     }
 
@@ -221,9 +256,7 @@ impl Intaker {
         self.next += 1;
         let ack = match &self.client {
             Some(client) if p.qos != QoS::AtMostOnce => {
-                let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
-                a.pkid = p.pkid;
-                Some((client.clone(), a))
+                Some((client.clone(), p.topic.clone(), p.qos, p.pkid))
             }
             _ => None,
         };
@@ -311,13 +344,13 @@ async fn ack_in_order(
             },
         }
         for p in order.release() {
-            let Some((client, publish)) = p.ack else {
+            let Some((client, topic, qos, pkid)) = p.ack else {
                 continue;
             };
             if p.generation != generation.load(Ordering::Relaxed) {
                 continue;
             }
-            match client.ack(&publish).await {
+            match client.ack(&topic, qos, pkid).await {
                 Ok(()) => counters.acked(),
                 Err(e) => tracing::warn!(error = %e, "Acknowledgement could not be queued."),
             }

@@ -114,7 +114,7 @@ impl Source for MqttSource {
         let (mut intaker, mut acker) = intake::start(
             ctx.router.clone(),
             ctx.cancel.clone(),
-            Some(self.client.clone()),
+            Some(intake::AckClient::V4(self.client.clone())),
             ctx.metrics.clone(),
             IntakeOptions {
                 ack_point: self.ack_point,
