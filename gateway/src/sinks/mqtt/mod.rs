@@ -44,7 +44,7 @@ use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
 use crate::config::schema::MqttProtocol;
 use crate::config::{MqttSinkSpec, render_topic};
 use crate::outbox::StoredRecord;
-use commands::Commands;
+use commands::{Commands, cancelled, command_v5};
 
 /// Records read from the outbox per query at most.
 const READ_AHEAD: usize = 1000;
@@ -501,38 +501,6 @@ fn take_batch(
         }
     }
     Some((topic, batch))
-}
-
-/// A command received over MQTT 5, as the intake takes it (topic and
-/// payload, QoS, packet id, flags); `None` (logged) for a topic that is not
-/// UTF-8, which MQTT forbids.
-fn command_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Option<rumqttc::Publish> {
-    use rumqttc::v5::mqttbytes::QoS as Qos5;
-    let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
-        tracing::warn!(
-            pkid = p.pkid,
-            "Cloud command with a topic that is not UTF-8 ignored."
-        );
-        return None;
-    };
-    let qos = match p.qos {
-        Qos5::AtMostOnce => QoS::AtMostOnce,
-        Qos5::AtLeastOnce => QoS::AtLeastOnce,
-        Qos5::ExactlyOnce => QoS::ExactlyOnce,
-    };
-    let mut out = rumqttc::Publish::from_bytes(topic, qos, p.payload);
-    out.pkid = p.pkid;
-    out.dup = p.dup;
-    out.retain = p.retain;
-    Some(out)
-}
-
-/// Waits until the gateway starts stopping, if the sink takes commands.
-async fn cancelled(commands: &Option<Commands>) {
-    match commands {
-        Some(c) => c.cancelled().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
