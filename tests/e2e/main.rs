@@ -16,6 +16,7 @@ mod backpressure;
 mod bad_input;
 mod broker_security;
 mod cli;
+mod commands;
 mod disk_full;
 mod durability;
 mod guest_limits;

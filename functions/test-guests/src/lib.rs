@@ -16,8 +16,10 @@
 //! (increments a `count` key in its durable state and publishes the new
 //! value on `count/<topic>`), `count-then-fail` (increments, then fails: the
 //! write must not be kept), `compute:<n>` (n rounds of arithmetic, for
-//! benchmarks; publishes nothing) and `warm` (publishes how many events this
-//! instance has handled, on `warm/<topic>`).
+//! benchmarks; publishes nothing), `warm` (publishes how many events this
+//! instance has handled, on `warm/<topic>`) and `answer` (forwards
+//! `[topic, payload, attributes]` as JSON to the sink named by the `sink`
+//! config key, default `cloud`).
 //!
 //! Waits and output: `sleep` (`std::thread::sleep` for an hour), `poll`
 //! (`wasi:io/poll` on an hour-long clock pollable), `nap` (sleeps 5 ms, then
@@ -101,6 +103,11 @@ impl Function for Misbehave {
                 return Err("failed after counting".into());
             }
             "echo" => publish(&format!("echo/{}", event.topic), &event.payload)?,
+            "answer" => {
+                let sink = config("sink").unwrap_or_else(|| "cloud".into());
+                let payload = String::from_utf8_lossy(&event.payload);
+                edgefn_sdk::forward_json(&sink, &(&event.topic, payload, &event.attributes))?;
+            }
             "error" => return Err("this function always fails".into()),
             "serial-echo" => {
                 let port = config("port").unwrap_or_else(|| "motor".into());

@@ -342,6 +342,20 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     );
     per_sink(
         &mut out,
+        "edgefn_sink_commands_total",
+        "counter",
+        "Cloud commands received on the sink's `subscribe` filters, per sink.",
+        &|i| get(&delivery(i).commands_received),
+    );
+    per_sink(
+        &mut out,
+        "edgefn_sink_commands_acked_total",
+        "counter",
+        "Cloud commands acknowledged to the cloud broker once handled, per sink.",
+        &|i| get(&delivery(i).commands_acked),
+    );
+    per_sink(
+        &mut out,
         "edgefn_outbox_records",
         "gauge",
         "Records waiting in the outbox, per sink.",

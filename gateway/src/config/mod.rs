@@ -34,7 +34,7 @@ pub use spec::*;
 pub(crate) use endpoint::{endpoint, http_tls};
 pub(crate) use functions::check_topic_template;
 use functions::functions;
-use sinks::sinks;
+use sinks::{check_reach, sinks};
 use sources::sources;
 
 /// One problem in a configuration file.
@@ -405,6 +405,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
 
     let runtime = runtime_spec(&mut p, &config);
     let functions = functions(&mut p, &config, &sink_names, &serial_names, &resolve);
+    check_reach(&mut p, &config, &sinks, &functions);
     // A mirrored frame must not come back in as an MQTT event.
     for (i, s) in sources.iter().enumerate() {
         if let Some(m) = s.common().mirror_topic

@@ -63,3 +63,32 @@ pub(super) fn sinks(
     }
     sinks
 }
+
+/// Refuses a `subscribe` filter that no function's triggers overlap: every
+/// command arriving on it would be acknowledged and discarded.
+pub(super) fn check_reach(
+    p: &mut Problems<'_>,
+    config: &Config,
+    sinks: &[SinkSpec],
+    functions: &[FunctionSpec],
+) {
+    for sink in sinks {
+        let Some(i) = config.sinks.iter().position(|s| s.name() == sink.name) else {
+            continue;
+        };
+        for (j, filter) in sink.kind.subscriptions().iter().enumerate() {
+            let reached = functions
+                .iter()
+                .any(|f| f.triggers.filters().iter().any(|t| t.overlaps(filter)));
+            if !reached {
+                p.add(
+                    format!("sinks[{i}].subscribe[{j}]"),
+                    format!(
+                        "no function's `triggers` match `{}`: commands on it would be acknowledged and discarded",
+                        filter.as_str()
+                    ),
+                );
+            }
+        }
+    }
+}

@@ -60,6 +60,14 @@ pub struct SinkContext {
     pub stats: Arc<DeliveryStats>,
     /// The local broker, for dead letters.
     pub local: rumqttc::AsyncClient,
+    /// Where cloud commands go: the functions' router, for an MQTT sink
+    /// with `subscribe` (`None` otherwise: holding it would keep the
+    /// workers from stopping). Dropped when `cancel` fires.
+    pub router: Option<Arc<crate::router::Router>>,
+    /// Fires when the gateway starts stopping (the sources' token): command
+    /// intake stops and lets go of the router, delivery goes on until
+    /// `stop`.
+    pub cancel: CancellationToken,
 }
 
 /// Counters of one delivery task.
@@ -76,6 +84,20 @@ pub struct DeliveryStats {
     /// Failed attempts: connection errors, timeouts, 5xx. For an MQTT sink
     /// each one tears the connection down: its reconnects.
     pub failures: AtomicU64,
+    /// Cloud commands received (MQTT sinks with `subscribe`).
+    pub commands_received: AtomicU64,
+    /// Cloud commands acknowledged to the cloud broker, once handled.
+    pub commands_acked: AtomicU64,
+}
+
+impl crate::sources::mqtt::intake::IntakeCounters for DeliveryStats {
+    fn taken(&self, _: &GatewayMetrics) {
+        self.commands_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn acked(&self) {
+        self.commands_acked.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl SinkContext {

@@ -28,6 +28,12 @@ pub trait SinkPlugin {
     fn validate(config: &Self::Config, scope: &mut Scope<'_, '_>) -> Option<Self::Spec>;
     /// Records which of the kind's keys differ (a restart applies them).
     fn changed(a: &Self::Spec, b: &Self::Spec, keys: &mut KeyChanges);
+    /// The filters the sink receives cloud commands on (`subscribe`); a sink
+    /// with any gets the router. None by default.
+    fn subscriptions(spec: &Self::Spec) -> &[crate::topic::TopicFilter] {
+        let _ = spec;
+        &[]
+    }
     /// Creates the clients and TLS settings the sink delivers with; starts
     /// no task and connects nowhere, so `edgefn check` runs it too.
     fn build(
@@ -131,6 +137,11 @@ macro_rules! sink_kinds {
                     _ => keys.key("kind", &self.kind(), &other.kind()),
                 }
                 keys.into_keys()
+            }
+
+            /// The filters it receives cloud commands on.
+            pub fn subscriptions(&self) -> &[crate::topic::TopicFilter] {
+                match self { $(Self::$variant(s) => <$plugin as SinkPlugin>::subscriptions(s),)+ }
             }
 
             /// Builds the sink (see [`SinkPlugin::build`]).

@@ -88,13 +88,17 @@ impl Gateway {
         let tracker = TaskTracker::new();
         tracker.spawn(publisher_poll);
         let sinks_stop = CancellationToken::new();
-        let sink_stats = spawn_sinks(&tracker, sinks, |stats| SinkContext {
+        // A sink taking cloud commands holds the router until `cancel`
+        // fires; no other sink may (the workers stop once all let go).
+        let sink_stats = spawn_sinks(&tracker, sinks, |stats, commands| SinkContext {
             outbox: outbox.clone(),
             gateway_id: config.gateway_id.clone(),
             stop: sinks_stop.clone(),
             metrics: metrics.clone(),
             stats,
             local: publisher.clone(),
+            router: commands.then(|| ctx.router.clone()),
+            cancel: cancel.clone(),
         });
         let (device_sources, serial, source_stats) = spawn_sources(sources);
         let port = OutputPort::new(publisher.clone(), outbox.clone(), serial);
@@ -366,8 +370,9 @@ async fn local_broker(
     }
 }
 
-/// A built sink with its name and kind.
-pub(crate) type NamedSink = (String, &'static str, BuiltSink);
+/// A built sink with its name and kind, and whether it takes cloud
+/// commands (then it gets the router).
+pub(crate) type NamedSink = (String, &'static str, BuiltSink, bool);
 
 /// Builds every sink of `config` (clients, TLS); starts nothing. `edgefn
 /// check` calls it too, without a broker.
@@ -377,21 +382,23 @@ pub fn build_sinks(config: &ValidConfig, env: SinkEnv<'_>) -> Result<Vec<NamedSi
         .iter()
         .map(|spec| {
             let built = spec.kind.build(SinkCommon::of(spec), &env)?;
-            Ok((spec.name.clone(), spec.kind.kind(), built))
+            let commands = !spec.kind.subscriptions().is_empty();
+            Ok((spec.name.clone(), spec.kind.kind(), built, commands))
         })
         .collect()
 }
 
-/// Spawns the sinks, each with the context `ctx` makes from its counters.
+/// Spawns the sinks, each with the context `ctx` makes from its counters
+/// and whether it takes commands.
 fn spawn_sinks(
     tracker: &TaskTracker,
     sinks: Vec<NamedSink>,
-    ctx: impl Fn(Arc<DeliveryStats>) -> SinkContext,
+    ctx: impl Fn(Arc<DeliveryStats>, bool) -> SinkContext,
 ) -> Vec<Named<DeliveryStats>> {
     let mut named = Vec::new();
-    for (name, kind, run) in sinks {
+    for (name, kind, run, commands) in sinks {
         let stats = Arc::new(DeliveryStats::default());
-        tracker.spawn(run(ctx(stats.clone())));
+        tracker.spawn(run(ctx(stats.clone(), commands)));
         named.push((name, kind, stats));
     }
     named

@@ -173,7 +173,11 @@ pub struct Publisher {
 impl Publisher {
     /// Connects to `host:port`.
     pub async fn connect(host: &str, port: u16) -> Self {
-        let opts = MqttOptions::new(client_id("pub"), host, port);
+        Self::connect_with(MqttOptions::new(client_id("pub"), host, port)).await
+    }
+
+    /// [`Publisher::connect`] with options of the caller's (e.g. TLS).
+    pub async fn connect_with(opts: MqttOptions) -> Self {
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         let (tx, acks) = mpsc::unbounded_channel();
         tokio::spawn(async move {

@@ -47,6 +47,11 @@ pub struct HttpSinkConfig {
     /// Outbox limits for this sink.
     #[serde(default)]
     pub outbox: SinkOutboxConfig,
+    /// Not supported: only MQTT sinks take cloud commands. Accepted here
+    /// only to refuse it with a clear message instead of serde's
+    /// unknown-field text.
+    #[serde(default)]
+    pub subscribe: Option<toml::Value>,
 }
 
 fn default_http_batch_max() -> usize {
@@ -97,6 +102,12 @@ impl fmt::Debug for HttpTls {
 }
 
 pub(super) fn validate(c: &HttpSinkConfig, scope: &mut Scope<'_, '_>) -> Option<HttpSinkSpec> {
+    if c.subscribe.is_some() {
+        scope.add(
+            "subscribe",
+            "only MQTT sinks can subscribe to cloud commands (this sink is `kind = \"http\"`)",
+        );
+    }
     let (p, key, resolve) = scope.parts();
     let secure = c.url.starts_with("https://");
     if !secure && !c.url.starts_with("http://") {

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::config::schema::{EnvelopeFormat, SinkOutboxConfig, TlsConfig};
 use crate::config::{MqttEndpoint, Scope, check_topic_template, endpoint};
+use crate::topic::TopicFilter;
 
 /// MQTT protocol version of a sink connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -72,6 +73,11 @@ pub struct MqttSinkConfig {
     /// Outbox limits for this sink.
     #[serde(default)]
     pub outbox: SinkOutboxConfig,
+    /// Topic filters to receive cloud commands on, on this sink's connection
+    /// (persistent session, QoS 1); `{gateway}` is replaced by the gateway
+    /// id. Each message triggers the functions whose triggers match it.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 fn default_mqtt_batch_max() -> usize {
@@ -106,6 +112,8 @@ pub struct MqttSinkSpec {
     pub protocol: MqttProtocol,
     /// Tear the connection down when a publish waits longer than this.
     pub ack_timeout: Duration,
+    /// Cloud command filters (`{gateway}` replaced); empty: none.
+    pub subscribe: Vec<TopicFilter>,
 }
 
 /// Checks the MQTT keys of `c`.
@@ -120,6 +128,7 @@ pub(super) fn validate(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Option<
         scope.add("ack_timeout_s", "must be at least 1 second");
     }
     let gateway_id = scope.gateway_id().to_owned();
+    let subscribe = subscribe(c, scope);
     let (p, key, resolve) = scope.parts();
     check_topic_template(p, &format!("{key}.topic"), &c.topic);
     endpoint(
@@ -141,5 +150,25 @@ pub(super) fn validate(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Option<
         keep_alive: Duration::from_secs(c.keep_alive_s),
         protocol: c.protocol,
         ack_timeout: Duration::from_secs(c.ack_timeout_s),
+        subscribe,
     })
+}
+
+/// The placeholder replaced by the gateway id in a subscribe filter.
+const GATEWAY: &str = "{gateway}";
+
+/// `subscribe` with `{gateway}` replaced, each filter checked.
+fn subscribe(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Vec<TopicFilter> {
+    let mut filters = Vec::new();
+    for (j, raw) in c.subscribe.iter().enumerate() {
+        let rendered = raw.replace(GATEWAY, scope.gateway_id());
+        match TopicFilter::parse(&rendered) {
+            Ok(f) => filters.push(f),
+            Err(e) => scope.add(
+                &format!("subscribe[{j}]"),
+                format!("`{raw}` is not a valid MQTT topic filter: {e}"),
+            ),
+        }
+    }
+    filters
 }

@@ -26,6 +26,13 @@
 //! batch may start at the same record and carry more, so a key naming only
 //! the first record would make the cloud drop the longer batch as a
 //! duplicate. A single envelope's key is its `id`.
+//!
+//! # Commands
+//! With `subscribe`, the connection also receives cloud commands
+//! ([`commands`]).
+
+mod commands;
+pub mod config;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -34,12 +41,11 @@ use std::time::Instant;
 use rumqttc::{Outgoing, QoS, Transport};
 use tokio::sync::mpsc;
 
-pub mod config;
-
 use super::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
 use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
 use crate::config::{KeyChanges, Scope, render_topic};
 use crate::outbox::StoredRecord;
+use commands::{Commands, cancelled, command_v5};
 use config::{MqttProtocol, MqttSinkConfig, MqttSinkSpec};
 
 /// Records read from the outbox per query at most.
@@ -54,9 +60,18 @@ pub struct MqttSink {
 /// What the connection's event loop reported.
 #[derive(Debug)]
 enum Wire {
-    ConnAck,
+    ConnAck {
+        session_present: bool,
+    },
+    /// A cloud command (only with `subscribe`).
+    Command(rumqttc::Publish),
+    /// The broker answered a subscription; `false`: it refused a filter.
+    Subscribed(bool),
     Sent(u16),
-    Acked { pkid: u16, rejected: Option<String> },
+    Acked {
+        pkid: u16,
+        rejected: Option<String>,
+    },
     Closed(String),
 }
 
@@ -115,18 +130,32 @@ fn connect(
         MqttProtocol::V311 => {
             let mut opts = crate::mqtt::options(ep, "", spec.keep_alive);
             opts.set_inflight(spec.max_inflight);
-            opts.set_clean_session(true);
+            // Cloud commands wait at the broker while the gateway is away.
+            let subscribing = !spec.subscribe.is_empty();
+            opts.set_clean_session(!subscribing);
+            opts.set_manual_acks(subscribing);
             let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, cap);
             let task = tokio::spawn(async move {
                 use rumqttc::{Event, Packet};
                 loop {
                     let wire = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck,
+                        Ok(Event::Incoming(Packet::ConnAck(c))) => Wire::ConnAck {
+                            session_present: c.session_present,
+                        },
+                        Ok(Event::Incoming(Packet::Publish(p))) => Wire::Command(p),
+                        Ok(Event::Incoming(Packet::SubAck(s))) => Wire::Subscribed(
+                            !s.return_codes
+                                .contains(&rumqttc::SubscribeReasonCode::Failure),
+                        ),
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
                             pkid: ack.pkid,
                             rejected: None,
                         },
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                            let _ = tx.send(Wire::Closed("disconnected".to_owned()));
+                            return;
+                        }
                         Ok(_) => continue,
                         Err(e) => {
                             let _ = tx.send(Wire::Closed(e.to_string()));
@@ -144,7 +173,14 @@ fn connect(
             let mut opts =
                 rumqttc::v5::MqttOptions::new(ep.client_id.clone(), ep.host.clone(), ep.port);
             opts.set_keep_alive(spec.keep_alive);
-            opts.set_clean_start(true);
+            let subscribing = !spec.subscribe.is_empty();
+            opts.set_clean_start(!subscribing);
+            opts.set_manual_acks(subscribing);
+            if subscribing {
+                // Commands wait at the broker while the gateway is away:
+                // 0xFFFFFFFF, the session never expires (brokers cap it).
+                opts.set_session_expiry_interval(Some(u32::MAX));
+            }
             opts.set_outgoing_inflight_upper_limit(spec.max_inflight);
             opts.set_max_packet_size(Some((crate::broker::MAX_PAYLOAD_BYTES + 64 * 1024) as u32));
             if let Some((user, password)) = &ep.credentials {
@@ -164,7 +200,25 @@ fn connect(
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
                 loop {
                     let wire = match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => Wire::ConnAck,
+                        Ok(Event::Incoming(Packet::ConnAck(c))) => Wire::ConnAck {
+                            session_present: c.session_present,
+                        },
+                        Ok(Event::Incoming(Packet::Publish(p))) => match command_v5(p) {
+                            Some(p) => Wire::Command(p),
+                            None => continue,
+                        },
+                        Ok(Event::Incoming(Packet::SubAck(s))) => {
+                            Wire::Subscribed(s.return_codes.iter().all(|c| {
+                                matches!(
+                                    c,
+                                    rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                                )
+                            }))
+                        }
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                            let _ = tx.send(Wire::Closed("disconnected".to_owned()));
+                            return;
+                        }
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Wire::Sent(pkid),
                         Ok(Event::Incoming(Packet::PubAck(ack))) => Wire::Acked {
                             pkid: ack.pkid,
@@ -224,6 +278,11 @@ impl SinkPlugin for Mqtt {
         keys.key("keep_alive_s", &a.keep_alive, &b.keep_alive);
         keys.key("protocol", &a.protocol, &b.protocol);
         keys.key("ack_timeout_s", &a.ack_timeout, &b.ack_timeout);
+        keys.key("subscribe", &a.subscribe, &b.subscribe);
+    }
+
+    fn subscriptions(spec: &MqttSinkSpec) -> &[crate::topic::TopicFilter] {
+        &spec.subscribe
     }
 
     fn build(
@@ -242,8 +301,9 @@ impl SinkPlugin for Mqtt {
 }
 
 impl Sink for MqttSink {
-    async fn run(self, ctx: SinkContext) {
+    async fn run(self, mut ctx: SinkContext) {
         let spec = self.spec.clone();
+        let mut commands = Commands::start(&mut ctx, &self.common.name, &spec.subscribe);
         let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
             return;
         };
@@ -348,11 +408,24 @@ impl Sink for MqttSink {
                 let ack_deadline = oldest.map(|t| t + spec.ack_timeout);
                 tokio::select! {
                     w = wire.recv() => match w {
-                        Some(Wire::ConnAck) => {
+                        Some(Wire::ConnAck { session_present }) => {
                             connected = true;
                             failures = 0;
                             ctx.stats.connects.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(sink = %self.common.name, "Sink connected.");
+                            if let Some(c) = &mut commands {
+                                c.connected(&client, session_present).await;
+                            }
+                        }
+                        Some(Wire::Subscribed(granted)) => {
+                            if let Some(c) = &commands {
+                                c.subscribed(granted);
+                            }
+                        }
+                        Some(Wire::Command(p)) => {
+                            if let Some(c) = &mut commands {
+                                c.take(p);
+                            }
                         }
                         Some(Wire::Sent(pkid)) => {
                             if let Some(f) = queued.pop_front() {
@@ -386,13 +459,39 @@ impl Sink for MqttSink {
                         stopping_since = Some(Instant::now());
                     }
                     () = tokio::time::sleep(STOP_GRACE), if stopping_since.is_some() => {}
+                    () = cancelled(&commands), if commands.as_ref().is_some_and(Commands::open) => {
+                        if let Some(c) = &mut commands {
+                            c.stop();
+                        }
+                    }
                 }
             };
-            client.disconnect();
-            poller.abort();
+            // A stopping connection is still up, for the last acks.
+            if let Some(c) = &commands
+                && stopping_since.is_none()
+            {
+                c.connection_lost();
+            }
             if stopping_since.is_some() || ctx.stop.is_cancelled() {
+                // The last command acknowledgements go out before the
+                // disconnect (requests leave in order).
+                if let Some(c) = commands.take() {
+                    c.finish().await;
+                }
+                client.disconnect();
+                let _ = tokio::time::timeout(STOP_GRACE, async {
+                    while let Some(w) = wire.recv().await {
+                        if matches!(w, Wire::Closed(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                poller.abort();
                 break;
             }
+            client.disconnect();
+            poller.abort();
             ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
             let unconfirmed = queued.len() + by_pkid.len();
             if !connected {
@@ -408,10 +507,21 @@ impl Sink for MqttSink {
             }
             let wait = crate::mqtt::backoff(failures);
             failures = failures.saturating_add(1);
-            tokio::select! {
-                () = ctx.stop.cancelled() => break,
-                () = tokio::time::sleep(wait) => {}
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    () = ctx.stop.cancelled() => break,
+                    () = tokio::time::sleep_until(until) => break,
+                    () = cancelled(&commands), if commands.as_ref().is_some_and(Commands::open) => {
+                        if let Some(c) = &mut commands {
+                            c.stop();
+                        }
+                    }
+                }
             }
+        }
+        if let Some(c) = commands {
+            c.finish().await;
         }
         tracing::debug!(sink = %self.common.name, "Sink stopped.");
     }

@@ -25,6 +25,8 @@
 //! not from the one polling the event loop (acking from the poll loop can
 //! deadlock once the request channel is full). Messages of a connection that
 //! was lost are never acked on the next one: the broker redelivers them.
+//! This machinery lives in [`intake`], shared with the MQTT sinks' cloud
+//! commands.
 //!
 //! # Back-pressure
 //! The task polling rumqttc's event loop never waits on the functions: it
@@ -41,22 +43,19 @@
 //! connection ([`crate::output`]), so a function whose queue is full can never
 //! block the connection its own publishes go through.
 
+pub(crate) mod intake;
 mod sequencer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet, Publish, QoS, SubscribeFilter};
-use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, Packet, QoS, SubscribeFilter};
+use tokio::sync::watch;
 
 use super::{Source, SourceContext, SourceError};
 use crate::config::MqttEndpoint;
-use crate::event::{AckGuard, Event, SourceKind};
-use sequencer::AckSequencer;
-
-use crate::router::Router;
+use intake::IntakeOptions;
 
 /// QoS 0 messages waiting for the dispatcher at most (see Back-pressure).
 pub const MAX_HELD_QOS0: usize = 1024;
@@ -94,46 +93,6 @@ pub struct MqttSource {
     ack_point: AckPoint,
 }
 
-/// A received message awaiting its turn to be acknowledged.
-struct Pending {
-    n: u64,
-    generation: u64,
-    ack: Option<Publish>,
-}
-
-/// A received message on its way to the router.
-struct Intake {
-    n: u64,
-    event: Event,
-    /// Payload bytes if it is a QoS 0 message (counted in [`Held`]).
-    qos0: Option<usize>,
-}
-
-/// What waits for the dispatcher without an in-flight window to bound it.
-#[derive(Default)]
-struct Held {
-    count: AtomicUsize,
-    bytes: AtomicUsize,
-}
-
-impl Held {
-    /// Takes room for a QoS 0 message of `len` bytes, if there is any.
-    fn admit(&self, len: usize) -> bool {
-        let full = self.count.load(Ordering::Relaxed) >= MAX_HELD_QOS0
-            || self.bytes.load(Ordering::Relaxed) + len > MAX_HELD_QOS0_BYTES;
-        if !full {
-            self.count.fetch_add(1, Ordering::Relaxed);
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        !full
-    }
-
-    fn release(&self, len: usize) {
-        self.count.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(len, Ordering::Relaxed);
-    }
-}
-
 impl Source for MqttSource {
     type Config = MqttSourceConfig;
 
@@ -152,51 +111,32 @@ impl Source for MqttSource {
     }
 
     async fn run(mut self, ctx: SourceContext) {
-        let generation = Arc::new(AtomicU64::new(0));
-        let (received_tx, received_rx) = mpsc::unbounded_channel::<Pending>();
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<(u64, bool)>();
-        let (acked_tx, mut acked) = watch::channel(0u64);
-        let acker = tokio::spawn(ack_in_order(
-            self.client.clone(),
-            generation.clone(),
-            received_rx,
-            done_rx,
-            acked_tx,
-        ));
-        let held = Arc::new(Held::default());
-        let (intake_tx, intake_rx) = mpsc::unbounded_channel::<Intake>();
-        tokio::spawn(dispatch(
+        let (mut intaker, mut acker) = intake::start(
             ctx.router.clone(),
-            intake_rx,
-            done_tx,
             ctx.cancel.clone(),
-            self.ack_point,
-            held.clone(),
-        ));
+            Some(intake::AckClient::V4(self.client.clone())),
+            ctx.metrics.clone(),
+            IntakeOptions {
+                ack_point: self.ack_point,
+                attributes: Vec::new(),
+                counters: Arc::new(intake::SourceCounters),
+            },
+        );
         drop(ctx.router);
-        let mut intaker = Intaker {
-            intake: Some(intake_tx),
-            received: received_tx,
-            generation: generation.clone(),
-            held,
-            metrics: ctx.metrics.clone(),
-            next: 0,
-            dropping: false,
-        };
         let mut failures = 0u32;
         loop {
-            let stopping = intaker.intake.is_none();
+            let stopping = intaker.stopped();
             let polled = tokio::select! {
                 () = ctx.cancel.cancelled(), if !stopping => {
                     // Stop dispatching: the dispatcher drops the router once
                     // it has passed on what it holds, which lets the workers
                     // drain. Keep polling so the acks of what is in flight
                     // still reach the broker.
-                    intaker.intake = None;
+                    intaker.stop();
                     continue;
                 }
                 // Every dispatched message has had its turn at the acker.
-                r = acked.wait_for(|handled| *handled >= intaker.next), if stopping => {
+                r = acker.handled.wait_for(|handled| *handled >= intaker.taken()), if stopping => {
                     let _ = r;
                     break;
                 }
@@ -214,9 +154,9 @@ impl Source for MqttSource {
                 Ok(_) => {}
                 Err(e) => {
                     // Acks of this connection's messages are void now.
-                    generation.fetch_add(1, Ordering::Relaxed);
+                    intaker.connection_lost();
                     ctx.ready.send_replace(false);
-                    if intaker.intake.is_none() {
+                    if intaker.stopped() {
                         break;
                     }
                     ctx.metrics
@@ -230,7 +170,7 @@ impl Source for MqttSource {
                         tracing::debug!(error = %e, attempt = failures, "MQTT source reconnect failed.");
                     }
                     tokio::select! {
-                        () = ctx.cancel.cancelled() => { intaker.intake = None; }
+                        () = ctx.cancel.cancelled() => { intaker.stop(); }
                         () = tokio::time::sleep(wait) => {}
                     }
                 }
@@ -238,7 +178,7 @@ impl Source for MqttSource {
         }
         drop(intaker);
         // Flush the last acks before disconnecting: requests go out in order.
-        let _ = acker.await;
+        let _ = acker.task.await;
         let _ = self.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
@@ -267,148 +207,6 @@ impl MqttSource {
             tracing::error!(error = %e, "MQTT source could not subscribe.");
         } else {
             tracing::info!(filters = ?self.filters, session_present, "MQTT source connected and subscribing.");
-        }
-    }
-}
-
-/// Takes received messages in: counts them, queues their acknowledgement
-/// turn and hands them to the dispatcher.
-struct Intaker {
-    /// `None` once stopping: later messages stay unacknowledged.
-    intake: Option<mpsc::UnboundedSender<Intake>>,
-    received: mpsc::UnboundedSender<Pending>,
-    generation: Arc<AtomicU64>,
-    held: Arc<Held>,
-    metrics: Arc<crate::metrics::GatewayMetrics>,
-    /// Messages taken in so far.
-    next: u64,
-    /// QoS 0 messages are being dropped (logged once per stall).
-    dropping: bool,
-}
-
-impl Intaker {
-    fn take(&mut self, p: Publish) {
-        let Some(intake) = &self.intake else {
-            // Stopping: leave it unacknowledged; the broker redelivers it to
-            // the next run.
-            return;
-        };
-        let qos0 = (p.qos == QoS::AtMostOnce).then_some(p.payload.len());
-        if let Some(len) = qos0
-            && !self.held.admit(len)
-        {
-            self.metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
-            if !self.dropping {
-                tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
-                self.dropping = true;
-            }
-            return;
-        }
-        self.dropping = false;
-        self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-        let n = self.next;
-        self.next += 1;
-        let ack = (p.qos != QoS::AtMostOnce).then(|| {
-            let mut a = Publish::new(p.topic.clone(), p.qos, Vec::new());
-            a.pkid = p.pkid;
-            a
-        });
-        let _ = self.received.send(Pending {
-            n,
-            generation: self.generation.load(Ordering::Relaxed),
-            ack,
-        });
-        let _ = intake.send(Intake {
-            n,
-            event: event_of(p),
-            qos0,
-        });
-    }
-}
-
-/// The event of a received message.
-fn event_of(p: Publish) -> Event {
-    let mut event = Event::new(SourceKind::Mqtt, p.topic, p.payload);
-    event
-        .attributes
-        .push(("qos".into(), (p.qos as u8).to_string()));
-    event
-        .attributes
-        .push(("retain".into(), p.retain.to_string()));
-    if p.dup {
-        event.attributes.push(("dup".into(), "true".into()));
-    }
-    event
-}
-
-/// Hands received messages to the router in receive order, waiting while a
-/// queue is full, so the task polling the event loop never has to. Reports
-/// each as done to the acker (`true`: acknowledge it), directly or through
-/// the event's [`AckGuard`]. Once `cancel` fires, what it still holds is
-/// reported without acknowledgement (the broker redelivers it). Dropping the
-/// router at the end lets the workers drain.
-async fn dispatch(
-    router: Arc<Router>,
-    mut intake: mpsc::UnboundedReceiver<Intake>,
-    done: mpsc::UnboundedSender<(u64, bool)>,
-    cancel: CancellationToken,
-    ack_point: AckPoint,
-    held: Arc<Held>,
-) {
-    while let Some(Intake { n, mut event, qos0 }) = intake.recv().await {
-        if let Some(len) = qos0 {
-            held.release(len);
-        }
-        if cancel.is_cancelled() {
-            let _ = done.send((n, false));
-            continue;
-        }
-        let done = done.clone();
-        let guard = Arc::new(AckGuard::new(move || {
-            let _ = done.send((n, true));
-        }));
-        if ack_point == AckPoint::Handled {
-            event.ack = Some(guard.clone());
-        }
-        router.dispatch(event).await;
-        drop(guard);
-    }
-}
-
-/// Acknowledges received messages in receive order, each once its event is
-/// done; reports how many it has handled. Runs until the source closes
-/// `received` and the queue is empty.
-async fn ack_in_order(
-    client: AsyncClient,
-    generation: Arc<AtomicU64>,
-    mut received: mpsc::UnboundedReceiver<Pending>,
-    mut done: mpsc::UnboundedReceiver<(u64, bool)>,
-    handled: watch::Sender<u64>,
-) {
-    let mut order = AckSequencer::new();
-    let (mut received_open, mut done_open) = (true, true);
-    while received_open || done_open {
-        tokio::select! {
-            r = received.recv(), if received_open => match r {
-                Some(p) => order.received(p.n, p),
-                None => received_open = false,
-            },
-            d = done.recv(), if done_open => match d {
-                Some((n, ack)) => order.finished(n, ack),
-                None => done_open = false,
-            },
-        }
-        for p in order.release() {
-            if let Some(publish) = p.ack
-                && p.generation == generation.load(Ordering::Relaxed)
-                && let Err(e) = client.ack(&publish).await
-            {
-                tracing::warn!(error = %e, "Acknowledgement could not be queued.");
-            }
-        }
-        handled.send_replace(order.released());
-        if !received_open && order.is_empty() {
-            break;
         }
     }
 }

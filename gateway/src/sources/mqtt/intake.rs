@@ -1,0 +1,363 @@
+//! Message intake shared by the MQTT source and the MQTT sinks' cloud
+//! commands: received messages become events, go to the router in receive
+//! order, and are acknowledged (PUBACK) strictly in receive order once done.
+//!
+//! The task polling the connection's event loop only calls
+//! [`Intaker::take`], which never waits: a dispatcher task hands the events
+//! to the router (waiting on full queues), and an acker task sends the
+//! acknowledgements (acking from the poll loop can deadlock once the request
+//! channel is full). Messages of a connection that was lost are never acked
+//! on the next one: the broker redelivers them. Once stopped, messages are
+//! neither dispatched nor acknowledged (the broker redelivers them to the
+//! next run), and the dispatcher drops its router handle, which lets the
+//! function workers drain.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use rumqttc::{AsyncClient, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::sequencer::AckSequencer;
+use super::{AckPoint, MAX_HELD_QOS0, MAX_HELD_QOS0_BYTES};
+use crate::event::{AckGuard, Event, SourceKind};
+use crate::metrics::GatewayMetrics;
+use crate::router::Router;
+
+/// Counts what an intake takes in and acknowledges, besides the gateway-wide
+/// counters.
+pub(crate) trait IntakeCounters: Send + Sync + 'static {
+    /// A message was taken in (handed to the dispatcher).
+    fn taken(&self, metrics: &GatewayMetrics);
+    /// A message was acknowledged to its broker.
+    fn acked(&self) {}
+}
+
+/// The MQTT source's counters: its events count as the gateway's MQTT
+/// input (`edgefn_source_events_total{source="mqtt"}`).
+pub(crate) struct SourceCounters;
+
+impl IntakeCounters for SourceCounters {
+    fn taken(&self, metrics: &GatewayMetrics) {
+        metrics.events_in.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What differs between the users of an intake.
+pub(crate) struct IntakeOptions {
+    /// When a message is acknowledged.
+    pub ack_point: AckPoint,
+    /// Attributes added to every event (after `qos`, `retain`, `dup`).
+    pub attributes: Vec<(String, String)>,
+    /// Extra counters.
+    pub counters: Arc<dyn IntakeCounters>,
+}
+
+/// The client a message is acknowledged through: of either protocol
+/// version (the MQTT source is 3.1.1; a sink may be 5).
+#[derive(Clone)]
+pub(crate) enum AckClient {
+    /// MQTT 3.1.1.
+    V4(AsyncClient),
+    /// MQTT 5.
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl AckClient {
+    /// Queues the acknowledgement of message `pkid` (at `qos`) on `topic`.
+    async fn ack(&self, topic: &str, qos: QoS, pkid: u16) -> Result<(), String> {
+        match self {
+            Self::V4(c) => {
+                let mut p = Publish::new(topic, qos, Vec::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            Self::V5(c) => {
+                use rumqttc::v5::mqttbytes::QoS as Qos5;
+                let qos = match qos {
+                    QoS::AtMostOnce => Qos5::AtMostOnce,
+                    QoS::AtLeastOnce => Qos5::AtLeastOnce,
+                    QoS::ExactlyOnce => Qos5::ExactlyOnce,
+                };
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(topic, qos, Vec::new(), None);
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// A received message awaiting its turn to be acknowledged.
+struct Pending {
+    n: u64,
+    generation: u64,
+    /// The client of the connection it came on; the topic, QoS and packet
+    /// id of the message.
+    ack: Option<(AckClient, String, QoS, u16)>,
+}
+
+/// A received message on its way to the router.
+struct Intake {
+    n: u64,
+    event: Event,
+    /// Payload bytes if it is a QoS 0 message (counted in [`Held`]).
+    qos0: Option<usize>,
+}
+
+/// What waits for the dispatcher without an in-flight window to bound it.
+#[derive(Default)]
+struct Held {
+    count: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Held {
+    /// Takes room for a QoS 0 message of `len` bytes, if there is any.
+    fn admit(&self, len: usize) -> bool {
+        let full = self.count.load(Ordering::Relaxed) >= MAX_HELD_QOS0
+            || self.bytes.load(Ordering::Relaxed) + len > MAX_HELD_QOS0_BYTES;
+        if !full {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        !full
+    }
+
+    fn release(&self, len: usize) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+/// The acker task and how far it got.
+pub(crate) struct Acker {
+    /// Ends once the [`Intaker`] is dropped and every message taken in has
+    /// had its turn.
+    pub task: JoinHandle<()>,
+    /// How many messages have had their turn (acknowledged or left).
+    pub handled: watch::Receiver<u64>,
+}
+
+/// Starts the dispatcher and acker tasks of one intake; messages are
+/// acknowledged through `client` until [`Intaker::connected`] names another
+/// (`None`: not connected yet).
+pub(crate) fn start(
+    router: Arc<Router>,
+    cancel: CancellationToken,
+    client: Option<AckClient>,
+    metrics: Arc<GatewayMetrics>,
+    options: IntakeOptions,
+) -> (Intaker, Acker) {
+    let generation = Arc::new(AtomicU64::new(0));
+    let (received_tx, received_rx) = mpsc::unbounded_channel::<Pending>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<(u64, bool)>();
+    let (handled_tx, handled) = watch::channel(0u64);
+    let task = tokio::spawn(ack_in_order(
+        generation.clone(),
+        received_rx,
+        done_rx,
+        handled_tx,
+        options.counters.clone(),
+    ));
+    let held = Arc::new(Held::default());
+    let (intake_tx, intake_rx) = mpsc::unbounded_channel::<Intake>();
+    tokio::spawn(dispatch(
+        router,
+        intake_rx,
+        done_tx,
+        cancel,
+        options.ack_point,
+        held.clone(),
+    ));
+    let intaker = Intaker {
+        intake: Some(intake_tx),
+        received: received_tx,
+        generation,
+        held,
+        metrics,
+        client,
+        attributes: options.attributes,
+        counters: options.counters,
+        next: 0,
+        dropping: false,
+    };
+    (intaker, Acker { task, handled })
+}
+
+/// Takes received messages in: counts them, queues their acknowledgement
+/// turn and hands them to the dispatcher. Never waits.
+pub(crate) struct Intaker {
+    /// `None` once stopping: later messages stay unacknowledged.
+    intake: Option<mpsc::UnboundedSender<Intake>>,
+    received: mpsc::UnboundedSender<Pending>,
+    generation: Arc<AtomicU64>,
+    held: Arc<Held>,
+    metrics: Arc<GatewayMetrics>,
+    /// The client of the current connection.
+    client: Option<AckClient>,
+    attributes: Vec<(String, String)>,
+    counters: Arc<dyn IntakeCounters>,
+    /// Messages taken in so far.
+    next: u64,
+    /// QoS 0 messages are being dropped (logged once per stall).
+    dropping: bool,
+}
+
+impl Intaker {
+    /// Stops taking messages in; the dispatcher drops the router once it has
+    /// passed on what it holds.
+    pub(crate) fn stop(&mut self) {
+        self.intake = None;
+    }
+
+    /// Whether [`Intaker::stop`] was called.
+    pub(crate) fn stopped(&self) -> bool {
+        self.intake.is_none()
+    }
+
+    /// How many messages were taken in.
+    pub(crate) fn taken(&self) -> u64 {
+        self.next
+    }
+
+    /// The connection was lost: acknowledgements of its messages are void.
+    pub(crate) fn connection_lost(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages from now on come on the connection of `client`.
+    pub(crate) fn connected(&mut self, client: AckClient) {
+        self.client = Some(client);
+    }
+
+    /// Takes one received message in.
+    pub(crate) fn take(&mut self, p: Publish) {
+        let Some(intake) = &self.intake else {
+            // Stopping: leave it unacknowledged; the broker redelivers it to
+            // the next run.
+            return;
+        };
+        let qos0 = (p.qos == QoS::AtMostOnce).then_some(p.payload.len());
+        if let Some(len) = qos0
+            && !self.held.admit(len)
+        {
+            self.metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.dropping {
+                tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
+                self.dropping = true;
+            }
+            return;
+        }
+        self.dropping = false;
+        self.counters.taken(&self.metrics);
+        let n = self.next;
+        self.next += 1;
+        let ack = match &self.client {
+            Some(client) if p.qos != QoS::AtMostOnce => {
+                Some((client.clone(), p.topic.clone(), p.qos, p.pkid))
+            }
+            _ => None,
+        };
+        let _ = self.received.send(Pending {
+            n,
+            generation: self.generation.load(Ordering::Relaxed),
+            ack,
+        });
+        let mut event = event_of(p);
+        event.attributes.extend(self.attributes.iter().cloned());
+        let _ = intake.send(Intake { n, event, qos0 });
+    }
+}
+
+/// The event of a received message.
+fn event_of(p: Publish) -> Event {
+    let mut event = Event::new(SourceKind::Mqtt, p.topic, p.payload);
+    event
+        .attributes
+        .push(("qos".into(), (p.qos as u8).to_string()));
+    event
+        .attributes
+        .push(("retain".into(), p.retain.to_string()));
+    if p.dup {
+        event.attributes.push(("dup".into(), "true".into()));
+    }
+    event
+}
+
+/// Hands received messages to the router in receive order, waiting while a
+/// queue is full, so the task polling the event loop never has to. Reports
+/// each as done to the acker (`true`: acknowledge it), directly or through
+/// the event's [`AckGuard`]. Once `cancel` fires, what it still holds is
+/// reported without acknowledgement (the broker redelivers it). Dropping the
+/// router at the end lets the workers drain.
+async fn dispatch(
+    router: Arc<Router>,
+    mut intake: mpsc::UnboundedReceiver<Intake>,
+    done: mpsc::UnboundedSender<(u64, bool)>,
+    cancel: CancellationToken,
+    ack_point: AckPoint,
+    held: Arc<Held>,
+) {
+    while let Some(Intake { n, mut event, qos0 }) = intake.recv().await {
+        if let Some(len) = qos0 {
+            held.release(len);
+        }
+        if cancel.is_cancelled() {
+            let _ = done.send((n, false));
+            continue;
+        }
+        let done = done.clone();
+        let guard = Arc::new(AckGuard::new(move || {
+            let _ = done.send((n, true));
+        }));
+        if ack_point == AckPoint::Handled {
+            event.ack = Some(guard.clone());
+        }
+        router.dispatch(event).await;
+        drop(guard);
+    }
+}
+
+/// Acknowledges received messages in receive order, each once its event is
+/// done; reports how many it has handled. Runs until the intaker closes
+/// `received` and the queue is empty.
+async fn ack_in_order(
+    generation: Arc<AtomicU64>,
+    mut received: mpsc::UnboundedReceiver<Pending>,
+    mut done: mpsc::UnboundedReceiver<(u64, bool)>,
+    handled: watch::Sender<u64>,
+    counters: Arc<dyn IntakeCounters>,
+) {
+    let mut order = AckSequencer::new();
+    let (mut received_open, mut done_open) = (true, true);
+    while received_open || done_open {
+        tokio::select! {
+            r = received.recv(), if received_open => match r {
+                Some(p) => order.received(p.n, p),
+                None => received_open = false,
+            },
+            d = done.recv(), if done_open => match d {
+                Some((n, ack)) => order.finished(n, ack),
+                None => done_open = false,
+            },
+        }
+        for p in order.release() {
+            let Some((client, topic, qos, pkid)) = p.ack else {
+                continue;
+            };
+            if p.generation != generation.load(Ordering::Relaxed) {
+                continue;
+            }
+            match client.ack(&topic, qos, pkid).await {
+                Ok(()) => counters.acked(),
+                Err(e) => tracing::warn!(error = %e, "Acknowledgement could not be queued."),
+            }
+        }
+        handled.send_replace(order.released());
+        if !received_open && order.is_empty() {
+            break;
+        }
+    }
+}
