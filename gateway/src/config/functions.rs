@@ -131,6 +131,7 @@ pub(super) fn function(
         instance: f.instance,
         breaker: BreakerSpec::from(&f.breaker),
         state: StateQuota::from(&f.state),
+        priority: f.priority,
     })
 }
 

@@ -183,7 +183,7 @@ impl Worker {
                 }
                 breaker.success();
                 self.port
-                    .deliver(f.name(), event, outputs, f.metrics(), &self.beat)
+                    .deliver(f.name(), f.lane(), event, outputs, f.metrics(), &self.beat)
                     .await;
             }
             Err(failure) => {
