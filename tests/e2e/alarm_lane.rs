@@ -1,0 +1,145 @@
+//! The alarm lane: forwards of a `priority = "high"` function overtake a
+//! backlog of normal records waiting for the same sink.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::operations::{get, parse, value};
+use crate::support::*;
+
+/// The sink's in-flight window: the alarm must be among the first this many
+/// records the cloud receives.
+const MAX_INFLIGHT: usize = 20;
+
+fn config(header: &str, cloud_port: u16) -> String {
+    format!(
+        r#"
+{header}
+[outbox]
+max_commits_per_sec = 50
+
+[[functions]]
+name = "readings"
+component = {enrich}
+triggers = ["sensors/+/temperature"]
+sinks = ["cloud"]
+limits = {{ timeout_ms = 5000 }}
+
+[[functions]]
+name = "alarms"
+component = {enrich}
+triggers = ["alarms/+/temperature"]
+sinks = ["cloud"]
+priority = "high"
+limits = {{ timeout_ms = 5000 }}
+
+[[sinks]]
+kind = "mqtt"
+name = "cloud"
+url = "mqtt://127.0.0.1:{cloud_port}"
+topic = "cloud/{{function}}/{{topic}}"
+ack_timeout_s = 10
+max_inflight = {MAX_INFLIGHT}
+
+[admin]
+listen = "127.0.0.1:0"
+"#,
+        enrich = lit(&guest("enrich")),
+    )
+}
+
+/// Polls `cond` (a counter) for up to `within`.
+async fn until(what: &str, within: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_overtakes_ten_thousand_waiting_records() {
+    let port = free_port();
+    let Some(mut cloud) = Mosquitto::start_persistent(port) else {
+        return;
+    };
+    // The cloud's subscriber keeps its session (and its queue) while the
+    // cloud is down; then the cloud goes down before the gateway starts.
+    let mut cloud_sub = persistent_subscriber(port, "alarm-lane-watcher", &["cloud/#"]).await;
+    cloud.stop();
+    let (gw, _dir) = gateway(&config(&gateway_header("gw-lane"), port)).await;
+    let (host, lport) = gw.local_broker();
+    let mut sensor = Publisher::connect(host, lport).await;
+    let n = 10_000u64;
+    for i in 0..n {
+        sensor
+            .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+            .await;
+    }
+    let stored = gw.outbox().sink_stats("cloud").unwrap();
+    until(
+        "the backlog is in the outbox",
+        Duration::from_secs(120),
+        || stored.rows.load(Ordering::Relaxed) == n,
+    )
+    .await;
+    sensor
+        .publish("alarms/s1/temperature", "{\"value\": 99999}")
+        .await;
+    until("the alarm is in the outbox", WAIT, || {
+        stored.high_rows.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(stored.rows.load(Ordering::Relaxed), n + 1);
+    let addr = gw.admin_addr().expect("admin configured");
+    let metrics = parse(&get(addr, "/metrics", None).await.1);
+    let lane = |l: &str| {
+        value(
+            &metrics,
+            &format!(r#"edgefn_outbox_lane_records{{sink="cloud",lane="{l}"}}"#),
+        )
+    };
+    assert_eq!((lane("high"), lane("normal")), (1.0, n as f64));
+
+    cloud.restart();
+    // Every record arrives: the alarm among the first window, the readings
+    // in the order they were taken.
+    let mut alarm_at = None;
+    let mut next_reading = 0u64;
+    let mut received = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while alarm_at.is_none() || next_reading < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((topic, payload)) = cloud_sub.next_within(left).await else {
+            panic!(
+                "{received} records arrived; next reading {next_reading}, alarm at {alarm_at:?}"
+            );
+        };
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        let value = v["payload"]["celsius"].as_f64().unwrap() as u64;
+        if topic.starts_with("cloud/alarms/") {
+            assert_eq!(value, 99_999);
+            alarm_at.get_or_insert(received);
+        } else if value == next_reading {
+            next_reading += 1;
+        } else {
+            // A duplicate (at-least-once) may repeat an earlier reading,
+            // never skip ahead.
+            assert!(
+                value < next_reading,
+                "reading {value} before {next_reading}"
+            );
+        }
+        received += 1;
+    }
+    let alarm_at = alarm_at.unwrap();
+    assert!(
+        alarm_at < MAX_INFLIGHT,
+        "the alarm was record {alarm_at} to arrive, after {alarm_at} waiting readings"
+    );
+    until("the outbox drains", WAIT, || {
+        stored.rows.load(Ordering::Relaxed) == 0 && stored.high_rows.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert!(gw.shutdown(WAIT).await);
+}
