@@ -143,3 +143,57 @@ async fn an_alarm_overtakes_ten_thousand_waiting_records() {
     .await;
     assert!(gw.shutdown(WAIT).await);
 }
+
+/// `enrich` with `priority`, forwarding to a sink whose cloud is down (its
+/// records stay in the outbox, where their lane can be seen).
+fn offline_config(priority: &str, cloud_port: u16) -> String {
+    format!(
+        "{}\n[[functions]]\nname = \"enrich\"\ncomponent = {}\ntriggers = [\"sensors/+/temperature\"]\nsinks = [\"cloud\"]\npriority = \"{priority}\"\n\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        gateway_header("gw-lane-reload"),
+        lit(&guest("enrich")),
+        cloud_port,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_priority_without_a_restart() {
+    use edgefn::runtime::reload::ReloadOutcome;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let cloud_port = free_port();
+    std::fs::write(&path, offline_config("normal", cloud_port)).unwrap();
+    let gw = edgefn::supervisor::Gateway::start(&edgefn::config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let (host, port) = gw.local_broker();
+    let mut sensor = Publisher::connect(host, port).await;
+    let stored = gw.outbox().sink_stats("cloud").unwrap();
+    sensor
+        .publish("sensors/s1/temperature", r#"{"value": 1}"#)
+        .await;
+    eventually("the normal record is stored", || {
+        stored.rows.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(stored.high_rows.load(Ordering::Relaxed), 0);
+
+    std::fs::write(&path, offline_config("high", cloud_port)).unwrap();
+    let outcome = gw.reload(edgefn::config::load(&path).unwrap()).await;
+    let ReloadOutcome::Applied {
+        switched,
+        restart_needed,
+    } = outcome
+    else {
+        panic!("refused: {outcome:?}");
+    };
+    assert_eq!((switched, restart_needed), (1, vec![]));
+    sensor
+        .publish("sensors/s1/temperature", r#"{"value": 2}"#)
+        .await;
+    eventually("the next record is stored in the high lane", || {
+        stored.rows.load(Ordering::Relaxed) == 2 && stored.high_rows.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(gw.shutdown(WAIT).await);
+}
