@@ -197,3 +197,96 @@ async fn a_reload_changes_the_priority_without_a_restart() {
     .await;
     assert!(gw.shutdown(WAIT).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_sink_sends_the_alarm_right_after_the_batch_it_is_retrying() {
+    let port = free_port();
+    let toml = format!(
+        r#"
+{header}
+[outbox]
+max_commits_per_sec = 100
+
+[[functions]]
+name = "readings"
+component = {enrich}
+triggers = ["sensors/+/temperature"]
+sinks = ["web"]
+config = {{ sink = "web" }}
+
+[[functions]]
+name = "alarms"
+component = {enrich}
+triggers = ["alarms/+/temperature"]
+sinks = ["web"]
+config = {{ sink = "web" }}
+priority = "high"
+
+[[sinks]]
+kind = "http"
+name = "web"
+url = "http://127.0.0.1:{port}/ingest"
+timeout_ms = 300
+max_backoff_ms = 200
+batch_max = 10
+"#,
+        header = gateway_header("gw-lane-http"),
+        enrich = lit(&guest("enrich")),
+    );
+    // Nothing listens yet: the first batch is retried while records queue.
+    let (gw, _dir) = gateway(&toml).await;
+    let (host, lport) = gw.local_broker();
+    let mut sensor = Publisher::connect(host, lport).await;
+    for i in 0..50 {
+        sensor
+            .publish("sensors/s1/temperature", format!("{{\"value\": {i}}}"))
+            .await;
+    }
+    let stored = gw.outbox().sink_stats("web").unwrap();
+    eventually("the readings are in the outbox", || {
+        stored.rows.load(Ordering::Relaxed) == 50
+    })
+    .await;
+    sensor
+        .publish("alarms/s1/temperature", "{\"value\": 99999}")
+        .await;
+    eventually("the alarm is in the outbox", || {
+        stored.high_rows.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    let mut srv = crate::sinks::server_on(port, Vec::new()).await;
+    let mut batches = Vec::new();
+    while batches.iter().map(Vec::len).sum::<usize>() < 51 {
+        let (body, _, _) = tokio::time::timeout(WAIT, srv.accepted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let batch: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let batch: Vec<(String, u64)> = batch
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let f = e["function"].as_str().unwrap().to_owned();
+                (f, e["payload"]["celsius"].as_f64().unwrap() as u64)
+            })
+            .collect();
+        batches.push(batch);
+    }
+    // The batch being retried when the alarm came goes first (HTTP sends one
+    // batch at a time), then the alarm alone, then the rest in order.
+    assert!(
+        batches[0].iter().all(|(f, _)| f == "readings"),
+        "{batches:?}"
+    );
+    assert_eq!(batches[1], [("alarms".to_owned(), 99_999)], "{batches:?}");
+    let readings: Vec<u64> = [&batches[0][..]]
+        .into_iter()
+        .chain(batches[2..].iter().map(Vec::as_slice))
+        .flatten()
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(readings, (0..50).collect::<Vec<_>>());
+    assert!(gw.shutdown(WAIT).await);
+}
