@@ -60,6 +60,7 @@ async fn main() {
                         topic: "sensors/s1/temperature".into(),
                         payload: payload.clone(),
                         ts_ms: 0,
+                        lane: edgefn::outbox::Lane::Normal,
                     };
                     outbox
                         .append(vec![record], Some(Box::new(Ack(acked.clone()))))

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MqttEndpoint;
 use crate::event::{Event, now_ms};
 use crate::metrics::{FunctionMetrics, GatewayMetrics};
-use crate::outbox::{NewRecord, Outbox};
+use crate::outbox::{Lane, NewRecord, Outbox};
 use crate::progress::{Activity, Beat};
 use crate::sources::SourceStats;
 use crate::text::bounded;
@@ -90,10 +90,12 @@ impl OutputPort {
     /// so the event is acknowledged only after they are committed. Waits
     /// while a queue is full (back-pressure to the function's worker); a
     /// wait for room in the outbox is idle for `beat` (deliberate
-    /// back-pressure, not a stall).
+    /// back-pressure, not a stall). The forwards wait in `lane` (the
+    /// function's priority).
     pub async fn deliver(
         &self,
         function: &str,
+        lane: Lane,
         event: &Arc<Event>,
         outputs: Outputs,
         metrics: &FunctionMetrics,
@@ -142,6 +144,7 @@ impl OutputPort {
                 topic: event.topic.clone(),
                 payload: f.payload,
                 ts_ms,
+                lane,
             })
             .collect();
         beat.idle();

@@ -12,6 +12,7 @@
 )]
 
 mod ack_order;
+mod alarm_lane;
 mod backpressure;
 mod bad_input;
 mod broker_security;

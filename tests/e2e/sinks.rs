@@ -42,6 +42,20 @@ pub(crate) async fn server_with(
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve(listener, script, tls)
+}
+
+/// [`server`] on `port` (e.g. one a sink already retries against).
+pub(crate) async fn server_on(port: u16, script: Vec<Reply>) -> Server {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    serve(listener, script, None)
+}
+
+fn serve(
+    listener: TcpListener,
+    script: Vec<Reply>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> Server {
     let port = listener.local_addr().unwrap().port();
     let script = Arc::new(Mutex::new(VecDeque::from(script)));
     let requests = Arc::new(Mutex::new(0u32));

@@ -361,6 +361,22 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "Records waiting in the outbox, per sink.",
         &|i| stored(i).map_or(0, |s| get(&s.rows)),
     );
+    {
+        let mut f = Family::new(
+            &mut out,
+            "edgefn_outbox_lane_records",
+            "gauge",
+            "Records waiting in the outbox, per sink and lane (high: alarms, delivered first).",
+        );
+        for (i, (sink, _, _)) in state.sinks.iter().enumerate() {
+            let (rows, high) = stored(i).map_or((0, 0), |s| (get(&s.rows), get(&s.high_rows)));
+            f.sample(&[("sink", sink), ("lane", "high")], high);
+            f.sample(
+                &[("sink", sink), ("lane", "normal")],
+                rows.saturating_sub(high),
+            );
+        }
+    }
     per_sink(
         &mut out,
         "edgefn_outbox_bytes",

@@ -3,7 +3,7 @@
 //! the running gateway does not have.
 //!
 //! Applied live: a function's component, `config`, `publish`, `sinks`,
-//! `serial_ports`, `instance`, `state` and the limits an invocation checks
+//! `serial_ports`, `instance`, `state`, `priority` and the limits an invocation checks
 //! (`timeout_ms`, `memory_mib`, `max_calls`, …). Everything else is built at
 //! start and needs a restart: `[gateway]`, `[broker]`, `[outbox]`,
 //! `[runtime]`, `[admin]`, every sink and source setting, added or removed

@@ -173,6 +173,7 @@ fn function(
         instance: f.instance,
         breaker: BreakerSpec::from(&f.breaker),
         state: StateQuota::from(&f.state),
+        priority: f.priority,
     })
 }
 

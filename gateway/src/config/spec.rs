@@ -150,6 +150,8 @@ pub struct FunctionSpec {
     pub breaker: BreakerSpec,
     /// Key-value state quotas.
     pub state: StateQuota,
+    /// The outbox lane of its forwards.
+    pub priority: schema::Priority,
 }
 
 /// Validated circuit-breaker settings.

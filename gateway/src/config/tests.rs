@@ -510,3 +510,25 @@ fn broker_retention_has_a_default_and_a_range() {
         );
     }
 }
+
+#[test]
+fn function_priority_defaults_to_normal_and_unknown_values_are_named() {
+    let c = parse_str(MINIMAL).expect("valid");
+    assert_eq!(c.functions[0].priority, schema::Priority::Normal);
+    let c = parse_str(&format!("{MINIMAL}priority = \"high\"\n")).expect("valid");
+    assert_eq!(c.functions[0].priority, schema::Priority::High);
+    let e = errors(&format!("{MINIMAL}priority = \"urgent\"\n"));
+    assert_eq!(e[0].key, "functions[0].priority");
+    assert!(
+        e[0].reason.contains("unknown variant `urgent`")
+            && e[0].reason.contains("`normal`")
+            && e[0].reason.contains("`high`"),
+        "{}",
+        e[0].reason
+    );
+    let rendered = e[0].to_string();
+    assert!(
+        rendered.starts_with("/etc/edgefn/test.toml: functions[0].priority: "),
+        "{rendered}"
+    );
+}

@@ -33,6 +33,8 @@
 //!   appends (back-pressure as under `refuse`); confirmations are retried
 //!   on their own too, since deletes may fit where inserts do not. See
 //!   [`health`].
+//! - **Two lanes**: forwards of `priority = "high"` functions go to the
+//!   high lane and are read before normal ones; see [`lane`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +49,10 @@ use tokio::sync::{mpsc, watch};
 use crate::event::now_ms;
 
 mod health;
+pub mod lane;
 mod writer;
+
+pub use lane::{Cursor, Lane};
 
 use writer::Writer;
 
@@ -117,6 +122,8 @@ pub struct NewRecord {
     pub payload: Bytes,
     /// Forward time, ms since the Unix epoch.
     pub ts_ms: u64,
+    /// The lane it waits in (the forwarding function's priority).
+    pub lane: Lane,
 }
 
 /// A stored record.
@@ -132,6 +139,8 @@ pub struct StoredRecord {
     pub payload: Bytes,
     /// Forward time, ms since the Unix epoch.
     pub ts_ms: u64,
+    /// The lane it waits in.
+    pub lane: Lane,
 }
 
 /// Something whose drop acknowledges an input (the event's guard). Held by
@@ -143,6 +152,8 @@ pub type AckHold = Box<dyn Send + Sync + 'static>;
 pub struct SinkStats {
     /// Rows stored now.
     pub rows: AtomicU64,
+    /// Of `rows`, those in the high lane.
+    pub high_rows: AtomicU64,
     /// Payload bytes stored now.
     pub bytes: AtomicU64,
     /// Rows appended since start.
@@ -248,11 +259,13 @@ fn open_connection(path: &Path) -> Result<Connection, OutboxError> {
              function TEXT    NOT NULL,
              topic    TEXT    NOT NULL,
              payload  BLOB    NOT NULL,
-             ts_ms    INTEGER NOT NULL
+             ts_ms    INTEGER NOT NULL,
+             lane     INTEGER NOT NULL DEFAULT 1
          );
          CREATE INDEX IF NOT EXISTS records_by_sink ON records (sink, seq);",
     )
     .map_err(sql_err(path))?;
+    lane::migrate(&conn).map_err(sql_err(path))?;
     Ok(conn)
 }
 
@@ -269,15 +282,22 @@ impl Outbox {
         for (i, limits) in config.sinks.iter().enumerate() {
             sinks.insert(limits.sink.clone(), i);
             let s = Arc::new(SinkStats::default());
-            let (rows, bytes): (u64, u64) = conn
+            let (rows, bytes, high): (u64, u64, u64) = conn
                 .query_row(
-                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records WHERE sink = ?1",
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), COALESCE(SUM(lane = 0), 0) FROM records WHERE sink = ?1",
                     params![limits.sink],
-                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, i64>(1)? as u64,
+                            r.get::<_, i64>(2)? as u64,
+                        ))
+                    },
                 )
                 .map_err(sql_err(&path))?;
             s.rows.store(rows, Ordering::Relaxed);
             s.bytes.store(bytes, Ordering::Relaxed);
+            s.high_rows.store(high, Ordering::Relaxed);
             if rows > 0 {
                 tracing::info!(sink = %limits.sink, rows, bytes, "Outbox holds records from before the restart; they will be delivered.");
             }
@@ -441,10 +461,30 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Up to `limit` records of `sink` with `seq > after`, oldest first.
+    /// Up to `limit` records of `sink` past `cursor`, of one lane: the
+    /// high lane's if it has any past the cursor, else the normal lane's;
+    /// oldest first within the lane.
     pub fn next_batch(
         &self,
         sink: &str,
+        cursor: &Cursor,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, OutboxError> {
+        for lane in Lane::ALL {
+            let rows = self.lane_batch(sink, lane, cursor.after(lane), limit)?;
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Up to `limit` records of `sink` in `lane` with `seq > after`, oldest
+    /// first.
+    fn lane_batch(
+        &self,
+        sink: &str,
+        lane: Lane,
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, OutboxError> {
@@ -452,19 +492,23 @@ impl Reader {
             .conn
             .prepare_cached(
                 "SELECT seq, function, topic, payload, ts_ms FROM records
-                 WHERE sink = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                 WHERE sink = ?1 AND lane = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
             )
             .map_err(sql_err(&self.path))?;
         let rows = stmt
-            .query_map(params![sink, after as i64, limit as i64], |r| {
-                Ok(StoredRecord {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    function: r.get(1)?,
-                    topic: r.get(2)?,
-                    payload: Bytes::from(r.get::<_, Vec<u8>>(3)?),
-                    ts_ms: r.get::<_, i64>(4)? as u64,
-                })
-            })
+            .query_map(
+                params![sink, lane.as_db(), after as i64, limit as i64],
+                |r| {
+                    Ok(StoredRecord {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        function: r.get(1)?,
+                        topic: r.get(2)?,
+                        payload: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+                        ts_ms: r.get::<_, i64>(4)? as u64,
+                        lane,
+                    })
+                },
+            )
             .map_err(sql_err(&self.path))?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(sql_err(&self.path))

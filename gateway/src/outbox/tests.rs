@@ -29,6 +29,7 @@ fn record(sink: &str, n: u64) -> NewRecord {
         topic: "t".into(),
         payload: Bytes::from(format!("{{\"n\":{n}}}")),
         ts_ms: now_ms(),
+        lane: Lane::Normal,
     }
 }
 
@@ -52,7 +53,7 @@ async fn records_survive_a_restart_and_sequence_numbers_are_never_reused() {
     let rows = ob
         .reader()
         .expect("reader")
-        .next_batch("cloud", 0, 10)
+        .next_batch("cloud", &Cursor::default(), 10)
         .expect("read");
     assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
     ob.confirm("cloud", vec![2]);
@@ -69,7 +70,7 @@ async fn records_survive_a_restart_and_sequence_numbers_are_never_reused() {
     let rows = ob
         .reader()
         .expect("reader")
-        .next_batch("cloud", 0, 10)
+        .next_batch("cloud", &Cursor::default(), 10)
         .expect("read");
     // Row 2 was deleted; the new row gets 3, not 2.
     assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 3]);
@@ -129,7 +130,7 @@ async fn drop_oldest_keeps_the_newest_rows() {
     let rows = ob
         .reader()
         .expect("reader")
-        .next_batch("cloud", 0, 10)
+        .next_batch("cloud", &Cursor::default(), 10)
         .expect("read");
     assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
     let stats = ob.sink_stats("cloud").expect("sink");
@@ -167,7 +168,7 @@ async fn refuse_holds_appends_until_deliveries_make_room() {
     let rows = ob
         .reader()
         .expect("reader")
-        .next_batch("cloud", 0, 10)
+        .next_batch("cloud", &Cursor::default(), 10)
         .expect("read");
     assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 3]);
 }
@@ -264,7 +265,7 @@ async fn a_failed_commit_keeps_its_holds_and_retries_until_it_succeeds() {
     let rows = ob
         .reader()
         .expect("reader")
-        .next_batch("cloud", 0, 100)
+        .next_batch("cloud", &Cursor::default(), 100)
         .expect("read");
     let readings: Vec<u64> = rows
         .iter()

@@ -231,6 +231,8 @@ impl Writer {
         let err = sql_err(&path);
         let tx = self.conn.transaction().map_err(&err)?;
         let mut deltas: Vec<(i64, i64)> = vec![(0, 0); self.limits.len()];
+        // Change of each sink's high-lane rows.
+        let mut high: Vec<i64> = vec![0; self.limits.len()];
         let mut delivered = vec![0u64; self.limits.len()];
         let mut expired = vec![0u64; self.limits.len()];
         let mut dropped = vec![0u64; self.limits.len()];
@@ -241,16 +243,19 @@ impl Writer {
         {
             let mut del = tx
                 .prepare_cached(
-                    "DELETE FROM records WHERE seq = ?1 AND sink = ?2 RETURNING LENGTH(payload)",
+                    "DELETE FROM records WHERE seq = ?1 AND sink = ?2 RETURNING LENGTH(payload), lane",
                 )
                 .map_err(&err)?;
             for (sink, seqs) in confirms {
                 for seq in seqs {
-                    let len: Option<i64> = del
-                        .query_row(params![*seq as i64, self.limits[*sink].sink], |r| r.get(0))
+                    let gone: Option<(i64, i64)> = del
+                        .query_row(params![*seq as i64, self.limits[*sink].sink], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
                         .optional()
                         .map_err(&err)?;
-                    if let Some(len) = len {
+                    if let Some((len, lane)) = gone {
+                        high[*sink] -= i64::from(Lane::from_db(lane) == Lane::High);
                         deltas[*sink].0 -= 1;
                         deltas[*sink].1 -= len;
                         delivered[*sink] += 1;
@@ -263,11 +268,11 @@ impl Writer {
             for (i, l) in self.limits.iter().enumerate() {
                 let cutoff =
                     now.saturating_sub(u64::try_from(l.ttl.as_millis()).unwrap_or(u64::MAX));
-                let (n, bytes): (i64, i64) = tx
+                let (n, bytes, n_high): (i64, i64, i64) = tx
                     .query_row(
-                        "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM records WHERE sink = ?1 AND ts_ms < ?2",
+                        "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), COALESCE(SUM(lane = 0), 0) FROM records WHERE sink = ?1 AND ts_ms < ?2",
                         params![l.sink, cutoff as i64],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                     )
                     .map_err(&err)?;
                 if n > 0 {
@@ -278,6 +283,7 @@ impl Writer {
                     .map_err(&err)?;
                     deltas[i].0 -= n;
                     deltas[i].1 -= bytes;
+                    high[i] -= n_high;
                     expired[i] += n as u64;
                     tracing::warn!(sink = %l.sink, rows = n, ttl_s = l.ttl.as_secs(), "Outbox records expired undelivered (TTL).");
                 }
@@ -289,7 +295,7 @@ impl Writer {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO records (sink, function, topic, payload, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO records (sink, function, topic, payload, ts_ms, lane) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(&err)?;
             'appends: while let Some(append) = pending.pop_front() {
@@ -323,15 +329,18 @@ impl Writer {
                             while rows > 0
                                 && (rows >= l.max_rows as i64 || bytes + need > l.max_bytes as i64)
                             {
-                                let gone: Option<i64> = tx
+                                // The oldest normal row; a high one only
+                                // when no normal row is left (see `lane`).
+                                let gone: Option<(i64, i64)> = tx
                                     .query_row(
-                                        "DELETE FROM records WHERE seq = (SELECT seq FROM records WHERE sink = ?1 ORDER BY seq LIMIT 1) RETURNING LENGTH(payload)",
+                                        "DELETE FROM records WHERE seq = (SELECT seq FROM records WHERE sink = ?1 AND lane = (SELECT MAX(lane) FROM records WHERE sink = ?1) ORDER BY seq LIMIT 1) RETURNING LENGTH(payload), lane",
                                         params![l.sink],
-                                        |r| r.get(0),
+                                        |r| Ok((r.get(0)?, r.get(1)?)),
                                     )
                                     .optional()
                                     .map_err(&err)?;
-                                let Some(len) = gone else { break };
+                                let Some((len, lane)) = gone else { break };
+                                high[i] -= i64::from(Lane::from_db(lane) == Lane::High);
                                 rows -= 1;
                                 bytes -= len;
                                 deltas[i].0 -= 1;
@@ -357,9 +366,11 @@ impl Writer {
                         r.function,
                         r.topic,
                         r.payload.as_ref(),
-                        r.ts_ms as i64
+                        r.ts_ms as i64,
+                        r.lane.as_db()
                     ])
                     .map_err(&err)?;
+                    high[i] += i64::from(r.lane == Lane::High);
                     max_seq = max_seq.max(tx.last_insert_rowid() as u64);
                     deltas[i].0 += 1;
                     deltas[i].1 += r.payload.len() as i64;
@@ -377,6 +388,8 @@ impl Writer {
             let new_bytes = (s.bytes.load(Ordering::Relaxed) as i64 + bytes).max(0) as u64;
             s.rows.store(new_rows, Ordering::Relaxed);
             s.bytes.store(new_bytes, Ordering::Relaxed);
+            let new_high = (s.high_rows.load(Ordering::Relaxed) as i64 + high[i]).max(0) as u64;
+            s.high_rows.store(new_high, Ordering::Relaxed);
             s.delivered.fetch_add(delivered[i], Ordering::Relaxed);
             s.expired.fetch_add(expired[i], Ordering::Relaxed);
             s.dropped_full.fetch_add(dropped[i], Ordering::Relaxed);

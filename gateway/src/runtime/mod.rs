@@ -354,6 +354,10 @@ impl Runtime {
             version: version[..12].to_owned(),
             from_cache,
             mode: spec.instance,
+            lane: match spec.priority {
+                crate::config::schema::Priority::Normal => crate::outbox::Lane::Normal,
+                crate::config::schema::Priority::High => crate::outbox::Lane::High,
+            },
             pre,
             engine: self.engine.clone(),
             _ticker: self.ticker.clone(),
@@ -457,6 +461,8 @@ pub struct LoadedFunction {
     version: String,
     from_cache: bool,
     mode: InstanceMode,
+    /// The outbox lane of its forwards (`priority`).
+    lane: crate::outbox::Lane,
     pre: FunctionPre<HostState>,
     engine: Engine,
     _ticker: Arc<Ticker>,
@@ -496,6 +502,11 @@ impl LoadedFunction {
     /// precompiled file) rather than the compiler.
     pub fn from_cache(&self) -> bool {
         self.from_cache
+    }
+
+    /// The outbox lane of its forwards (its `priority`).
+    pub fn lane(&self) -> crate::outbox::Lane {
+        self.lane
     }
 
     /// Its counters.

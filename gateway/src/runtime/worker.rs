@@ -191,7 +191,7 @@ impl Worker {
                     .breaker_state
                     .store(breaker.state() as u8, Ordering::Relaxed);
                 self.port
-                    .deliver(f.name(), event, outputs, f.metrics(), &self.beat)
+                    .deliver(f.name(), f.lane(), event, outputs, f.metrics(), &self.beat)
                     .await;
             }
             Err(failure) => {

@@ -127,6 +127,7 @@ mod tests {
             topic: "sensors/a/temperature".into(),
             payload: bytes::Bytes::copy_from_slice(payload),
             ts_ms: 1_700_000_000_000,
+            lane: crate::outbox::Lane::Normal,
         }
     }
 

@@ -4,11 +4,13 @@
 //! settings, which `edgefn check` runs too, and its task, [`Sink::run`]);
 //! the kinds are listed once, in `sink_kinds!` below. Each configured sink runs one
 //! delivery task that reads its records from the [`Outbox`] in sequence
-//! order, sends them, and confirms each record only when the other side has
-//! acknowledged *that* record (MQTT PUBACK for its packet id, HTTP 2xx).
-//! Confirmed rows are deleted; everything else is sent again after a
-//! reconnect or restart, so delivery is at-least-once and in order, and the
-//! envelope's `id` (`<gateway>-<seq>`) lets the cloud drop duplicates.
+//! order, the high lane's before the normal one's (see
+//! [`crate::outbox::lane`]), sends them, and confirms each record only when
+//! the other side has acknowledged *that* record (MQTT PUBACK for its packet
+//! id, HTTP 2xx). Confirmed rows are deleted; everything else is sent again
+//! after a reconnect or restart, so delivery is at-least-once and in order
+//! within each lane, and the envelope's `id` (`<gateway>-<seq>`) lets the
+//! cloud drop duplicates.
 //!
 //! Kinds: [`mqtt`] (3.1.1 or 5, QoS 1, TLS and mutual TLS) and [`http`]
 //! (POSTed batches, retries with back-off and jitter).

@@ -41,6 +41,22 @@ pub struct FunctionConfig {
     /// Quotas of the function's durable key-value state (`kv` interface).
     #[serde(default)]
     pub state: StateConfig,
+    /// `normal` (default) or `high`: the outbox lane of its forwards. High
+    /// records (alarms) are delivered before any normal record waiting for
+    /// the same sink, so an alarm is not stuck behind a backlog.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// The outbox lane of a function's forwards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Delivered in order with everything else.
+    #[default]
+    Normal,
+    /// Delivered before any waiting normal record.
+    High,
 }
 
 /// How instances are used.

@@ -9,6 +9,9 @@
 //!   dead-letter topic with the status and the start of the response body,
 //!   and delivery moves on.
 //!
+//! Records of the outbox's high lane are sent before normal ones, and a
+//! batch never mixes lanes (see [`crate::outbox::lane`]).
+//!
 //! Each request carries `Idempotency-Key: <gateway>-<first seq>-<last seq>`
 //! and every envelope its own `id`.
 //!
@@ -132,10 +135,13 @@ impl Sink for HttpSink {
             EnvelopeFormat::Json => "application/json",
             EnvelopeFormat::Cbor => "application/cbor",
         };
-        let mut after = 0u64;
+        let mut after = crate::outbox::Cursor::default();
         'batches: while !ctx.stop.is_cancelled() {
-            let mut batch = match reader.next_batch(&self.common.name, after, self.common.batch_max)
-            {
+            let mut batch = match reader.next_batch(
+                &self.common.name,
+                &after,
+                self.common.batch_max,
+            ) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
@@ -154,12 +160,12 @@ impl Sink for HttpSink {
                     () = ctx.stop.cancelled() => break,
                     () = tokio::time::sleep(self.common.batch_linger) => {}
                 }
-                if let Ok(more) = reader.next_batch(&self.common.name, after, self.common.batch_max)
+                if let Ok(more) =
+                    reader.next_batch(&self.common.name, &after, self.common.batch_max)
                 {
                     batch = more;
                 }
             }
-            let last = batch[batch.len() - 1].seq;
             let body = envelope::encode_batch(self.common.format, &ctx.gateway_id, &batch, true);
             let key = envelope::batch_key(&ctx.gateway_id, &batch);
             let mut attempt = 0u32;
@@ -212,13 +218,13 @@ impl Sink for HttpSink {
                             .sink_acked
                             .fetch_add(seqs.len() as u64, Ordering::Relaxed);
                         ctx.outbox.confirm(&self.common.name, seqs);
-                        after = last;
+                        after.advance_past(&batch);
                         break;
                     }
                     Outcome::Rejected(reason) => {
                         dead_letter(&ctx, &self.common.name, &reason, &batch).await;
                         ctx.outbox.confirm(&self.common.name, seqs);
-                        after = last;
+                        after.advance_past(&batch);
                         break;
                     }
                     Outcome::Retry(reason) => {

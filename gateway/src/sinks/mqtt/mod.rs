@@ -27,6 +27,12 @@
 //! the first record would make the cloud drop the longer batch as a
 //! duplicate. A single envelope's key is its `id`.
 //!
+//! # Lanes
+//! Each fill of the window reads the outbox's high lane first (see
+//! [`crate::outbox::lane`]): an alarm waits at most for the messages
+//! already in flight. The read position is a [`Cursor`] (one `seq` per
+//! lane), and a message never mixes lanes.
+//!
 //! # Commands
 //! With `subscribe`, the connection also receives cloud commands
 //! ([`commands`]).
@@ -44,7 +50,7 @@ use tokio::sync::mpsc;
 use super::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
 use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
 use crate::config::{KeyChanges, Scope, render_topic};
-use crate::outbox::StoredRecord;
+use crate::outbox::{Cursor, StoredRecord};
 use commands::{Commands, cancelled, command_v5};
 use config::{MqttProtocol, MqttSinkConfig, MqttSinkSpec};
 
@@ -308,16 +314,16 @@ impl Sink for MqttSink {
             return;
         };
         let mut failures = 0u32;
-        // The highest sequence number ever handed to a client: anything at or
-        // below it that is sent again counts as a re-send.
-        let mut high_water = 0u64;
+        // The highest sequence number ever handed to a client, per lane:
+        // anything at or below it that is sent again counts as a re-send.
+        let mut high_water = Cursor::default();
         while !ctx.stop.is_cancelled() {
             // Confirmations of the previous connection must be committed
             // before its records are read again.
             ctx.outbox.flush().await;
             let (client, mut wire, poller) = connect(&spec);
             let mut connected = false;
-            let mut last_sent = 0u64;
+            let mut last_sent = Cursor::default();
             let mut queued: VecDeque<InFlight> = VecDeque::new();
             let mut by_pkid: HashMap<u16, InFlight> = HashMap::new();
             let mut stopping_since: Option<Instant> = None;
@@ -329,7 +335,8 @@ impl Sink for MqttSink {
                         // message): each SQLite read takes and drops a lock.
                         let free = usize::from(spec.max_inflight) - queued.len() - by_pkid.len();
                         let want = free.saturating_mul(self.common.batch_max).min(READ_AHEAD);
-                        let mut rows = match reader.next_batch(&self.common.name, last_sent, want) {
+                        let mut rows = match reader.next_batch(&self.common.name, &last_sent, want)
+                        {
                             Ok(b) => b,
                             Err(e) => {
                                 tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
@@ -344,7 +351,7 @@ impl Sink for MqttSink {
                             tokio::time::sleep(self.common.batch_linger).await;
                             if let Ok(more) = reader.next_batch(
                                 &self.common.name,
-                                last_sent,
+                                &last_sent,
                                 self.common.batch_max,
                             ) {
                                 rows = more;
@@ -364,12 +371,15 @@ impl Sink for MqttSink {
                             take_batch(&mut rows, self.common.batch_max, topic_of)
                         {
                             let Some(last) = batch.last() else { break };
-                            last_sent = last.seq;
-                            let resent = batch.iter().filter(|r| r.seq <= high_water).count();
+                            last_sent.advance_past(&batch);
+                            let resent = batch
+                                .iter()
+                                .filter(|r| high_water.passed(r.lane, r.seq))
+                                .count();
                             if resent > 0 {
                                 ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
                             }
-                            high_water = high_water.max(last_sent);
+                            high_water.advance_past(&batch);
                             let as_array = self.common.batch_max > 1;
                             let body = envelope::encode_batch(
                                 self.common.format,
@@ -565,6 +575,7 @@ mod tests {
             topic: topic.into(),
             payload: bytes::Bytes::from_static(b"{}"),
             ts_ms: 0,
+            lane: crate::outbox::Lane::Normal,
         }
     }
 
