@@ -30,8 +30,8 @@ pub use plugin::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
 // The kinds of `[[sinks]]`: adding one is its folder, one line here, and its
 // docs (see docs/adding-a-kind.md).
 sink_kinds! {
-    Mqtt(mqtt::Mqtt),
-    Http(http::Http),
+    Mqtt(mqtt::Kind),
+    Http(http::Kind),
 }
 
 use std::future::Future;

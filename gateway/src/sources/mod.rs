@@ -25,9 +25,9 @@ pub use plugin::{BuildEnv, BuiltSource, Common, SourcePlugin};
 // The kinds of `[[sources]]`: adding one is its folder, one line here, and
 // its docs (see docs/adding-a-kind.md).
 source_kinds! {
-    Serial(serial::Serial),
-    I2c(i2c::I2c),
-    Timer(timer::Timer),
+    Serial(serial::Kind),
+    I2c(i2c::Kind),
+    Timer(timer::Kind),
 }
 
 use std::future::Future;

@@ -78,6 +78,31 @@ pub struct BuiltSource {
     pub run: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
+impl BuildEnv {
+    /// The watchdog's handle for the source `name`.
+    pub fn beat(&self, name: &str) -> Arc<crate::progress::Beat> {
+        self.progress
+            .watch("source", name, crate::progress::SOURCE_LIMIT)
+    }
+}
+
+impl BuiltSource {
+    /// `source`, to be run with `ctx`, with its counters and (for writable
+    /// kinds) its write queue.
+    pub fn new<S: super::Source>(
+        source: S,
+        stats: Arc<SourceStats>,
+        writes: Option<mpsc::Sender<Bytes>>,
+        ctx: &SourceContext,
+    ) -> Self {
+        Self {
+            stats,
+            writes,
+            run: Box::pin(source.run(ctx.clone())),
+        }
+    }
+}
+
 /// Declares the source kinds: one `Variant(module::Plugin)` line each.
 macro_rules! source_kinds {
     ($($variant:ident($plugin:ty)),+ $(,)?) => {

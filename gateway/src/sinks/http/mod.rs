@@ -76,9 +76,9 @@ fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, (&'static str, reqwest
 }
 
 /// `kind = "http"`.
-pub struct Http;
+pub struct Kind;
 
-impl SinkPlugin for Http {
+impl SinkPlugin for Kind {
     const KIND: &'static str = "http";
     type Config = HttpSinkConfig;
     type Spec = HttpSinkSpec;

@@ -256,9 +256,9 @@ struct InFlight {
 }
 
 /// `kind = "mqtt"`.
-pub struct Mqtt;
+pub struct Kind;
 
-impl SinkPlugin for Mqtt {
+impl SinkPlugin for Kind {
     const KIND: &'static str = "mqtt";
     type Config = MqttSinkConfig;
     type Spec = MqttSinkSpec;

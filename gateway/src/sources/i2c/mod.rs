@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use edgefn_drivers::sensors::{bme280, sht3x};
-use embedded_hal::i2c::I2c as I2cBus;
+use embedded_hal::i2c::I2c;
 use linux_embedded_hal::{Delay, I2cdev};
 
 pub mod config;
@@ -53,9 +53,9 @@ pub struct I2cParts {
 }
 
 /// `kind = "i2c"`.
-pub struct I2c;
+pub struct Kind;
 
-impl SourcePlugin for I2c {
+impl SourcePlugin for Kind {
     const KIND: &'static str = "i2c";
     type Config = I2cSourceConfig;
     type Spec = I2cSpec;
@@ -99,18 +99,12 @@ impl SourcePlugin for I2c {
             I2cParts {
                 spec: spec.clone(),
                 stats: stats.clone(),
-                beat: env
-                    .progress
-                    .watch("source", &spec.name, crate::progress::SOURCE_LIMIT),
+                beat: env.beat(&spec.name),
                 local: env.local.clone(),
             },
             ctx,
         )?;
-        Ok(BuiltSource {
-            stats,
-            writes: None,
-            run: Box::pin(source.run(ctx.clone())),
-        })
+        Ok(BuiltSource::new(source, stats, None, ctx))
     }
 }
 
@@ -136,7 +130,7 @@ struct Failed {
     invalid: bool,
 }
 
-impl<B: I2cBus + Send + 'static> I2cSource<B> {
+impl<B: I2c + Send + 'static> I2cSource<B> {
     /// A source whose bus is opened by `open`.
     pub fn with_bus(parts: I2cParts, open: BusOpener<B>) -> Self {
         let mirror = parts.spec.mirror_topic.is_some().then_some(parts.local);
@@ -222,7 +216,7 @@ enum Sensor<B> {
     Sht3x(sht3x::Sht3x<B>),
 }
 
-impl<B: I2cBus> Sensor<B> {
+impl<B: I2c> Sensor<B> {
     fn new(bus: B, spec: &I2cSpec) -> Self {
         match spec.driver {
             I2cDriver::Bme280 => Self::Bme280(bme280::Bme280::new(bus, spec.address)),
@@ -265,7 +259,7 @@ impl<B: I2cBus> Sensor<B> {
 }
 
 /// One reading; returns the driver (if the bus is open) for the next poll.
-fn poll<B: I2cBus>(
+fn poll<B: I2c>(
     sensor: Option<Sensor<B>>,
     spec: &I2cSpec,
     open: &(dyn Fn(&Path) -> Result<B, String> + Send + Sync),

@@ -48,7 +48,7 @@ impl ErrorType for FakeBme280 {
     type Error = core::convert::Infallible;
 }
 
-impl I2cBus for FakeBme280 {
+impl I2c for FakeBme280 {
     fn transaction(&mut self, _: u8, ops: &mut [Operation<'_>]) -> Result<(), Self::Error> {
         let mut reg = 0usize;
         for op in ops {
@@ -75,7 +75,7 @@ impl ErrorType for BadCrcSht3x {
     type Error = core::convert::Infallible;
 }
 
-impl I2cBus for BadCrcSht3x {
+impl I2c for BadCrcSht3x {
     fn transaction(&mut self, _: u8, ops: &mut [Operation<'_>]) -> Result<(), Self::Error> {
         for op in ops {
             if let Operation::Read(r) = op {

@@ -99,9 +99,9 @@ pub struct SerialParts {
 }
 
 /// `kind = "serial"`.
-pub struct Serial;
+pub struct Kind;
 
-impl SourcePlugin for Serial {
+impl SourcePlugin for Kind {
     const KIND: &'static str = "serial";
     type Config = SerialSourceConfig;
     type Spec = SerialSpec;
@@ -151,17 +151,11 @@ impl SourcePlugin for Serial {
                 writes: rx,
                 stats: stats.clone(),
                 local: env.local.clone(),
-                beat: env
-                    .progress
-                    .watch("source", &spec.name, crate::progress::SOURCE_LIMIT),
+                beat: env.beat(&spec.name),
             },
             ctx,
         )?;
-        Ok(BuiltSource {
-            stats,
-            writes: Some(tx),
-            run: Box::pin(source.run(ctx.clone())),
-        })
+        Ok(BuiltSource::new(source, stats, Some(tx), ctx))
     }
 }
 

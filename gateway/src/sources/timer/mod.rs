@@ -51,9 +51,9 @@ pub struct TimerSource {
 }
 
 /// `kind = "timer"`.
-pub struct Timer;
+pub struct Kind;
 
-impl SourcePlugin for Timer {
+impl SourcePlugin for Kind {
     const KIND: &'static str = "timer";
     type Config = TimerSourceConfig;
     type Spec = TimerSpec;
@@ -103,18 +103,12 @@ impl SourcePlugin for Timer {
             TimerParts {
                 spec: spec.clone(),
                 stats: stats.clone(),
-                beat: env
-                    .progress
-                    .watch("source", &spec.name, crate::progress::SOURCE_LIMIT),
+                beat: env.beat(&spec.name),
                 data_dir: env.data_dir.clone(),
             },
             ctx,
         )?;
-        Ok(BuiltSource {
-            stats,
-            writes: None,
-            run: Box::pin(source.run(ctx.clone())),
-        })
+        Ok(BuiltSource::new(source, stats, None, ctx))
     }
 }
 
