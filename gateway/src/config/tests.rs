@@ -532,3 +532,28 @@ fn function_priority_defaults_to_normal_and_unknown_values_are_named() {
         "{rendered}"
     );
 }
+
+#[test]
+fn a_sink_may_not_subscribe_to_its_own_forwards_and_its_timers_are_bounded() {
+    let e = errors(&format!(
+        "{MINIMAL}
+[[sinks]]
+kind = \"mqtt\"
+name = \"cloud\"
+url = \"mqtt://broker:1883\"
+topic = \"up/{{gateway}}/{{function}}\"
+subscribe = [\"up/gw1/#\", \"down/{{gateway}}/#\"]
+keep_alive_s = 100000
+ack_timeout_s = 9223372036854775807
+"
+    ));
+    let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"sinks[0].subscribe[0]"), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|e| e.key == "sinks[0].subscribe[0]" && e.reason.contains("own `topic`")),
+        "{e:?}"
+    );
+    assert!(keys.contains(&"sinks[0].keep_alive_s"), "{e:?}");
+    assert!(keys.contains(&"sinks[0].ack_timeout_s"), "{e:?}");
+}

@@ -109,6 +109,15 @@ pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             "Outbox file upgraded: records now carry a lane (existing ones are normal)."
         );
     }
+    // A lane this version does not know (a damaged or future file) would
+    // never be read: such records go to the normal lane.
+    let strays = conn.execute("UPDATE records SET lane = 1 WHERE lane NOT IN (0, 1)", [])?;
+    if strays > 0 {
+        tracing::warn!(
+            records = strays,
+            "Outbox records with an unknown lane moved to the normal lane."
+        );
+    }
     conn.execute_batch("CREATE INDEX IF NOT EXISTS records_by_lane ON records (sink, lane, seq);")
 }
 

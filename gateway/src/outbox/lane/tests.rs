@@ -158,7 +158,11 @@ async fn an_outbox_file_of_the_previous_version_is_upgraded_with_normal_rows() {
              );
              CREATE INDEX records_by_sink ON records (sink, seq);
              INSERT INTO records (sink, function, topic, payload, ts_ms)
-                 VALUES ('cloud', 'old', 't', X'31', 1), ('cloud', 'old', 't', X'32', 2);",
+                 VALUES ('cloud', 'old', 't', X'31', 1), ('cloud', 'old', 't', X'32', 2);
+             -- A lane this version does not know (a damaged or later file):
+             -- the record must still be delivered, not sit unread.
+             ALTER TABLE records ADD COLUMN lane INTEGER NOT NULL DEFAULT 1;
+             UPDATE records SET lane = 7 WHERE seq = 2;",
         )
         .expect("old schema");
     }

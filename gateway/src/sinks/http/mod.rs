@@ -64,7 +64,7 @@ fn client(spec: &HttpSinkSpec) -> Result<reqwest::Client, (&'static str, reqwest
             let mut pem = cert.clone();
             pem.push(b'\n');
             pem.extend_from_slice(key);
-            b = b.identity(reqwest::Identity::from_pem(&pem).map_err(|e| ("tls.cert", e))?);
+            b = b.identity(reqwest::Identity::from_pem(&pem).map_err(|e| ("tls.cert/tls.key", e))?);
         }
     }
     let what = if spec.tls.is_some() {
@@ -164,6 +164,10 @@ impl Sink for HttpSink {
                     reader.next_batch(&self.common.name, &after, self.common.batch_max)
                 {
                     batch = more;
+                }
+                if batch.is_empty() {
+                    // Dropped or expired while lingering.
+                    continue;
                 }
             }
             let body = envelope::encode_batch(self.common.format, &ctx.gateway_id, &batch, true);

@@ -152,17 +152,19 @@ impl Commands {
 }
 
 /// A command received over MQTT 5, as the intake takes it (topic and
-/// payload, QoS, packet id, flags); `None` (logged) for a topic that is not
-/// UTF-8, which MQTT forbids.
-pub(super) fn command_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Option<rumqttc::Publish> {
+/// payload, QoS, packet id, flags). A topic that is not UTF-8, which MQTT
+/// forbids, becomes the empty topic: the intake acknowledges such a message
+/// in its turn without dispatching it (unacknowledged, the broker would send
+/// it again at every reconnect).
+pub(super) fn command_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> rumqttc::Publish {
     use rumqttc::v5::mqttbytes::QoS as Qos5;
-    let Ok(topic) = String::from_utf8(p.topic.to_vec()) else {
+    let topic = String::from_utf8(p.topic.to_vec()).unwrap_or_else(|_| {
         tracing::warn!(
             pkid = p.pkid,
-            "Cloud command with a topic that is not UTF-8 ignored."
+            "Cloud command with a topic that is not UTF-8: acknowledged and dropped."
         );
-        return None;
-    };
+        String::new()
+    });
     let qos = match p.qos {
         Qos5::AtMostOnce => QoS::AtMostOnce,
         Qos5::AtLeastOnce => QoS::AtLeastOnce,
@@ -172,7 +174,7 @@ pub(super) fn command_v5(p: rumqttc::v5::mqttbytes::v5::Publish) -> Option<rumqt
     out.pkid = p.pkid;
     out.dup = p.dup;
     out.retain = p.retain;
-    Some(out)
+    out
 }
 
 /// Waits until the gateway starts stopping, if the sink takes commands.

@@ -121,14 +121,15 @@ pub(super) fn validate(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Option<
     if c.max_inflight == 0 {
         scope.add("max_inflight", "must be at least 1");
     }
-    if c.keep_alive_s < 5 {
-        scope.add("keep_alive_s", "must be at least 5 seconds");
+    if !(5..=65_535).contains(&c.keep_alive_s) {
+        scope.add("keep_alive_s", "must be between 5 and 65535 seconds");
     }
-    if c.ack_timeout_s == 0 {
-        scope.add("ack_timeout_s", "must be at least 1 second");
+    if !(1..=86_400).contains(&c.ack_timeout_s) {
+        scope.add("ack_timeout_s", "must be between 1 and 86400 seconds");
     }
     let gateway_id = scope.gateway_id().to_owned();
     let subscribe = subscribe(c, scope);
+    refuse_echo(c, &subscribe, scope);
     let (p, key, resolve) = scope.parts();
     check_topic_template(p, &format!("{key}.topic"), &c.topic);
     endpoint(
@@ -171,4 +172,37 @@ fn subscribe(c: &MqttSinkConfig, scope: &mut Scope<'_, '_>) -> Vec<TopicFilter> 
         }
     }
     filters
+}
+
+/// Refuses a `subscribe` filter that the sink's own `topic` can publish on:
+/// each forward would come back as a command (and, with a function
+/// triggered by it forwarding again, loop without end).
+fn refuse_echo(c: &MqttSinkConfig, filters: &[TopicFilter], scope: &mut Scope<'_, '_>) {
+    // Every topic the template can render: placeholders match any level
+    // (`{topic}`, the event's topic, any number of them).
+    let rendered = c
+        .topic
+        .replace(GATEWAY, scope.gateway_id())
+        .replace("{function}", "+")
+        .replace("{sink}", &c.name)
+        .replace("{topic}", "#");
+    let Some(forwards) = rendered
+        .find('#')
+        .map_or(Some(rendered.as_str()), |at| rendered.get(..=at))
+        .and_then(|f| TopicFilter::parse(f).ok())
+    else {
+        return;
+    };
+    for (j, filter) in filters.iter().enumerate() {
+        if filter.overlaps(&forwards) {
+            scope.add(
+                &format!("subscribe[{j}]"),
+                format!(
+                    "`{}` matches this sink's own `topic` (`{}`): every forward would come back as a command",
+                    filter.as_str(),
+                    c.topic
+                ),
+            );
+        }
+    }
 }

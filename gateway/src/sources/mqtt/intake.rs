@@ -101,7 +101,9 @@ struct Pending {
 /// A received message on its way to the router.
 struct Intake {
     n: u64,
-    event: Event,
+    /// `None` for a message refused at intake (acknowledged, not
+    /// dispatched).
+    event: Option<Event>,
     /// Payload bytes if it is a QoS 0 message (counted in [`Held`]).
     qos0: Option<usize>,
 }
@@ -265,8 +267,14 @@ impl Intaker {
             generation: self.generation.load(Ordering::Relaxed),
             ack,
         });
-        let mut event = event_of(p);
-        event.attributes.extend(self.attributes.iter().cloned());
+        // An empty topic is not MQTT: the intake's callers hand one in for a
+        // message they could not read (a topic that is not UTF-8), so that
+        // it is acknowledged in its turn instead of coming back forever.
+        let event = (!p.topic.is_empty()).then(|| {
+            let mut event = event_of(p);
+            event.attributes.extend(self.attributes.iter().cloned());
+            event
+        });
         let _ = intake.send(Intake { n, event, qos0 });
     }
 }
@@ -300,7 +308,7 @@ async fn dispatch(
     ack_point: AckPoint,
     held: Arc<Held>,
 ) {
-    while let Some(Intake { n, mut event, qos0 }) = intake.recv().await {
+    while let Some(Intake { n, event, qos0 }) = intake.recv().await {
         if let Some(len) = qos0 {
             held.release(len);
         }
@@ -308,6 +316,11 @@ async fn dispatch(
             let _ = done.send((n, false));
             continue;
         }
+        let Some(mut event) = event else {
+            // Refused at intake: acknowledged in its turn, never dispatched.
+            let _ = done.send((n, true));
+            continue;
+        };
         let done = done.clone();
         let guard = Arc::new(AckGuard::new(move || {
             let _ = done.send((n, true));

@@ -45,7 +45,7 @@ impl StateFile {
             source,
         })?;
         let path = dir.join(format!("{name}.last"));
-        let last = match std::fs::read_to_string(&path) {
+        let last = match read_small(&path) {
             Ok(text) => match text.trim().parse::<i64>() {
                 Ok(ms) => Some(ms),
                 Err(e) => {
@@ -105,4 +105,54 @@ pub fn write(path: &Path, value: i64) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// The start of the file at `path`, at most [`MAX_STATE_BYTES`]: a state
+/// file holds one number, and a huge or endless file (a FIFO, garbage) must
+/// not hold up the start.
+fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_STATE_BYTES)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// A state file's size limit: an `i64` in decimal and a newline fit.
+const MAX_STATE_BYTES: u64 = 32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_or_odd_state_file_is_read_no_further_than_its_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 64 MiB of digits: read only MAX_STATE_BYTES of it, found malformed.
+        std::fs::write(dir.path().join("big.last"), "1".repeat(64 << 20)).expect("write");
+        let (_, last) = StateFile::open(dir.path(), "big").expect("opened");
+        assert_eq!(last, None);
+        // A FIFO where the file should be (nothing ever writes to it): not
+        // read, so the start does not hang; no catch-up.
+        let fifo = dir.path().join("odd.last");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(StateFile::open(&path, "odd").map(|(_, last)| last).ok());
+        });
+        let last = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening the state file must not block on a FIFO");
+        assert_eq!(last, Some(None));
+        std::fs::write(dir.path().join("ok.last"), "1767268805000\n").expect("write");
+        let (_, last) = StateFile::open(dir.path(), "ok").expect("opened");
+        assert_eq!(last, Some(1_767_268_805_000));
+    }
 }
