@@ -107,17 +107,16 @@ impl OutputPort {
                 1 => QoS::AtLeastOnce,
                 _ => QoS::ExactlyOnce,
             };
-            match self
+            // Counted before it goes out, so whoever receives it sees it
+            // counted; taken back if it could not be queued.
+            metrics.published.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self
                 .local
                 .publish(p.topic.clone(), qos, false, p.payload.to_vec())
                 .await
             {
-                Ok(()) => {
-                    metrics.published.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::error!(function, topic = %p.topic, error = %e, "Publish could not be queued.")
-                }
+                metrics.published.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!(function, topic = %p.topic, error = %e, "Publish could not be queued.");
             }
         }
         for w in outputs.serial_writes {

@@ -127,25 +127,9 @@ impl Gateway {
         if let Some(interval) = config.runtime.watch {
             tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
         }
-        let admin = admin_listener.map(|listener| {
-            let state = AdminState {
-                gateway_id: config.gateway_id.clone(),
-                functions: functions.clone(),
-                metrics: metrics.clone(),
-                sources: source_stats.clone(),
-                sinks: sink_stats.clone(),
-                outbox: outbox.clone(),
-                reader: std::sync::Mutex::new(None),
-                ready: ready.clone(),
-                progress: progress.clone(),
-                stopping: cancel.clone(),
-                token: config.admin.as_ref().and_then(|a| a.token.clone()),
-            };
-            serve_admin(listener, state, &tracker)
-        });
         tokio::spawn(crate::progress::monitor(progress.clone(), cancel.clone()));
         tracker.close();
-        let gateway = Self {
+        let mut gateway = Self {
             cancel,
             tracker,
             functions,
@@ -157,12 +141,46 @@ impl Gateway {
             sources: source_stats,
             reloader,
             pooling,
-            admin: admin.flatten(),
+            admin: None,
             progress,
             broker_guard: embedded.and_then(|b| b.guard),
         };
+        if let Some(listener) = admin_listener {
+            gateway.admin = gateway.serve_admin(listener, config);
+        }
         gateway.announce(config).await;
         Ok(gateway)
+    }
+
+    /// Serves the admin endpoint until the drain has finished, so a scraper
+    /// sees `/readyz` turn 503 while the gateway stops; returns its address.
+    fn serve_admin(
+        &self,
+        listener: tokio::net::TcpListener,
+        config: &ValidConfig,
+    ) -> Option<std::net::SocketAddr> {
+        let state = AdminState {
+            gateway_id: config.gateway_id.clone(),
+            functions: self.functions.clone(),
+            metrics: self.metrics.clone(),
+            sources: self.sources.clone(),
+            sinks: self.sinks.clone(),
+            outbox: self.outbox.clone(),
+            reader: std::sync::Mutex::new(None),
+            ready: self.ready.clone(),
+            progress: self.progress.clone(),
+            stopping: self.cancel.clone(),
+            token: config.admin.as_ref().and_then(|a| a.token.clone()),
+        };
+        let addr = listener.local_addr().ok();
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::admin::serve(listener, Arc::new(state), stop.clone()));
+        let done = self.tracker.clone();
+        tokio::spawn(async move {
+            done.wait().await;
+            stop.cancel();
+        });
+        addr
     }
 
     /// Waits for the MQTT source's subscription (events published before it
@@ -418,22 +436,4 @@ fn build_sources(
             Ok((spec.common().name.to_owned(), spec.kind(), built))
         })
         .collect()
-}
-
-/// Serves the admin endpoint until the drain has finished, so a scraper
-/// sees `/readyz` turn 503 while the gateway stops; returns its address.
-fn serve_admin(
-    listener: tokio::net::TcpListener,
-    state: AdminState,
-    tracker: &TaskTracker,
-) -> Option<std::net::SocketAddr> {
-    let addr = listener.local_addr().ok();
-    let stop = CancellationToken::new();
-    tokio::spawn(crate::admin::serve(listener, Arc::new(state), stop.clone()));
-    let done = tracker.clone();
-    tokio::spawn(async move {
-        done.wait().await;
-        stop.cancel();
-    });
-    addr
 }
