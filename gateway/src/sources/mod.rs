@@ -72,6 +72,9 @@ pub struct SourceError {
     pub source_name: String,
     /// What is wrong.
     pub reason: String,
+    /// The underlying error, if any.
+    #[source]
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 /// Counters of one `[[sources]]` entry (serial port, I2C sensor, timer…).

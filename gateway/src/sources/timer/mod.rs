@@ -137,6 +137,7 @@ impl TimerSource {
                     StateFile::open(&dir, &parts.spec.name).map_err(|e| SourceError {
                         source_name: parts.spec.name.clone(),
                         reason: e.to_string(),
+                        cause: Some(Box::new(e)),
                     })?;
                 (Some(file), last)
             }
