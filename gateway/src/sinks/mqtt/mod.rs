@@ -123,7 +123,7 @@ impl Sink for MqttSink {
     async fn run(self, mut ctx: SinkContext) {
         let spec = self.spec.clone();
         let mut commands = Commands::start(&mut ctx, &self.common.name, &spec.subscribe);
-        let Some((reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
+        let Some((mut reader, mut committed)) = ctx.delivery_inputs(&self.common.name) else {
             return;
         };
         let mut failures = 0u32;
@@ -143,79 +143,10 @@ impl Sink for MqttSink {
             let reason: String = 'conn: loop {
                 // Fill the in-flight window from the outbox.
                 if connected && stopping_since.is_none() {
-                    'fill: while queued.len() + by_pkid.len() < usize::from(spec.max_inflight) {
-                        // One query for the whole free window (not one per
-                        // message): each SQLite read takes and drops a lock.
-                        let free = usize::from(spec.max_inflight) - queued.len() - by_pkid.len();
-                        let want = free.saturating_mul(self.common.batch_max).min(READ_AHEAD);
-                        let mut rows = match reader.next_batch(&self.common.name, &last_sent, want)
-                        {
-                            Ok(b) => b,
-                            Err(e) => {
-                                tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
-                                break;
-                            }
-                        };
-                        if rows.is_empty() {
-                            break;
-                        }
-                        if rows.len() < self.common.batch_max && !self.common.batch_linger.is_zero()
-                        {
-                            tokio::time::sleep(self.common.batch_linger).await;
-                            if let Ok(more) = reader.next_batch(
-                                &self.common.name,
-                                &last_sent,
-                                self.common.batch_max,
-                            ) {
-                                rows = more;
-                            }
-                        }
-                        let mut rows = rows.into_iter().peekable();
-                        let topic_of = |r: &StoredRecord| {
-                            render_topic(
-                                &spec.topic_template,
-                                &ctx.gateway_id,
-                                &r.function,
-                                &self.common.name,
-                                &r.topic,
-                            )
-                        };
-                        while let Some((topic, batch)) =
-                            take_batch(&mut rows, self.common.batch_max, topic_of)
-                        {
-                            let Some(last) = batch.last() else { break };
-                            last_sent.advance_past(&batch);
-                            let resent = batch
-                                .iter()
-                                .filter(|r| high_water.passed(r.lane, r.seq))
-                                .count();
-                            if resent > 0 {
-                                ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
-                            }
-                            high_water.advance_past(&batch);
-                            let as_array = self.common.batch_max > 1;
-                            let body = envelope::encode_batch(
-                                self.common.format,
-                                &ctx.gateway_id,
-                                &batch,
-                                as_array,
-                            );
-                            let key = if as_array {
-                                envelope::batch_key(&ctx.gateway_id, &batch)
-                            } else {
-                                envelope::idempotency_key(&ctx.gateway_id, last.seq)
-                            };
-                            if let Err(e) = client.publish(topic, body, key).await {
-                                break 'conn e;
-                            }
-                            queued.push_back(InFlight {
-                                records: batch,
-                                sent_at: Instant::now(),
-                            });
-                            if queued.len() + by_pkid.len() >= usize::from(spec.max_inflight) {
-                                break 'fill;
-                            }
-                        }
+                    let (reader, client) = (&mut reader, &client);
+                    let w = (&mut last_sent, &mut queued, by_pkid.len(), &mut high_water);
+                    if let Err(e) = self.fill(&ctx, reader, client, w).await {
+                        break 'conn e;
                     }
                 }
                 let oldest = by_pkid
@@ -315,38 +246,144 @@ impl Sink for MqttSink {
             }
             client.disconnect();
             poller.abort();
-            ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
             let unconfirmed = queued.len() + by_pkid.len();
-            if !connected {
-                // Refused TLS (unknown CA, bad client certificate), refused
-                // credentials, or nothing listening: say so once per outage.
-                if failures == 0 {
-                    tracing::error!(sink = %self.common.name, host = %spec.endpoint.host, port = spec.endpoint.port, error = %reason, "Sink cannot connect; retrying with back-off.");
-                }
-            } else if failures == 0 {
-                tracing::warn!(sink = %self.common.name, error = %reason, unconfirmed, "Sink connection lost; unconfirmed records will be sent again.");
-            } else {
-                tracing::debug!(sink = %self.common.name, error = %reason, attempt = failures, "Sink reconnect failed.");
-            }
-            let wait = crate::mqtt::backoff(failures);
-            failures = failures.saturating_add(1);
-            let until = tokio::time::Instant::now() + wait;
-            loop {
-                tokio::select! {
-                    () = ctx.stop.cancelled() => break,
-                    () = tokio::time::sleep_until(until) => break,
-                    () = cancelled(&commands), if commands.as_ref().is_some_and(Commands::open) => {
-                        if let Some(c) = &mut commands {
-                            c.stop();
-                        }
-                    }
-                }
-            }
+            self.after_loss(
+                &ctx,
+                &mut commands,
+                &mut failures,
+                (connected, &reason, unconfirmed),
+            )
+            .await;
         }
         if let Some(c) = commands {
             c.finish().await;
         }
         tracing::debug!(sink = %self.common.name, "Sink stopped.");
+    }
+}
+
+impl MqttSink {
+    /// After a lost connection: says why (once per outage), then waits out
+    /// the back-off, stopping command intake meanwhile if the gateway stops.
+    async fn after_loss(
+        &self,
+        ctx: &SinkContext,
+        commands: &mut Option<Commands>,
+        failures: &mut u32,
+        (connected, reason, unconfirmed): (bool, &str, usize),
+    ) {
+        ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
+        let spec = &self.spec;
+        if !connected {
+            // Refused TLS (unknown CA, bad client certificate), refused
+            // credentials, or nothing listening: say so once per outage.
+            if *failures == 0 {
+                tracing::error!(sink = %self.common.name, host = %spec.endpoint.host, port = spec.endpoint.port, error = %reason, "Sink cannot connect; retrying with back-off.");
+            }
+        } else if *failures == 0 {
+            tracing::warn!(sink = %self.common.name, error = %reason, unconfirmed, "Sink connection lost; unconfirmed records will be sent again.");
+        } else {
+            tracing::debug!(sink = %self.common.name, error = %reason, attempt = *failures, "Sink reconnect failed.");
+        }
+        let wait = crate::mqtt::backoff(*failures);
+        *failures = failures.saturating_add(1);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = ctx.stop.cancelled() => break,
+                () = tokio::time::sleep_until(until) => break,
+                () = cancelled(commands), if commands.as_ref().is_some_and(Commands::open) => {
+                    if let Some(c) = commands {
+                        c.stop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fills the in-flight window (`queued` plus `awaiting` acknowledgement,
+    /// at most `max_inflight` messages) from the outbox, high lane first,
+    /// after `last_sent`; `Err` with the reason when the client is gone.
+    async fn fill(
+        &self,
+        ctx: &SinkContext,
+        // `&mut`: a reader is `Send` but not `Sync`, and this future is
+        // held across awaits.
+        reader: &mut crate::outbox::Reader,
+        client: &Client,
+        (last_sent, queued, awaiting, high_water): (
+            &mut Cursor,
+            &mut VecDeque<InFlight>,
+            usize,
+            &mut Cursor,
+        ),
+    ) -> Result<(), String> {
+        let spec = &self.spec;
+        let window = usize::from(spec.max_inflight);
+        while queued.len() + awaiting < window {
+            // One query for the whole free window (not one per message):
+            // each SQLite read takes and drops a lock.
+            let free = window - queued.len() - awaiting;
+            let want = free.saturating_mul(self.common.batch_max).min(READ_AHEAD);
+            let mut rows = match reader.next_batch(&self.common.name, last_sent, want) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(sink = %self.common.name, error = %e, "Outbox read failed.");
+                    return Ok(());
+                }
+            };
+            if rows.is_empty() {
+                return Ok(());
+            }
+            if rows.len() < self.common.batch_max && !self.common.batch_linger.is_zero() {
+                tokio::time::sleep(self.common.batch_linger).await;
+                if let Ok(more) =
+                    reader.next_batch(&self.common.name, last_sent, self.common.batch_max)
+                {
+                    rows = more;
+                }
+            }
+            let mut rows = rows.into_iter().peekable();
+            let topic_of = |r: &StoredRecord| {
+                render_topic(
+                    &spec.topic_template,
+                    &ctx.gateway_id,
+                    &r.function,
+                    &self.common.name,
+                    &r.topic,
+                )
+            };
+            while let Some((topic, batch)) = take_batch(&mut rows, self.common.batch_max, topic_of)
+            {
+                let Some(last) = batch.last() else { break };
+                last_sent.advance_past(&batch);
+                let resent = batch
+                    .iter()
+                    .filter(|r| high_water.passed(r.lane, r.seq))
+                    .count();
+                if resent > 0 {
+                    ctx.stats.resent.fetch_add(resent as u64, Ordering::Relaxed);
+                }
+                high_water.advance_past(&batch);
+                let as_array = self.common.batch_max > 1;
+                let body =
+                    envelope::encode_batch(self.common.format, &ctx.gateway_id, &batch, as_array);
+                let key = if as_array {
+                    envelope::batch_key(&ctx.gateway_id, &batch)
+                } else {
+                    envelope::idempotency_key(&ctx.gateway_id, last.seq)
+                };
+                client.publish(topic, body, key).await?;
+                queued.push_back(InFlight {
+                    records: batch,
+                    sent_at: Instant::now(),
+                });
+                if queued.len() + awaiting >= window {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
