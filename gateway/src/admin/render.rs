@@ -356,6 +356,13 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     );
     per_sink(
         &mut out,
+        "edgefn_sink_commands_dropped_total",
+        "counter",
+        "QoS 0 cloud commands dropped while the functions held the intake back, per sink.",
+        &|i| get(&delivery(i).commands_dropped),
+    );
+    per_sink(
+        &mut out,
         "edgefn_outbox_records",
         "gauge",
         "Records waiting in the outbox, per sink.",

@@ -90,6 +90,9 @@ pub struct DeliveryStats {
     pub commands_received: AtomicU64,
     /// Cloud commands acknowledged to the cloud broker, once handled.
     pub commands_acked: AtomicU64,
+    /// QoS 0 cloud commands dropped while the functions held the intake
+    /// back.
+    pub commands_dropped: AtomicU64,
 }
 
 impl crate::sources::mqtt::intake::IntakeCounters for DeliveryStats {
@@ -99,6 +102,10 @@ impl crate::sources::mqtt::intake::IntakeCounters for DeliveryStats {
 
     fn acked(&self) {
         self.commands_acked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn dropped(&self, _: &GatewayMetrics) {
+        self.commands_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 

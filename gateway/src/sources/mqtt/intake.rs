@@ -33,6 +33,10 @@ pub(crate) trait IntakeCounters: Send + Sync + 'static {
     fn taken(&self, metrics: &GatewayMetrics);
     /// A message was acknowledged to its broker.
     fn acked(&self) {}
+    /// A QoS 0 message was dropped while the functions held the intake back.
+    fn dropped(&self, metrics: &GatewayMetrics) {
+        metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The MQTT source's counters: its events count as the gateway's MQTT
@@ -245,7 +249,7 @@ impl Intaker {
         if let Some(len) = qos0
             && !self.held.admit(len)
         {
-            self.metrics.source_dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped(&self.metrics);
             if !self.dropping {
                 tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
                 self.dropping = true;
@@ -372,5 +376,53 @@ async fn ack_in_order(
         if !received_open && order.is_empty() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::schema::QueuePolicy;
+    use crate::router::Route;
+    use crate::runtime::queue::queue;
+    use crate::sinks::DeliveryStats;
+
+    /// QoS 0 cloud commands dropped while a full `block` queue holds the
+    /// intake back count for their sink, not as the MQTT source's drops.
+    #[tokio::test]
+    async fn dropped_qos0_commands_count_for_their_sink() {
+        let metrics = Arc::new(GatewayMetrics::default());
+        // One slot and no worker: nothing drains the queue.
+        let (tx, _rx) = queue(1, QueuePolicy::Block, Arc::default());
+        let route = Route {
+            function: "f".into(),
+            triggers: crate::topic::FilterSet::new(vec![
+                crate::topic::TopicFilter::parse("commands/#").expect("filter"),
+            ]),
+            queue: tx,
+        };
+        let router = Arc::new(Router::new(vec![route], metrics.clone()));
+        let stats = Arc::new(DeliveryStats::default());
+        let options = IntakeOptions {
+            ack_point: AckPoint::Handled,
+            attributes: Vec::new(),
+            counters: stats.clone(),
+        };
+        let (mut intaker, _acker) = start(
+            router,
+            CancellationToken::new(),
+            None,
+            metrics.clone(),
+            options,
+        );
+        let extra = 10usize;
+        for _ in 0..MAX_HELD_QOS0 + 2 + extra {
+            intaker.take(Publish::new("commands/gw/set", QoS::AtMostOnce, "x"));
+        }
+        // Taken without a pause, so the dispatcher has not run yet: the
+        // first MAX_HELD_QOS0 wait for it, the rest are dropped.
+        let dropped = stats.commands_dropped.load(Ordering::Relaxed);
+        assert_eq!(dropped, 2 + extra as u64);
+        assert_eq!(metrics.source_dropped.load(Ordering::Relaxed), 0);
     }
 }
