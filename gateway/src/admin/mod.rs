@@ -3,10 +3,13 @@
 //!
 //! It listens on loopback by default; configuration refuses any other
 //! address without a bearer token, and when a token is set every request
-//! must carry it. Only `GET` is served, nothing here changes the gateway.
+//! must carry it. Only `GET` is served, except `PUT /bundle` (a fleet
+//! bundle for this board, see [`bundle`]), which is refused without a
+//! `[fleet]` section and applies only bundles signed by a trusted key.
 //! Connections are capped and a client that does not send its headers in
 //! time is dropped, so a scraper cannot tie up the daemon.
 
+mod bundle;
 mod render;
 
 use std::borrow::Cow;
@@ -75,6 +78,8 @@ pub struct AdminState {
     pub stopping: CancellationToken,
     /// Required bearer token, if configured.
     pub token: Option<String>,
+    /// The fleet agent, with a `[fleet]` section (`PUT /bundle`).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl AdminState {
@@ -153,7 +158,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(state, &req).await) }
+                async move {
+                    let bundle = req.method() == Method::PUT && req.uri().path() == "/bundle";
+                    let r = if bundle && authorized(state.token.as_deref(), &req) {
+                        bundle::put(state, req).await
+                    } else {
+                        handle(state, &req).await
+                    };
+                    Ok::<_, std::convert::Infallible>(r)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -209,7 +222,10 @@ async fn handle(state: Arc<AdminState>, req: &Request<Incoming>) -> Reply {
         return r;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served (and PUT /bundle)\n",
+        );
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),

@@ -195,6 +195,20 @@ pub fn parse(
                 .collect(),
         ));
     }
+    from_table(path, table)
+}
+
+/// Deserializes and validates an interpolated table; the result keeps the
+/// table (see [`with_functions`]).
+fn from_table(path: &Path, table: toml::Table) -> Result<ValidConfig, ConfigErrors> {
+    let err = |key: String, reason: String| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            key,
+            reason,
+        }])
+    };
+    let raw = std::sync::Arc::new(table.clone());
     let config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
@@ -212,7 +226,61 @@ pub fn parse(
             }
             err(key, reason)
         })?;
-    validate(path, config)
+    let mut valid = validate(path, config)?;
+    valid.raw = raw;
+    Ok(valid)
+}
+
+/// `base` with `extra` functions (a fleet bundle's `[[functions]]`)
+/// appended after the file's own, validated as one configuration: a
+/// bundle's functions obey every rule the file's do (names unique, sinks
+/// and serial ports that exist, topics the gateway may use). The extra
+/// tables are not interpolated: `${VAR}` in a bundle stays as written, so a
+/// bundle cannot read the board's environment. Problems in them are
+/// reported as `ORIGIN: functions[i].key: reason`, `i` counting within
+/// `extra`.
+pub fn with_functions(
+    base: &ValidConfig,
+    extra: Vec<toml::Value>,
+    origin: &Path,
+) -> Result<ValidConfig, ConfigErrors> {
+    let mut table = (*base.raw).clone();
+    let own = match table.get("functions") {
+        Some(toml::Value::Array(a)) => a.len(),
+        _ => 0,
+    };
+    if !extra.is_empty() {
+        let entry = table
+            .entry("functions")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        if let toml::Value::Array(list) = entry {
+            list.extend(extra);
+        }
+    }
+    from_table(&base.path, table).map_err(|ConfigErrors(list)| {
+        ConfigErrors(
+            list.into_iter()
+                .map(|e| relabel(e, own, origin))
+                .collect(),
+        )
+    })
+}
+
+/// A problem in `functions[i]` with `i >= own` is the bundle's: named
+/// after `origin`, counted from the bundle's first function.
+fn relabel(mut e: ConfigError, own: usize, origin: &Path) -> ConfigError {
+    let index = e
+        .key
+        .strip_prefix("functions[")
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest.to_owned())));
+    if let Some((i, rest)) = index
+        && i >= own
+    {
+        e.file = origin.to_owned();
+        e.key = format!("functions[{}]{rest}", i - own);
+    }
+    e
 }
 
 fn interpolate_value(
@@ -440,6 +508,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             runtime,
             admin: admin.flatten(),
             shutdown_timeout: Duration::from_secs(config.gateway.shutdown_timeout_s),
+            raw: std::sync::Arc::default(),
         }),
         _ => Err(ConfigErrors(p.list)),
     }

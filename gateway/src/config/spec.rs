@@ -46,6 +46,10 @@ pub struct ValidConfig {
     pub admin: Option<AdminSpec>,
     /// `gateway.shutdown_timeout_s`.
     pub shutdown_timeout: Duration,
+    /// The file's table after `${VAR}` interpolation, kept so that a fleet
+    /// bundle's functions can be validated together with the file's
+    /// ([`super::with_functions`]).
+    pub raw: std::sync::Arc<toml::Table>,
 }
 
 /// Validated `[admin]` settings.

@@ -1,0 +1,116 @@
+//! Fleet deploy: signed bundles of functions, delivered over the cloud
+//! broker (or `PUT /bundle`) and applied without a restart.
+//!
+//! - [`keys`]: ed25519 key pairs (`edgefn keygen`) and the trusted keys;
+//! - [`bundle`]: the signed, content-addressed bundle (`edgefn bundle`);
+//! - [`desired`]: the signed desired state per gateway;
+//! - [`store`]: `data_dir/fleet/`, written by atomic renames;
+//! - [`topics`], [`chunks`], [`link`]: the transport over an MQTT sink's
+//!   endpoint; [`report`]: the reported state's JSON;
+//! - [`apply`], [`status`], [`agent`]: the gateway's agent;
+//! - [`deploy`]: `edgefn deploy` and `edgefn status`.
+
+pub mod agent;
+pub mod apply;
+pub mod status;
+
+use std::path::PathBuf;
+
+pub use apply::{Applied, ApplyOptions, Fleet, Refused};
+
+use crate::config::{FleetSpec, ValidConfig, with_functions};
+use store::{Current, Store};
+
+/// What a gateway with `[fleet]` starts from.
+pub struct Boot {
+    /// The configuration file, without bundle functions.
+    pub(crate) base: ValidConfig,
+    pub(crate) spec: FleetSpec,
+    pub(crate) store: Store,
+    /// The bundle recorded as applied, if it could be loaded.
+    pub(crate) current: Option<Current>,
+    pub(crate) tables: Vec<toml::Value>,
+    pub(crate) names: Vec<String>,
+    /// Why the recorded bundle was not loaded.
+    pub(crate) error: Option<String>,
+}
+
+/// Why the fleet state could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("fleet: {0}")]
+pub struct BootError(#[from] store::StoreError);
+
+/// The configuration to start with: the file's functions plus those of the
+/// bundle recorded in `data_dir/fleet/current.json`, verified again with the
+/// trusted keys configured now. A recorded bundle that no longer verifies or
+/// validates is left out (the gateway starts with the file's functions and
+/// reports why), so a board is never kept from starting by its bundle.
+pub fn boot(config: &ValidConfig) -> Result<Option<(ValidConfig, Boot)>, BootError> {
+    let Some(spec) = config.fleet.clone() else {
+        return Ok(None);
+    };
+    let store = Store::open(&config.data_dir)?;
+    let mut boot = Boot {
+        base: config.clone(),
+        spec,
+        store,
+        current: None,
+        tables: Vec::new(),
+        names: Vec::new(),
+        error: None,
+    };
+    let merged = match load_current(&boot) {
+        Ok(None) => config.clone(),
+        Ok(Some((current, tables, merged))) => {
+            boot.names = tables
+                .iter()
+                .filter_map(|t| t.get("name")?.as_str().map(str::to_owned))
+                .collect();
+            boot.current = Some(current);
+            boot.tables = tables;
+            merged
+        }
+        Err(reason) => {
+            tracing::error!(%reason, "Fleet: the recorded bundle is not loaded; starting with the configuration file's functions.");
+            boot.error = Some(reason);
+            config.clone()
+        }
+    };
+    Ok(Some((merged, boot)))
+}
+
+type Loaded = (Current, Vec<toml::Value>, ValidConfig);
+
+fn load_current(boot: &Boot) -> Result<Option<Loaded>, String> {
+    let current = boot.store.current().map_err(|e| e.to_string())?;
+    let Some(current) = current else {
+        return Ok(None);
+    };
+    let Some(sha) = current.sha256.clone() else {
+        return Ok(Some((current, Vec::new(), boot.base.clone())));
+    };
+    let bytes = boot
+        .store
+        .read_bundle(&sha)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("bundle {sha} is recorded as applied but missing"))?;
+    let limits = bundle::BundleLimits {
+        max_bytes: boot.spec.max_bundle_bytes,
+    };
+    let opened = bundle::Bundle::open(&bytes, &boot.spec.trusted_keys, &limits)
+        .map_err(|e| format!("bundle {sha}: {e}"))?;
+    let target = bundle::host_target();
+    boot.store
+        .write_components(&opened, target.as_deref())
+        .map_err(|e| e.to_string())?;
+    let tables = opened
+        .functions(&boot.store.components_dir(), target.as_deref())
+        .map_err(|e| e.to_string())?;
+    let origin = PathBuf::from(format!(
+        "bundle {} (version {})",
+        apply::short(&sha),
+        current.version
+    ));
+    let merged = with_functions(&boot.base, tables.clone(), &origin).map_err(|e| e.to_string())?;
+    Ok(Some((current, tables, merged)))
+}

@@ -1,0 +1,470 @@
+//! Fleet deploy end to end: three gateways (the real binary, each with its
+//! embedded broker) and Mosquitto as the cloud; bundles built and deployed
+//! with the real CLI (`keygen`, `bundle`, `deploy`) and `PUT /bundle`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::runtime_cli::{stderr_lines, wait_for_line};
+use crate::support::{
+    KillOnDrop, Mosquitto, Publisher, Subscriber, WAIT, edgefn_bin, free_port, guest, lit, signal,
+};
+
+const TOKEN: &str = "fleet-test-token-0123456789";
+
+/// One board: its directory, ports and process.
+struct Board {
+    id: String,
+    dir: PathBuf,
+    port: u16,
+    admin: u16,
+    child: Option<KillOnDrop>,
+    lines: Option<std::sync::mpsc::Receiver<String>>,
+}
+
+impl Board {
+    fn new(root: &Path, id: &str, cloud: u16, public: &Path) -> Self {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let toml = format!(
+            "[gateway]\nid = \"{id}\"\ndata_dir = \"data\"\n\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n\n[[sinks]]\nkind = \"mqtt\"\nname = \"cloud\"\nurl = \"mqtt://127.0.0.1:{cloud}\"\n\n[fleet]\nsink = \"cloud\"\ntrusted_keys = [{}]\nreport_interval_s = 1\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken = \"{TOKEN}\"\n",
+            lit(public)
+        );
+        std::fs::write(dir.join("edgefn.toml"), toml).unwrap();
+        Self {
+            id: id.to_owned(),
+            dir,
+            port,
+            admin,
+            child: None,
+            lines: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let mut child = Command::new(edgefn_bin())
+            .args(["run", "--config"])
+            .arg(self.dir.join("edgefn.toml"))
+            .env("EDGEFN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = stderr_lines(&mut child);
+        wait_for_line(&lines, &["Gateway started."]);
+        self.child = Some(KillOnDrop(child));
+        self.lines = Some(lines);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c.0, "TERM");
+            let _ = c.0.wait();
+        }
+        self.lines = None;
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.0.kill();
+            let _ = c.0.wait();
+        }
+        self.lines = None;
+    }
+
+    fn wait_log(&self, parts: &[&str]) -> String {
+        wait_for_line(self.lines.as_ref().unwrap(), parts)
+    }
+
+    /// Publishes `payload` on `in/<tag>` and waits for `echo/in/<tag>`.
+    async fn echoes(&self, tag: &str) -> bool {
+        let mut echo = Subscriber::connect("127.0.0.1", self.port, &["echo/#"]).await;
+        let mut sensor = Publisher::connect("127.0.0.1", self.port).await;
+        let topic = format!("in/{tag}");
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            sensor.publish(&topic, "x").await;
+            if let Some((t, _)) = echo.next_within(Duration::from_millis(300)).await
+                && t == format!("echo/{topic}")
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `PUT /bundle` with the token; status and body.
+    async fn put_bundle(&self, bundle: &Path, force: bool) -> (u16, serde_json::Value) {
+        let url = format!(
+            "http://127.0.0.1:{}/bundle{}",
+            self.admin,
+            if force { "?force=true" } else { "" }
+        );
+        let r = reqwest::Client::new()
+            .put(url)
+            .bearer_auth(TOKEN)
+            .body(std::fs::read(bundle).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+
+    /// The function names the admin endpoint lists.
+    async fn functions(&self) -> Vec<String> {
+        let list: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/functions", self.admin))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut names: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// The cloud, the keys and the boards.
+struct Fleet {
+    cloud: Mosquitto,
+    root: tempfile::TempDir,
+    key: PathBuf,
+    boards: Vec<Board>,
+}
+
+impl Fleet {
+    fn new(ids: &[&str]) -> Option<Self> {
+        let cloud = Mosquitto::start()?;
+        let root = tempfile::tempdir().unwrap();
+        let keys = root.path().join("keys");
+        cli(&["keygen", "--out", keys.to_str().unwrap()]).success();
+        let boards = ids
+            .iter()
+            .map(|id| Board::new(root.path(), id, cloud.port, &keys.join("edgefn.pub")))
+            .collect();
+        Some(Self {
+            cloud,
+            key: keys.join("edgefn.key"),
+            root,
+            boards,
+        })
+    }
+
+    fn via(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.cloud.port)
+    }
+
+    /// A bundle of `functions` (TOML) at `version`, signed by `key`.
+    fn bundle(&self, name: &str, version: u64, functions: &str, key: &Path) -> PathBuf {
+        let toml = self.root.path().join(format!("{name}.toml"));
+        std::fs::write(&toml, functions).unwrap();
+        let out = self.root.path().join(format!("{name}.bundle"));
+        cli(&[
+            "bundle",
+            "--functions",
+            toml.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--version",
+            &version.to_string(),
+        ])
+        .success();
+        out
+    }
+
+    /// Runs `edgefn deploy` with `extra` arguments.
+    fn deploy(&self, bundle: &Path, gateways: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "deploy".to_owned(),
+            bundle.display().to_string(),
+            "--via".to_owned(),
+            self.via(),
+            "--key".to_owned(),
+            self.key.display().to_string(),
+            "--gateways".to_owned(),
+            gateways.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&refs)
+    }
+
+    /// Waits until `gateway` reports a state for which `cond` holds.
+    async fn reported(
+        &self,
+        gateway: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let topic = format!("edgefn/fleet/{gateway}/reported");
+        let mut sub = Subscriber::connect("127.0.0.1", self.cloud.port, &[&topic]).await;
+        let deadline = Instant::now() + WAIT * 2;
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < deadline {
+            if let Some((_, p)) = sub.next_within(Duration::from_millis(500)).await {
+                last = serde_json::from_slice(&p).unwrap_or_default();
+                if cond(&last) {
+                    return last;
+                }
+            }
+        }
+        panic!("{gateway} never reported the expected state; last: {last:#}");
+    }
+}
+
+/// The output of one CLI run.
+struct Output(std::process::Output);
+
+impl Output {
+    fn success(self) -> Self {
+        assert!(
+            self.0.status.success(),
+            "failed: {}\n{}",
+            String::from_utf8_lossy(&self.0.stdout),
+            String::from_utf8_lossy(&self.0.stderr)
+        );
+        self
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&self.0.stdout),
+            String::from_utf8_lossy(&self.0.stderr)
+        )
+    }
+}
+
+fn cli(args: &[&str]) -> Output {
+    Output(Command::new(edgefn_bin()).args(args).output().unwrap())
+}
+
+/// One function `relay` on `in/#` in `misbehave` mode `mode` (`echo`
+/// publishes on `echo/<topic>`, `trap` traps on every event).
+fn relay(mode: &str) -> String {
+    format!(
+        "[[functions]]\nname = \"relay\"\ncomponent = {}\ntriggers = [\"in/#\"]\npublish = [\"echo/#\", \"count/#\"]\nconfig = {{ mode = \"{mode}\" }}\n",
+        lit(&guest("misbehave"))
+    )
+}
+
+fn version_of(r: &serde_json::Value) -> Option<u64> {
+    r["bundle"]["version"].as_u64()
+}
+
+/// A deploy reaches all three gateways and their functions run; a version
+/// that traps on every event is rolled back on the canary and never reaches
+/// the other two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_reaches_three_gateways_and_a_trapping_version_is_rolled_back_on_the_canary() {
+    let Some(mut fleet) = Fleet::new(&["gw-a", "gw-b", "gw-c"]) else {
+        return;
+    };
+    for b in &mut fleet.boards {
+        b.start();
+    }
+    let key = fleet.key.clone();
+    let v1 = fleet.bundle("v1", 1, &relay("echo"), &key);
+    let out = fleet
+        .deploy(&v1, "gw-a,gw-b,gw-c", &["--canary", "gw-a", "--bake-s", "1"])
+        .success();
+    assert!(out.text().contains("3 gateways"), "{}", out.text());
+    for b in &fleet.boards {
+        let r = fleet.reported(&b.id, |r| version_of(r) == Some(1)).await;
+        assert_eq!(r["state"], "running", "{r:#}");
+        assert!(b.echoes("v1").await, "{} does not run v1", b.id);
+    }
+
+    // v2 traps on every event; the canary gets traffic during its bake.
+    let v2 = fleet.bundle("v2", 2, &relay("trap"), &key);
+    let port = fleet.boards[0].port;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut sensor = Publisher::connect("127.0.0.1", port).await;
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                sensor.publish(&format!("in/{i}"), "x").await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let out = fleet.deploy(&v2, "gw-a,gw-b,gw-c", &["--canary", "gw-a", "--bake-s", "3"]);
+    stop.cancel();
+    let _ = traffic.await;
+    assert!(!out.0.status.success(), "{}", out.text());
+    assert!(
+        out.text().contains("gw-a") && out.text().contains("unhealthy"),
+        "{}",
+        out.text()
+    );
+    let a = fleet.reported("gw-a", |r| version_of(r) == Some(1)).await;
+    assert_eq!(a["state"], "running", "{a:#}");
+    assert!(fleet.boards[0].echoes("back").await, "gw-a runs v1 again");
+    for b in &fleet.boards[1..] {
+        let r = fleet.reported(&b.id, |r| version_of(r).is_some()).await;
+        assert_eq!(version_of(&r), Some(1), "{} must never get v2: {r:#}", b.id);
+        assert!(r["desired"]["version"].as_u64() != Some(2), "{r:#}");
+    }
+}
+
+/// A tampered bundle and one signed by an unknown key are refused (over
+/// `PUT /bundle` and over the cloud) and the refusal is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_and_unknown_key_bundles_are_refused_and_reported() {
+    let Some(mut fleet) = Fleet::new(&["gw-t"]) else {
+        return;
+    };
+    fleet.boards[0].start();
+    let key = fleet.key.clone();
+    let good = fleet.bundle("good", 1, &relay("echo"), &key);
+
+    // Tampered: one byte of the component changed.
+    let mut bytes = std::fs::read(&good).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x55;
+    let tampered = fleet.root.path().join("tampered.bundle");
+    std::fs::write(&tampered, bytes).unwrap();
+    let (status, body) = fleet.boards[0].put_bundle(&tampered, false).await;
+    assert_eq!(status, 422, "{body:#}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("tamper")
+            || body["reason"].as_str().unwrap().contains("signature"),
+        "{body:#}"
+    );
+
+    // Signed by a key the gateway does not trust.
+    let other = fleet.root.path().join("other");
+    cli(&["keygen", "--out", other.to_str().unwrap()]).success();
+    let foreign = fleet.bundle("foreign", 5, &relay("echo"), &other.join("edgefn.key"));
+    let (status, body) = fleet.boards[0].put_bundle(&foreign, false).await;
+    assert_eq!(status, 422, "{body:#}");
+    assert!(body["reason"].as_str().unwrap().contains("unknown key"), "{body:#}");
+    let r = fleet
+        .reported("gw-t", |r| {
+            r["last_refusal"]["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("unknown key"))
+        })
+        .await;
+    assert_eq!(r["last_refusal"]["version"], 5, "{r:#}");
+    assert!(fleet.boards[0].functions().await.is_empty());
+
+    // Over the cloud: the deploy names the gateway and the reason.
+    let out = fleet.deploy(&foreign, "gw-t", &["--timeout-s", "20"]);
+    assert!(!out.0.status.success(), "{}", out.text());
+    assert!(
+        out.text().contains("gw-t") && out.text().contains("unknown key"),
+        "{}",
+        out.text()
+    );
+
+    // The good one still applies.
+    let (status, body) = fleet.boards[0].put_bundle(&good, false).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert!(fleet.boards[0].echoes("good").await);
+}
+
+/// A gateway stopped during the deploy converges after it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stopped_during_the_deploy_converges_when_it_starts_again() {
+    let Some(mut fleet) = Fleet::new(&["gw-on", "gw-off"]) else {
+        return;
+    };
+    fleet.boards[0].start();
+    let key = fleet.key.clone();
+    let v1 = fleet.bundle("v1", 1, &relay("echo"), &key);
+    let out = fleet.deploy(&v1, "gw-on,gw-off", &["--timeout-s", "8"]);
+    assert!(!out.0.status.success(), "{}", out.text());
+    assert!(out.text().contains("gw-off"), "{}", out.text());
+    fleet.reported("gw-on", |r| version_of(r) == Some(1)).await;
+
+    fleet.boards[1].start();
+    fleet.reported("gw-off", |r| version_of(r) == Some(1)).await;
+    assert!(fleet.boards[1].echoes("late").await);
+    let status = cli(&["status", "--via", &fleet.via(), "--gateways", "gw-on,gw-off"]).success();
+    assert!(status.text().contains("gw-off"), "{}", status.text());
+}
+
+/// Ten functions counting their events in durable state.
+fn counters(mode: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[functions]]\nname = \"f{i}\"\ncomponent = {}\ntriggers = [\"in/{i}\"]\npublish = [\"echo/#\", \"count/#\"]\nconfig = {{ mode = \"{mode}\" }}\n",
+                lit(&guest("misbehave"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `kill -9` during an apply leaves, after a restart, the old set or the new
+/// one (never a mix), with the functions' state intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_apply_leaves_the_old_set_or_the_new_one() {
+    let Some(mut fleet) = Fleet::new(&["gw-k"]) else {
+        return;
+    };
+    let key = fleet.key.clone();
+    let old = fleet.bundle("old", 1, &relay("count"), &key);
+    let new = fleet.bundle("new", 2, &counters("echo", 10), &key);
+    let board = &mut fleet.boards[0];
+    board.start();
+    let (status, body) = board.put_bundle(&old, false).await;
+    assert_eq!(status, 200, "{body:#}");
+    // `count` keeps a counter in the durable key-value state.
+    let mut counts = Subscriber::connect("127.0.0.1", board.port, &["count/#"]).await;
+    let mut sensor = Publisher::connect("127.0.0.1", board.port).await;
+    for _ in 0..3 {
+        sensor.publish("in/x", "x").await;
+        counts.next().await;
+    }
+    drop(sensor);
+    drop(counts);
+
+    let admin = board.admin;
+    let bytes = std::fs::read(&new).unwrap();
+    let put = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .put(format!("http://127.0.0.1:{admin}/bundle"))
+            .bearer_auth(TOKEN)
+            .body(bytes)
+            .send()
+            .await;
+    });
+    board.wait_log(&["Fleet: applying bundle"]);
+    board.kill();
+    let _ = put.await;
+
+    board.start();
+    let names = board.functions().await;
+    let old_set = vec!["relay".to_owned()];
+    let new_set: Vec<String> = {
+        let mut v: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+        v.sort();
+        v
+    };
+    assert!(names == old_set || names == new_set, "a mix: {names:?}");
+    if names == old_set {
+        let mut counts = Subscriber::connect("127.0.0.1", board.port, &["count/#"]).await;
+        let mut sensor = Publisher::connect("127.0.0.1", board.port).await;
+        sensor.publish("in/x", "x").await;
+        let (_, payload) = counts.next().await;
+        assert_eq!(String::from_utf8_lossy(&payload), "4", "state lost");
+    }
+}
