@@ -46,6 +46,8 @@ pub struct ValidConfig {
     pub admin: Option<AdminSpec>,
     /// `gateway.shutdown_timeout_s`.
     pub shutdown_timeout: Duration,
+    /// `[fleet]`, if configured: deploys of signed bundles.
+    pub fleet: Option<super::FleetSpec>,
 }
 
 /// Validated `[admin]` settings.
