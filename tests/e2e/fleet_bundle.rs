@@ -184,3 +184,72 @@ fn bundle_precompiles_for_a_target_and_refuses_unknown_keys_by_path() {
     // Without --version: the creation time in ms.
     assert_eq!(manifest.version, manifest.created_ms);
 }
+
+#[test]
+fn a_component_precompiled_into_a_bundle_runs_on_this_machine_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(
+        edgefn(&["keygen".as_ref(), "--out".as_ref(), keys.as_os_str()])
+            .status
+            .success()
+    );
+    let functions = dir.path().join("functions.toml");
+    std::fs::write(
+        &functions,
+        format!(
+            "[[functions]]\nname = \"threshold\"\ncomponent = {}\ntriggers = [\"sensors/+/temperature\"]\n\
+             publish = [\"alerts/#\"]\nconfig = {{ limit = \"30\" }}\n",
+            lit(&guest("threshold"))
+        ),
+    )
+    .unwrap();
+    let host = edgefn::fleet::bundle::host_target().unwrap();
+    let file = dir.path().join("app.bundle");
+    let out = edgefn(&[
+        "bundle".as_ref(),
+        "--functions".as_ref(),
+        functions.as_os_str(),
+        "--key".as_ref(),
+        keys.join("edgefn.key").as_os_str(),
+        "--out".as_ref(),
+        file.as_os_str(),
+        "--target".as_ref(),
+        host.as_ref(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // What a gateway does with it: verify, store the components, point
+    // the functions at them.
+    let trusted = TrustedKeys(vec![PublicKey::read(&keys.join("edgefn.pub")).unwrap()]);
+    let bytes = std::fs::read(&file).unwrap();
+    let limits = BundleLimits {
+        max_bytes: 32 << 20,
+    };
+    let b = Bundle::open(&bytes, &trusted, &limits).unwrap();
+    let store = edgefn::fleet::store::Store::open(&dir.path().join("data")).unwrap();
+    store.save_bundle(&b.sha256, &bytes).unwrap();
+    store.write_components(&b, Some(&host)).unwrap();
+    let list = b.functions(&store.components_dir(), Some(&host)).unwrap();
+    let component = list[0]["component"].as_str().unwrap().to_owned();
+    assert!(component.ends_with(".cwasm"), "{component}");
+    let mut text_config = "[gateway]\nid = \"gw\"\n[[functions]]\n".to_owned();
+    for (key, value) in list[0].as_table().unwrap() {
+        text_config.push_str(&format!("{key} = {value}\n"));
+    }
+    let config = dir.path().join("edgefn.toml");
+    std::fs::write(&config, text_config).unwrap();
+    let out = edgefn(&[
+        "invoke".as_ref(),
+        "-c".as_ref(),
+        config.as_os_str(),
+        "threshold".as_ref(),
+        "--topic".as_ref(),
+        "sensors/s1/temperature".as_ref(),
+        "--payload".as_ref(),
+        r#"{"value": 31.5}"#.as_ref(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("ok: 1 published, 0 forwarded"), "{stdout}");
+}
