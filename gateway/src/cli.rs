@@ -1,4 +1,5 @@
-//! The command line: `run`, `check`, `invoke`, `compile`, `passwd`.
+//! The command line: `run`, `check`, `invoke`, `compile`, `passwd`,
+//! `keygen`, `bundle`.
 //!
 //! This is the binary's edge: errors are `anyhow` with context, and each
 //! command returns the process exit code.
@@ -126,6 +127,11 @@ pub enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Write a new ed25519 key pair for signing bundles: `DIR/edgefn.key`
+    /// (secret, mode 0600) and `DIR/edgefn.pub`. Never overwrites a key.
+    Keygen(crate::fleet::cli_bundle::KeygenArgs),
+    /// Pack a `[[functions]]` file and its components into a signed bundle.
+    Bundle(crate::fleet::cli_bundle::BundleArgs),
 }
 
 /// Runs the CLI: parses arguments, sets up logging, dispatches.
@@ -246,6 +252,8 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
             out_dir,
         } => compile(&config, target.as_deref(), out_dir.as_deref(), out),
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete, out),
+        Command::Keygen(args) => crate::fleet::cli_bundle::keygen(&args, out),
+        Command::Bundle(args) => crate::fleet::cli_bundle::bundle(&args, out),
     }
 }
 
@@ -327,16 +335,6 @@ fn read_new_password(path: &Path, user: &str) -> anyhow::Result<String> {
     Ok(password)
 }
 
-/// The wasmtime target for a board's triple: 32-bit ARM has no Cranelift
-/// backend and runs the Pulley interpreter.
-fn wasm_target(triple: &str) -> String {
-    if triple.starts_with("armv7") || triple.starts_with("arm-") || triple.starts_with("thumbv7") {
-        "pulley32".to_owned()
-    } else {
-        triple.to_owned()
-    }
-}
-
 fn compile(
     path: &Path,
     target: Option<&str>,
@@ -378,7 +376,7 @@ fn compile(
     let mut opts = RuntimeOptions::ephemeral(config.runtime.clone());
     opts.spec.pooling = false;
     opts.epoch_interruption = true;
-    let wasm_target = target.map(wasm_target);
+    let wasm_target = target.map(crate::fleet::bundle::wasm_target);
     opts.target = wasm_target.clone();
     let runtime = Runtime::new(&opts)?;
     std::fs::create_dir_all(out_dir)

@@ -26,6 +26,8 @@
 //!   [`sinks::http`]) and the envelope.
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, Prometheus
 //!   metrics, the function list).
+//! - [`fleet`]: signed function bundles, keys, the desired state and the
+//!   on-disk store of deployed bundles.
 //! - [`topic`]: MQTT topic names and filters.
 //! - [`progress`]: the progress watchdog (stuck workers and sources).
 //! - [`event`], [`metrics`], [`mqtt`], [`simulate`]: shared pieces.
@@ -44,6 +46,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod fleet;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;

@@ -21,6 +21,7 @@ mod commands;
 mod disk_full;
 mod durability;
 mod fleet;
+mod fleet_bundle;
 mod guest_limits;
 mod memory;
 mod operations;

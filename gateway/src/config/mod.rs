@@ -10,6 +10,7 @@
 mod broker;
 pub mod diff;
 mod endpoint;
+pub mod fleet;
 mod functions;
 pub mod interpolate;
 pub mod schema;
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use broker::{Access, Listener, TlsListener};
+pub use fleet::FleetSpec;
 pub use functions::render_topic;
 pub use schema::EnvelopeFormat;
 use schema::{BrokerConfig, Config, TlsConfig};
@@ -487,6 +489,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
     }
 
     let admin = config.admin.as_ref().map(|a| admin(&mut p, a));
+    let fleet = (config.fleet.as_ref()).map(|f| fleet::fleet(&mut p, f, &sinks, &resolve));
     if !(1..=3600).contains(&config.gateway.shutdown_timeout_s) {
         p.add(
             "gateway.shutdown_timeout_s",
@@ -509,6 +512,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             admin: admin.flatten(),
             shutdown_timeout: Duration::from_secs(config.gateway.shutdown_timeout_s),
             raw: std::sync::Arc::default(),
+            fleet: fleet.flatten(),
         }),
         _ => Err(ConfigErrors(p.list)),
     }

@@ -49,6 +49,8 @@ pub struct Config {
     /// The admin HTTP endpoint (health, readiness, Prometheus metrics, the
     /// function list). Off when the table is absent.
     pub admin: Option<AdminSettings>,
+    /// Fleet deploys of signed bundles (`[fleet]`). Off when absent.
+    pub fleet: Option<super::fleet::FleetConfig>,
 }
 
 /// `[admin]`: the operations endpoint.

@@ -50,6 +50,8 @@ pub struct ValidConfig {
     /// bundle's functions can be validated together with the file's
     /// ([`super::with_functions`]).
     pub raw: std::sync::Arc<toml::Table>,
+    /// `[fleet]`, if configured: deploys of signed bundles.
+    pub fleet: Option<super::FleetSpec>,
 }
 
 /// Validated `[admin]` settings.

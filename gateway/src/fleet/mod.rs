@@ -8,11 +8,17 @@
 //! - [`topics`], [`chunks`], [`link`]: the transport over an MQTT sink's
 //!   endpoint; [`report`]: the reported state's JSON;
 //! - [`apply`], [`status`], [`agent`]: the gateway's agent;
-//! - [`deploy`]: `edgefn deploy` and `edgefn status`.
+//! - [`cli_bundle`]: `edgefn keygen` and `edgefn bundle`; [`deploy`]:
+//!   `edgefn deploy` and `edgefn status`.
 
 pub mod agent;
 pub mod apply;
+pub mod bundle;
+pub mod cli_bundle;
+pub mod desired;
+pub mod keys;
 pub mod status;
+pub mod store;
 
 use std::path::PathBuf;
 
