@@ -44,6 +44,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod fleet;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
