@@ -1,2 +1,6 @@
 //! Fleet deploy: signed function bundles sent to gateways over the cloud
 //! broker, applied atomically, rolled out with a canary.
+
+pub mod bundle;
+pub mod desired;
+pub mod keys;
