@@ -2,5 +2,8 @@
 //! broker, applied atomically, rolled out with a canary.
 
 pub mod bundle;
+pub mod chunks;
 pub mod desired;
 pub mod keys;
+pub mod report;
+pub mod topics;
