@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `invoke`, `compile`, `passwd`.
+//! The command line: `run`, `check`, `invoke`, `compile`, `passwd`, `deploy`, `status`.
 //!
 //! This is the binary's edge: errors are `anyhow` with context, and each
 //! command returns the process exit code.
@@ -126,6 +126,10 @@ pub enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Deploy a signed bundle to gateways over the cloud broker, canary first.
+    Deploy(crate::fleet::deploy::DeployArgs),
+    /// Print the gateways' reported states from the cloud broker.
+    Status(crate::fleet::deploy::StatusArgs),
 }
 
 /// Runs the CLI: parses arguments, sets up logging, dispatches.
@@ -246,6 +250,8 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
             out_dir,
         } => compile(&config, target.as_deref(), out_dir.as_deref(), out),
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete, out),
+        Command::Deploy(args) => crate::fleet::deploy::deploy(args, out),
+        Command::Status(args) => crate::fleet::deploy::status(args, out),
     }
 }
 

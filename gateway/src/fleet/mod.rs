@@ -3,7 +3,9 @@
 
 pub mod bundle;
 pub mod chunks;
+pub mod deploy;
 pub mod desired;
 pub mod keys;
+pub mod link;
 pub mod report;
 pub mod topics;
