@@ -212,3 +212,34 @@ fn status_prints_the_retained_reports() {
     assert_eq!(code, ExitCode::FAILURE, "{out}");
     assert!(out.contains("no report from gw9"), "{out}");
 }
+
+#[tokio::test]
+async fn a_fetch_survives_a_broker_restart() {
+    let Some(mut broker) = Mosquitto::start_persistent(free_port()) else {
+        return;
+    };
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+    let r = bundle_ref(&bytes, 1, 1024).unwrap();
+    let chunk = |i: u32| {
+        let at = i as usize * 1024;
+        (topics::chunk(&r.sha256, i), bytes[at..at + 1024].to_vec())
+    };
+    // Half the chunks are there when the fetch starts.
+    let mut deployer = cloud(broker.port).await;
+    deployer.publish_retained(vec![chunk(0), chunk(1)], WAIT).await.unwrap();
+    drop(deployer);
+    let (link, _desired, cancel) = start_link(broker.port, "gw1");
+    eventually("the fleet link connects", || link.connected()).await;
+    let fetch = tokio::spawn({
+        let (link, r) = (link.clone(), r.clone());
+        async move { link.fetch(&r, WAIT).await }
+    });
+    broker.stop();
+    eventually("the link sees the broker gone", || !link.connected()).await;
+    broker.restart();
+    let mut deployer = cloud(broker.port).await;
+    deployer.publish_retained(vec![chunk(2), chunk(3)], WAIT).await.unwrap();
+    let fetched = fetch.await.unwrap().unwrap();
+    assert!(fetched == bytes, "the fetched bundle differs");
+    cancel.cancel();
+}

@@ -200,9 +200,17 @@ pub fn deploy(args: DeployArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
     let limits = BundleLimits {
         max_bytes: MAX_BUNDLE_FILE,
     };
-    let (manifest, sha256, _signer) =
+    let (manifest, sha256, signer) =
         Bundle::inspect(&bytes, &limits).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
     let key = SigningKey::read(&args.key).map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+    if signer != key.public() {
+        writeln!(
+            out,
+            "note: the bundle is signed by key {}, the desired documents will be by key {}; gateways must trust both",
+            signer.id(),
+            key.public().id()
+        )?;
+    }
     let r = bundle_ref(&bytes, manifest.version, args.chunk_bytes)
         .map_err(|e| anyhow::anyhow!("--chunk-bytes: {e}"))?;
     debug_assert_eq!(r.sha256, sha256);

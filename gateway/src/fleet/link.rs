@@ -237,8 +237,11 @@ impl Shared {
             return;
         }
         let Some((sha, index)) = topics::parse_chunk(topic) else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(topic = %topic.escape_debug(), bytes = payload.len(), "Unexpected message on the fleet connection dropped.");
+            // Logged at 1, 2, 4, 8… so a flood cannot flood the log.
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(topic = %topic.escape_debug(), bytes = payload.len(), dropped = n, "Unexpected message on the fleet connection dropped.");
+            }
             return;
         };
         let fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
