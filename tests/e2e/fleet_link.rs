@@ -46,7 +46,9 @@ fn start_link(port: u16, gw: &str) -> (Link, mpsc::Receiver<Vec<u8>>, Cancellati
 }
 
 async fn cloud(port: u16) -> Cloud {
-    Cloud::connect(&endpoint(port, "deploy"), WAIT).await.unwrap()
+    Cloud::connect(&endpoint(port, "deploy"), WAIT)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -59,7 +61,9 @@ async fn fetch_assembles_a_bundle_published_before_the_gateway_connected() {
     let r = bundle_ref(&bytes, 7, 96 * 1024).unwrap();
     assert_eq!(r.chunks, 4);
     let mut deployer = cloud(broker.port).await;
-    publish_bundle(&mut deployer, &bytes, &r, WAIT).await.unwrap();
+    publish_bundle(&mut deployer, &bytes, &r, WAIT)
+        .await
+        .unwrap();
     drop(deployer);
 
     let (link, _desired, cancel) = start_link(broker.port, "gw1");
@@ -67,7 +71,10 @@ async fn fetch_assembles_a_bundle_published_before_the_gateway_connected() {
     assert!(fetched == bytes, "the fetched bundle differs");
     // A bundle whose chunks are not there: a clear timeout, not a hang.
     let missing = bundle_ref(&bytes[..5000], 8, 1024).unwrap();
-    let e = link.fetch(&missing, Duration::from_secs(1)).await.unwrap_err();
+    let e = link
+        .fetch(&missing, Duration::from_secs(1))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("5 of 5 chunks missing"), "{e}");
     cancel.cancel();
 }
@@ -201,8 +208,16 @@ fn status_prints_the_retained_reports() {
             .split_whitespace()
             .collect::<Vec<_>>()
     };
-    assert_eq!(&line("gw1")[..4], ["gw1", "running", "3", "030303030303"], "{out}");
-    assert_eq!(&line("gw2")[..6], ["gw2", "running", "4", "040404040404", "0", "2"], "{out}");
+    assert_eq!(
+        &line("gw1")[..4],
+        ["gw1", "running", "3", "030303030303"],
+        "{out}"
+    );
+    assert_eq!(
+        &line("gw2")[..6],
+        ["gw2", "running", "4", "040404040404", "0", "2"],
+        "{out}"
+    );
     // Every gateway with a report, without a list.
     let (code, all) = status(broker.port, &[]);
     assert_eq!(code, ExitCode::SUCCESS, "{all}");
@@ -226,7 +241,10 @@ async fn a_fetch_survives_a_broker_restart() {
     };
     // Half the chunks are there when the fetch starts.
     let mut deployer = cloud(broker.port).await;
-    deployer.publish_retained(vec![chunk(0), chunk(1)], WAIT).await.unwrap();
+    deployer
+        .publish_retained(vec![chunk(0), chunk(1)], WAIT)
+        .await
+        .unwrap();
     drop(deployer);
     let (link, _desired, cancel) = start_link(broker.port, "gw1");
     eventually("the fleet link connects", || link.connected()).await;
@@ -238,7 +256,10 @@ async fn a_fetch_survives_a_broker_restart() {
     eventually("the link sees the broker gone", || !link.connected()).await;
     broker.restart();
     let mut deployer = cloud(broker.port).await;
-    deployer.publish_retained(vec![chunk(2), chunk(3)], WAIT).await.unwrap();
+    deployer
+        .publish_retained(vec![chunk(2), chunk(3)], WAIT)
+        .await
+        .unwrap();
     let fetched = fetch.await.unwrap().unwrap();
     assert!(fetched == bytes, "the fetched bundle differs");
     cancel.cancel();

@@ -20,6 +20,7 @@ mod cli;
 mod commands;
 mod disk_full;
 mod durability;
+mod fleet_deploy;
 mod fleet_link;
 mod guest_limits;
 mod memory;

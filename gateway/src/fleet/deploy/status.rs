@@ -17,25 +17,30 @@ const QUIET: Duration = Duration::from_millis(500);
 
 /// The retained reports (subscribe [`topics::REPORTED_ALL`] first, plus any
 /// `extra` filters, whose messages are returned too): until every gateway of
-/// `want` has reported, or `wait` has passed; without `want`, until a quiet
-/// pause. Unreadable reports are named on stderr and skipped.
+/// `want` has reported (and, with `extra`, a quiet pause followed), or
+/// `wait` has passed; without `want`, until a quiet pause. Unreadable reports are named on stderr and skipped.
 pub async fn collect(
     cloud: &mut Cloud,
     want: &[String],
     extra: &[String],
     wait: Duration,
 ) -> anyhow::Result<(BTreeMap<String, Reported>, Vec<(String, Vec<u8>)>)> {
-    let mut filters = vec![topics::REPORTED_ALL.to_owned()];
-    filters.extend(extra.iter().cloned());
+    // The extra filters first: a broker sends each subscription's retained
+    // messages in order, so theirs come before the reports.
+    let mut filters = extra.to_vec();
+    filters.push(topics::REPORTED_ALL.to_owned());
     cloud.subscribe(&filters, wait).await?;
     let deadline = Instant::now() + wait;
     let mut reports = BTreeMap::new();
     let mut others = Vec::new();
     loop {
-        if !want.is_empty() && want.iter().all(|g| reports.contains_key(g)) {
+        let all_seen = !want.is_empty() && want.iter().all(|g| reports.contains_key(g));
+        if all_seen && extra.is_empty() {
             break;
         }
-        let until = if want.is_empty() {
+        // Without a list, or with every listed report in but other
+        // retained messages perhaps still coming: until a quiet pause.
+        let until = if want.is_empty() || all_seen {
             deadline.min(Instant::now() + QUIET)
         } else {
             deadline
