@@ -25,6 +25,9 @@ use super::report::Reported;
 use super::topics;
 use crate::config::MqttEndpoint;
 
+/// Longest `--bake-s`, `--timeout-s` or `--wait-s`: a week.
+const MAX_WAIT_S: u64 = 7 * 24 * 3600;
+
 /// Largest bundle file `edgefn deploy` reads.
 const MAX_BUNDLE_FILE: u64 = 256 * 1024 * 1024;
 
@@ -74,10 +77,10 @@ pub struct DeployArgs {
     #[arg(long)]
     pub canary: Option<String>,
     /// Seconds the canary runs the new bundle before the rest get it.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_S))]
     pub bake_s: u64,
     /// Seconds to wait for the gateways of each step to report.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_S))]
     pub timeout_s: u64,
     /// Apply even if not newer than what a gateway runs.
     #[arg(long)]
@@ -101,7 +104,7 @@ pub struct StatusArgs {
     #[arg(long, value_delimiter = ',')]
     pub gateways: Vec<String>,
     /// Seconds to wait for the retained reports.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_S))]
     pub wait_s: u64,
 }
 
@@ -119,13 +122,22 @@ impl CloudArgs {
             }
             None => None,
         };
-        let tls =
-            (self.ca.is_some() || self.cert.is_some()).then(|| crate::config::schema::TlsConfig {
-                ca: self.ca.clone(),
-                cert: self.cert.clone(),
-                key: self.client_key.clone(),
-                alpn: vec![],
-            });
+        let secure = self.via.starts_with("mqtts://");
+        anyhow::ensure!(
+            !secure || self.ca.is_some(),
+            "--via `{}` uses TLS: give the broker's PEM CA certificate(s) with --ca",
+            self.via
+        );
+        anyhow::ensure!(
+            secure || (self.ca.is_none() && self.cert.is_none()),
+            "--ca and --cert need an `mqtts://` --via"
+        );
+        let tls = secure.then(|| crate::config::schema::TlsConfig {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.client_key.clone(),
+            alpn: vec![],
+        });
         let client_id = format!(
             "edgefn-{tool}-{}-{}",
             std::process::id(),
@@ -139,7 +151,25 @@ impl CloudArgs {
             password.as_deref(),
             tls.as_ref(),
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        .map_err(|errors| {
+            let lines: Vec<String> = errors
+                .0
+                .iter()
+                .map(|e| format!("{}: {}", flag(&e.key), e.reason))
+                .collect();
+            anyhow::anyhow!("{}", lines.join("\n"))
+        })
+    }
+}
+
+/// The command-line flag behind a key of `config::endpoint_from_flags`.
+fn flag(key: &str) -> &'static str {
+    match key {
+        "cloud.tls" | "cloud.tls.ca" => "--ca",
+        "cloud.tls.cert" => "--cert",
+        "cloud.tls.key" => "--client-key",
+        "cloud.password" => "--password-file",
+        _ => "--via",
     }
 }
 

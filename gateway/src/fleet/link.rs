@@ -304,7 +304,10 @@ impl Link {
             .client
             .subscribe(filter.clone(), QoS::AtLeastOnce)
             .await?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
         loop {
             let quiet = tokio::time::sleep(RESUBSCRIBE_AFTER);
             tokio::select! {
