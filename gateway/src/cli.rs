@@ -1,5 +1,5 @@
 //! The command line: `run`, `check`, `invoke`, `compile`, `passwd`,
-//! `keygen`, `bundle`.
+//! `keygen`, `bundle`, `deploy`, `status`.
 //!
 //! This is the binary's edge: errors are `anyhow` with context, and each
 //! command returns the process exit code.
@@ -132,6 +132,10 @@ pub enum Command {
     Keygen(crate::fleet::cli_bundle::KeygenArgs),
     /// Pack a `[[functions]]` file and its components into a signed bundle.
     Bundle(crate::fleet::cli_bundle::BundleArgs),
+    /// Deploy a signed bundle to gateways over the cloud broker, canary first.
+    Deploy(crate::fleet::deploy::DeployArgs),
+    /// Print the gateways' reported states from the cloud broker.
+    Status(crate::fleet::deploy::StatusArgs),
 }
 
 /// Runs the CLI: parses arguments, sets up logging, dispatches.
@@ -254,6 +258,8 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete, out),
         Command::Keygen(args) => crate::fleet::cli_bundle::keygen(&args, out),
         Command::Bundle(args) => crate::fleet::cli_bundle::bundle(&args, out),
+        Command::Deploy(args) => crate::fleet::deploy::deploy(args, out),
+        Command::Status(args) => crate::fleet::deploy::status(args, out),
     }
 }
 

@@ -22,6 +22,8 @@ mod disk_full;
 mod durability;
 mod fleet;
 mod fleet_bundle;
+mod fleet_deploy;
+mod fleet_link;
 mod guest_limits;
 mod memory;
 mod operations;

@@ -212,3 +212,28 @@ pub(super) fn tls_files(
     }
     Some((ca.flatten(), client_auth))
 }
+
+/// An MQTT endpoint from command-line flags (`edgefn deploy`, `edgefn
+/// status`), with the same checks and TLS file reading as a sink's; problems
+/// are reported against `label` (e.g. `--via`).
+pub fn endpoint_from_flags(
+    label: &Path,
+    url: &str,
+    client_id: String,
+    username: Option<&str>,
+    password: Option<&str>,
+    tls: Option<&TlsConfig>,
+) -> Result<MqttEndpoint, ConfigErrors> {
+    let mut p = Problems {
+        file: label,
+        list: Vec::new(),
+    };
+    let resolve = |path: &Path| path.to_owned();
+    let e = endpoint(
+        &mut p, "cloud", &resolve, url, client_id, username, password, tls,
+    );
+    match e {
+        Some(e) if p.list.is_empty() => Ok(e),
+        _ => Err(ConfigErrors(p.list)),
+    }
+}

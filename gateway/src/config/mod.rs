@@ -33,6 +33,7 @@ use schema::{BrokerConfig, Config, TlsConfig};
 pub use scope::{KeyChanges, Scope};
 pub use spec::*;
 
+pub use endpoint::endpoint_from_flags;
 pub(crate) use endpoint::{endpoint, http_tls};
 pub(crate) use functions::check_topic_template;
 use functions::functions;

@@ -14,11 +14,16 @@
 pub mod agent;
 pub mod apply;
 pub mod bundle;
+pub mod chunks;
 pub mod cli_bundle;
+pub mod deploy;
 pub mod desired;
 pub mod keys;
+pub mod link;
+pub mod report;
 pub mod status;
 pub mod store;
+pub mod topics;
 
 use std::path::PathBuf;
 

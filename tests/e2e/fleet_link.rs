@@ -1,0 +1,266 @@
+//! The fleet transport against a real Mosquitto: bundle chunks published
+//! (retained) by the deploy code before a gateway connects, the gateway's
+//! retained reports (kept while offline), its desired document on every
+//! (re)connect, and `edgefn status`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use edgefn::cli::{Command, execute};
+use edgefn::config::MqttEndpoint;
+use edgefn::fleet::chunks::bundle_ref;
+use edgefn::fleet::deploy::cloud::{Cloud, publish_bundle};
+use edgefn::fleet::deploy::{CloudArgs, StatusArgs};
+use edgefn::fleet::link::{self, Link, LinkConfig};
+use edgefn::fleet::report::{Health, ReportState, Reported, RunningBundle};
+use edgefn::fleet::topics;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::support::*;
+
+fn endpoint(port: u16, id: &str) -> MqttEndpoint {
+    MqttEndpoint {
+        host: "127.0.0.1".into(),
+        port,
+        client_id: client_id(id),
+        credentials: None,
+        tls: None,
+    }
+}
+
+fn start_link(port: u16, gw: &str) -> (Link, mpsc::Receiver<Vec<u8>>, CancellationToken) {
+    let cancel = CancellationToken::new();
+    let (link, rx) = link::start(
+        LinkConfig {
+            endpoint: endpoint(port, "fleet"),
+            gateway_id: gw.into(),
+            keep_alive: Duration::from_secs(5),
+            max_bundle_bytes: 1 << 20,
+        },
+        cancel.clone(),
+        &TaskTracker::new(),
+    );
+    (link, rx, cancel)
+}
+
+async fn cloud(port: u16) -> Cloud {
+    Cloud::connect(&endpoint(port, "deploy"), WAIT)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn fetch_assembles_a_bundle_published_before_the_gateway_connected() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    // 300,000 bytes: three full 96 KiB chunks and a shorter fourth.
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let r = bundle_ref(&bytes, 7, 96 * 1024).unwrap();
+    assert_eq!(r.chunks, 4);
+    let mut deployer = cloud(broker.port).await;
+    publish_bundle(&mut deployer, &bytes, &r, WAIT)
+        .await
+        .unwrap();
+    drop(deployer);
+
+    let (link, _desired, cancel) = start_link(broker.port, "gw1");
+    let fetched = link.fetch(&r, WAIT).await.unwrap();
+    assert!(fetched == bytes, "the fetched bundle differs");
+    // A bundle whose chunks are not there: a clear timeout, not a hang.
+    let missing = bundle_ref(&bytes[..5000], 8, 1024).unwrap();
+    let e = link
+        .fetch(&missing, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("5 of 5 chunks missing"), "{e}");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn reports_are_retained_and_the_latest_waits_for_the_connection() {
+    let port = free_port();
+    // The broker is not up yet: the gateway reports twice while offline.
+    let (link, _desired, cancel) = start_link(port, "gw1");
+    link.report(b"{\"n\":1}".to_vec());
+    link.report(b"{\"n\":2}".to_vec());
+    assert!(!link.connected());
+    let Some(_broker) = Mosquitto::start_on(port) else {
+        return;
+    };
+    eventually("the fleet link connects", || link.connected()).await;
+    let mut late = Subscriber::connect("127.0.0.1", port, &[&topics::reported("gw1")]).await;
+    let (topic, payload) = late.next().await;
+    assert_eq!(topic, "edgefn/fleet/gw1/reported");
+    assert_eq!(payload, b"{\"n\":2}", "only the latest report is published");
+    // Online: each report goes out right away.
+    link.report(b"{\"n\":3}".to_vec());
+    assert_eq!(late.next().await.1, b"{\"n\":3}");
+    cancel.cancel();
+}
+
+async fn recv(rx: &mut mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a desired payload in time")
+        .expect("link alive")
+}
+
+#[tokio::test]
+async fn the_retained_desired_document_arrives_on_connect_and_after_a_reconnect() {
+    let Some(mut broker) = Mosquitto::start_persistent(free_port()) else {
+        return;
+    };
+    let port = broker.port;
+    let mut deployer = cloud(port).await;
+    let topic = topics::desired("gw1");
+    deployer
+        .publish_retained(vec![(topic.clone(), b"doc-1".to_vec())], WAIT)
+        .await
+        .unwrap();
+    drop(deployer);
+    let (link, mut rx, cancel) = start_link(port, "gw1");
+    assert_eq!(recv(&mut rx).await, b"doc-1");
+
+    // The broker restarts (keeping its retained messages): the new
+    // connection subscribes again and gets the document again.
+    broker.stop();
+    eventually("the link sees the broker gone", || !link.connected()).await;
+    broker.restart();
+    assert_eq!(recv(&mut rx).await, b"doc-1");
+
+    // An empty retained payload clears the topic: not delivered.
+    let mut deployer = cloud(port).await;
+    deployer
+        .publish_retained(vec![(topic.clone(), Vec::new())], WAIT)
+        .await
+        .unwrap();
+    deployer
+        .publish_retained(vec![(topic, b"doc-2".to_vec())], WAIT)
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx).await, b"doc-2");
+    cancel.cancel();
+}
+
+fn report(gw: &str, version: u64, failures: u64) -> Reported {
+    Reported {
+        gateway: gw.into(),
+        reported_ms: edgefn::fleet::deploy::status::now_ms(),
+        state: ReportState::Running,
+        bundle: Some(RunningBundle {
+            sha256: format!("{version:02}").repeat(32),
+            version,
+            applied_ms: 1,
+        }),
+        desired: None,
+        functions: vec![],
+        since_apply: Health {
+            invocations: 10,
+            failures,
+            breaker_opens: 0,
+        },
+        last_refusal: None,
+        last_error: None,
+    }
+}
+
+fn status(port: u16, gateways: &[&str]) -> (ExitCode, String) {
+    let args = StatusArgs {
+        cloud: CloudArgs {
+            via: format!("mqtt://127.0.0.1:{port}"),
+            ca: None,
+            cert: None,
+            client_key: None,
+            username: None,
+            password_file: None,
+        },
+        gateways: gateways.iter().map(|g| g.to_string()).collect(),
+        wait_s: 2,
+    };
+    let mut out = Vec::new();
+    let code = execute(Command::Status(args), &mut out).unwrap();
+    (code, String::from_utf8(out).unwrap())
+}
+
+#[test]
+fn status_prints_the_retained_reports() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut deployer = cloud(broker.port).await;
+        let messages = [report("gw1", 3, 0), report("gw2", 4, 2)]
+            .iter()
+            .map(|r| (topics::reported(&r.gateway), serde_json::to_vec(r).unwrap()))
+            .collect();
+        deployer.publish_retained(messages, WAIT).await.unwrap();
+    });
+    let (code, out) = status(broker.port, &["gw1", "gw2"]);
+    assert_eq!(code, ExitCode::SUCCESS, "{out}");
+    let line = |gw: &str| {
+        out.lines()
+            .find(|l| l.starts_with(gw))
+            .unwrap_or_else(|| panic!("no line for {gw}: {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        &line("gw1")[..4],
+        ["gw1", "running", "3", "030303030303"],
+        "{out}"
+    );
+    assert_eq!(
+        &line("gw2")[..6],
+        ["gw2", "running", "4", "040404040404", "0", "2"],
+        "{out}"
+    );
+    // Every gateway with a report, without a list.
+    let (code, all) = status(broker.port, &[]);
+    assert_eq!(code, ExitCode::SUCCESS, "{all}");
+    assert!(all.contains("gw1") && all.contains("gw2"), "{all}");
+    // A listed gateway without a report: named, and a failure.
+    let (code, out) = status(broker.port, &["gw1", "gw9"]);
+    assert_eq!(code, ExitCode::FAILURE, "{out}");
+    assert!(out.contains("no report from gw9"), "{out}");
+}
+
+#[tokio::test]
+async fn a_fetch_survives_a_broker_restart() {
+    let Some(mut broker) = Mosquitto::start_persistent(free_port()) else {
+        return;
+    };
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+    let r = bundle_ref(&bytes, 1, 1024).unwrap();
+    let chunk = |i: u32| {
+        let at = i as usize * 1024;
+        (topics::chunk(&r.sha256, i), bytes[at..at + 1024].to_vec())
+    };
+    // Half the chunks are there when the fetch starts.
+    let mut deployer = cloud(broker.port).await;
+    deployer
+        .publish_retained(vec![chunk(0), chunk(1)], WAIT)
+        .await
+        .unwrap();
+    drop(deployer);
+    let (link, _desired, cancel) = start_link(broker.port, "gw1");
+    eventually("the fleet link connects", || link.connected()).await;
+    let fetch = tokio::spawn({
+        let (link, r) = (link.clone(), r.clone());
+        async move { link.fetch(&r, WAIT).await }
+    });
+    broker.stop();
+    eventually("the link sees the broker gone", || !link.connected()).await;
+    broker.restart();
+    let mut deployer = cloud(broker.port).await;
+    deployer
+        .publish_retained(vec![chunk(2), chunk(3)], WAIT)
+        .await
+        .unwrap();
+    let fetched = fetch.await.unwrap().unwrap();
+    assert!(fetched == bytes, "the fetched bundle differs");
+    cancel.cancel();
+}
