@@ -20,6 +20,7 @@ mod cli;
 mod commands;
 mod disk_full;
 mod durability;
+mod funcset;
 mod guest_limits;
 mod memory;
 mod operations;
