@@ -471,8 +471,8 @@ async fn run(
                 tracing::info!(config = %config.path.display(), "SIGHUP: reloading the configuration.");
                 match config::load(&config.path) {
                     Ok(new) => match gateway.reload(new).await {
-                        ReloadOutcome::Applied { switched, restart_needed } => {
-                            tracing::info!(switched, restart_pending = restart_needed.len(), "Configuration reloaded.");
+                        ReloadOutcome::Applied { switched, added, removed, updated, restart_needed } => {
+                            tracing::info!(switched, added = ?added, removed = ?removed, updated = ?updated, restart_pending = restart_needed.len(), "Configuration reloaded.");
                         }
                         ReloadOutcome::Refused(problems) => {
                             tracing::error!(problems = problems.len(), "Configuration reload refused; nothing was changed.");

@@ -284,3 +284,37 @@ mod tests {
         assert_eq!(sum, 5_000_011);
     }
 }
+
+/// The running functions' names and counters, in configuration order;
+/// shared by the gateway, the admin endpoint and the reloader, which adds
+/// and removes functions at run time (a removed function's counters
+/// disappear from `/metrics` and `/functions`).
+#[derive(Debug, Default)]
+pub struct FunctionTable(std::sync::RwLock<Vec<(String, std::sync::Arc<FunctionMetrics>)>>);
+
+impl FunctionTable {
+    /// A table of `functions`.
+    pub fn new(functions: Vec<(String, std::sync::Arc<FunctionMetrics>)>) -> Self {
+        Self(std::sync::RwLock::new(functions))
+    }
+
+    /// The current list (a copy: nothing holds the lock while rendering).
+    pub fn list(&self) -> Vec<(String, std::sync::Arc<FunctionMetrics>)> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A function's counters.
+    pub fn get(&self, name: &str) -> Option<std::sync::Arc<FunctionMetrics>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m.clone())
+    }
+
+    /// Replaces the list.
+    pub fn set(&self, functions: Vec<(String, std::sync::Arc<FunctionMetrics>)>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = functions;
+    }
+}

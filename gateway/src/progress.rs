@@ -141,7 +141,9 @@ fn millis(d: Duration) -> u64 {
 struct Watched {
     kind: &'static str,
     name: String,
-    beat: Arc<Beat>,
+    /// Weak: a worker or source that has stopped (a function removed by a
+    /// reload) drops its beat and so leaves the watch.
+    beat: std::sync::Weak<Beat>,
 }
 
 /// Every worker's and source's [`Beat`].
@@ -161,13 +163,15 @@ impl Default for Progress {
 
 impl Progress {
     /// A beat for `kind` (`function`, `source`) `name`, stuck when one step
-    /// lasts longer than `limit`.
+    /// lasts longer than `limit`; watched while the returned beat lives.
     pub fn watch(&self, kind: &'static str, name: &str, limit: Duration) -> Arc<Beat> {
         let beat = Arc::new(Beat::new(self.epoch, limit));
-        self.lock().push(Watched {
+        let mut watched = self.lock();
+        watched.retain(|w| w.beat.strong_count() > 0);
+        watched.push(Watched {
             kind,
             name: name.to_owned(),
-            beat: beat.clone(),
+            beat: Arc::downgrade(&beat),
         });
         beat
     }
@@ -182,7 +186,8 @@ impl Progress {
         self.lock()
             .iter()
             .filter_map(|w| {
-                let (what, busy) = w.beat.overdue(w.beat.now_ms())?;
+                let beat = w.beat.upgrade()?;
+                let (what, busy) = beat.overdue(beat.now_ms())?;
                 Some((format!("{} {}", w.kind, w.name), describe(what, busy)))
             })
             .collect()

@@ -183,6 +183,7 @@ async fn a_reload_changes_the_priority_without_a_restart() {
     let ReloadOutcome::Applied {
         switched,
         restart_needed,
+        ..
     } = outcome
     else {
         panic!("refused: {outcome:?}");

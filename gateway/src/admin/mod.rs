@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::metrics::GatewayMetrics;
 use crate::outbox::{Outbox, OutboxError, Reader};
 use crate::progress::Progress;
 use crate::sinks::DeliveryStats;
@@ -57,8 +57,9 @@ pub type Named<T> = (String, &'static str, Arc<T>);
 pub struct AdminState {
     /// `gateway.id`.
     pub gateway_id: String,
-    /// Per-function counters, in configuration order.
-    pub functions: Vec<(String, Arc<FunctionMetrics>)>,
+    /// Per-function counters, in configuration order (changes at run
+    /// time: functions are added and removed by a reload).
+    pub functions: Arc<crate::metrics::FunctionTable>,
     /// Gateway-wide counters.
     pub metrics: Arc<GatewayMetrics>,
     /// Serial and I2C sources.

@@ -70,6 +70,7 @@ fn get(c: &AtomicU64) -> u64 {
 pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let m = &state.metrics;
+    let functions = state.functions.list();
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -170,7 +171,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     // Functions.
     let per_function = |out: &mut String, name, kind: &str, help, value: &dyn Fn(&_) -> u64| {
         let mut f = Family::new(out, name, kind, help);
-        for (function, fm) in &state.functions {
+        for (function, fm) in &functions {
             f.sample(&[("function", function)], value(fm));
         }
     };
@@ -188,7 +189,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             "counter",
             "Invocations ended, per function and result: ok, error (the handler returned Err), quota, denied, trap, timeout, memory.",
         );
-        for (function, fm) in &state.functions {
+        for (function, fm) in &functions {
             for (result, c) in [
                 ("ok", &fm.ok),
                 ("error", &fm.errors),
@@ -209,7 +210,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             "histogram",
             "Time per invocation, instantiation included, per function.",
         );
-        for (function, fm) in &state.functions {
+        for (function, fm) in &functions {
             let (cumulative, sum_us) = fm.latency.cumulative();
             for (bound, count) in LATENCY_BUCKETS_US.iter().zip(&cumulative) {
                 let le = format!("{}", *bound as f64 / 1e6);
@@ -228,7 +229,7 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
             "counter",
             "publish/forward/state calls the host refused, per function and reason: denied (allowlist) or limit.",
         );
-        for (function, fm) in &state.functions {
+        for (function, fm) in &functions {
             f.sample(
                 &[("function", function), ("reason", "denied")],
                 get(&fm.denied),
@@ -496,6 +497,7 @@ fn reloads(out: &mut String, state: &AdminState) {
 pub fn functions_json(state: &AdminState) -> String {
     let list: Vec<serde_json::Value> = state
         .functions
+        .list()
         .iter()
         .map(|(name, m)| {
             let (cumulative, sum_us) = m.latency.cumulative();

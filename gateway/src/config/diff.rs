@@ -2,13 +2,11 @@
 //! cannot apply live, named setting by setting, and what it asks for that
 //! the running gateway does not have.
 //!
-//! Applied live: a function's component, `config`, `publish`, `sinks`,
-//! `serial_ports`, `instance`, `state`, `priority` and the limits an invocation checks
-//! (`timeout_ms`, `memory_mib`, `max_calls`, …). Everything else is built at
-//! start and needs a restart: `[gateway]`, `[broker]`, `[outbox]`,
-//! `[runtime]`, `[admin]`, every sink and source setting, added or removed
-//! functions, sinks and sources, and a function's `triggers`,
-//! `limits.queue`, `limits.queue_policy` and `breaker`.
+//! Applied live: the whole function set (see [`crate::runtime::reload`]):
+//! functions added, removed or changed in any setting. Everything else is
+//! built at start and needs a restart: `[gateway]`, `[broker]`, `[outbox]`,
+//! `[runtime]`, `[admin]`, every sink and source setting, and added or
+//! removed sinks and sources.
 //!
 //! Sections are compared as whole values, key by key, so any difference is
 //! found, not only a changed number of entries.
@@ -168,12 +166,16 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
     d.key("outbox", "max_commits_per_sec", &ca, &cb);
     let (ra, rb) = (&running.runtime, &new.runtime);
     d.key("runtime", "pooling", &ra.pooling, &rb.pooling);
-    d.key(
-        "runtime",
-        "pool_instances",
-        &ra.pool_instances,
-        &rb.pool_instances,
-    );
+    // The default size follows the number of functions, which a reload
+    // may change; only a size the file sets is compared.
+    if ra.pool_instances_set.is_some() || rb.pool_instances_set.is_some() {
+        d.key(
+            "runtime",
+            "pool_instances",
+            &ra.pool_instances,
+            &rb.pool_instances,
+        );
+    }
     d.key(
         "runtime",
         "max_memory_mib",
@@ -204,19 +206,6 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
         &new.sources,
         source_name,
         Diff::source,
-    );
-    d.entries(
-        "functions",
-        &running.functions,
-        &new.functions,
-        |f| &f.name,
-        |d, section, a, b| {
-            d.key(section, "triggers", &a.triggers, &b.triggers);
-            d.key(section, "limits.queue", &a.limits.queue, &b.limits.queue);
-            let (pa, pb) = (&a.limits.queue_policy, &b.limits.queue_policy);
-            d.key(section, "limits.queue_policy", pa, pb);
-            d.key(section, "breaker", &a.breaker, &b.breaker);
-        },
     );
     d.0
 }

@@ -380,6 +380,10 @@ fn broker_spec(
     }
 }
 
+/// The least default `runtime.pool_instances`: room for functions added by
+/// a reload (a slot reserves address space, not memory).
+pub const MIN_DEFAULT_POOL_INSTANCES: u32 = 64;
+
 /// `[runtime]`.
 fn runtime_spec(p: &mut Problems<'_>, config: &Config) -> RuntimeSpec {
     let rt = &config.runtime;
@@ -407,7 +411,9 @@ fn runtime_spec(p: &mut Problems<'_>, config: &Config) -> RuntimeSpec {
                 .unwrap_or(u32::MAX)
                 .saturating_mul(2)
                 .saturating_add(8)
+                .max(MIN_DEFAULT_POOL_INSTANCES)
         }),
+        pool_instances_set: rt.pool_instances,
         max_memory_bytes: rt.max_memory_mib.saturating_mul(1024 * 1024),
         compile_cache: rt.compile_cache,
         watch: (rt.watch_ms > 0).then(|| Duration::from_millis(rt.watch_ms)),

@@ -70,6 +70,10 @@ pub struct RuntimeSpec {
     pub pooling: bool,
     /// Instance slots in the pool.
     pub pool_instances: u32,
+    /// `pool_instances` as the file sets it (`None`: the default, derived
+    /// from the number of functions), so a reload that only adds functions
+    /// does not report the derived size as a change needing a restart.
+    pub pool_instances_set: Option<u32>,
     /// Size of one pool slot's linear memory, in bytes.
     pub max_memory_bytes: u64,
     /// Cache compiled components in the data dir.

@@ -426,7 +426,10 @@ fn runtime_settings_have_defaults_and_are_checked() {
     assert_eq!(f.state.max_value_bytes, 64 * 1024);
     assert_eq!(f.state.max_total_bytes, 1024 * 1024);
     assert!(c.runtime.pooling);
-    assert_eq!(c.runtime.pool_instances, 2 + 8, "2 per function + 8");
+    assert_eq!(
+        c.runtime.pool_instances, 64,
+        "at least 64 (2 per function + 8)"
+    );
     assert_eq!(c.runtime.max_memory_bytes, 64 * 1024 * 1024);
     assert_eq!(c.runtime.watch, Some(Duration::from_millis(1000)));
 

@@ -223,7 +223,7 @@ impl Fleet {
         let store = self.store.clone();
         let target = self.target.clone();
         // Hashing and fsync: off the reactor.
-        let opened = tokio::task::spawn_blocking(move || {
+        let bundle = tokio::task::spawn_blocking(move || {
             let bundle = Bundle::open(&bytes, &trusted, &limits)
                 .map_err(|e| Refused::new(None, None, e.to_string()))?;
             let refuse = |e: &dyn std::fmt::Display| {

@@ -36,10 +36,11 @@ pub struct Reported {
 }
 
 /// What a gateway is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReportState {
     /// Running what it reports in `bundle`.
+    #[default]
     Running,
     /// Fetching or applying a bundle.
     Applying,

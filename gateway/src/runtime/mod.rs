@@ -25,6 +25,7 @@
 
 pub mod breaker;
 pub mod cache;
+pub mod funcset;
 pub mod host;
 mod invoke;
 pub mod logs;
@@ -384,7 +385,7 @@ impl Runtime {
         let warm = loaded.instantiate().map_err(|e| LoadError::Instantiate {
             function: spec.name.clone(),
             path: path.clone(),
-            reason: root_message(&e),
+            reason: instantiate_reason(&e),
         })?;
         if loaded.mode == InstanceMode::Reuse {
             *loaded.warm_slot() = Some(warm);
@@ -427,6 +428,22 @@ impl Runtime {
             cache.put(hash, &component);
         }
         Ok((component, false))
+    }
+}
+
+/// Why an instantiation failed; a full instance pool (functions added at run
+/// time beyond its slots) names the setting to raise.
+fn instantiate_reason(e: &wasmtime::Error) -> String {
+    let reason = root_message(e);
+    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+        || reason.contains("maximum concurrent limit")
+    {
+        format!(
+            "{reason}: every slot of the instance pool is taken; raise `runtime.pool_instances` (needs a restart) or run fewer functions"
+        )
+    } else {
+        reason
     }
 }
 

@@ -1,25 +1,35 @@
-//! Hot reload: new versions of functions without a restart.
+//! Hot reload: new versions of functions, and a new function set, without
+//! a restart.
 //!
 //! Two triggers: the file watch (each function's component file is checked
 //! every `runtime.watch_ms` for a new size, modification time or inode) and
-//! `SIGHUP` (the configuration is read again; functions whose settings or
-//! file changed are reloaded). A new version is loaded, validated and
-//! instantiated on a blocking thread while the old one keeps serving; only
-//! then is it handed to the function's worker, which switches between two
-//! events (see [`crate::runtime::worker`]). A version that fails to load is
-//! refused and the old one keeps running.
+//! `SIGHUP` (the configuration is read again). A new version is loaded,
+//! validated and instantiated on a blocking thread while the old one keeps
+//! serving; only then is it handed to the function's worker, which switches
+//! between two events (see [`crate::runtime::worker`]). A file-watch version
+//! that fails to load is refused and the old one keeps running.
+//!
+//! A configuration reload changes the whole function set: functions are
+//! added, removed, or changed in any setting (component, triggers, limits
+//! including the queue, breaker, allowlists, config, instance mode,
+//! priority, state quota; see [`crate::runtime::funcset`] for how each kind
+//! of change is switched). **All or nothing**: every added or changed
+//! function is loaded and instantiated before anything switches; if one
+//! fails, the whole change is refused and the running set is untouched.
+//! Functions the change does not touch keep their queue, worker and route.
 //!
 //! What a reload cannot change without a restart (see
-//! [`crate::config::diff`]) is logged by name and left as it was; the
-//! running configuration stays the baseline, so the next reload reports it
-//! again. A configuration whose functions name a sink or serial port the
-//! running gateway lacks is refused whole: applying its allowlists would
-//! accept forwards and writes that then have nowhere to go.
+//! [`crate::config::diff`]: broker, sinks, sources, …) is logged by name and
+//! left as it was; the running configuration stays the baseline for those,
+//! so the next reload reports them again. A configuration whose functions
+//! name a sink or serial port the running gateway lacks is refused whole:
+//! applying its allowlists would accept forwards and writes that then have
+//! nowhere to go.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
@@ -27,7 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::diff::{RestartNeeded, missing_targets, restart_needed};
 use crate::config::{FunctionSpec, ValidConfig};
-use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::metrics::{FunctionMetrics, FunctionTable, GatewayMetrics};
+use crate::router::{Route, Router};
+use crate::runtime::funcset::{Change, Running, Workers, plan, same_version_settings};
+use crate::runtime::queue::queue;
 use crate::runtime::{LoadedFunction, Runtime};
 
 /// What identifies one state of a file.
@@ -51,21 +64,20 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub struct Slot {
     spec: FunctionSpec,
     versions: watch::Sender<Arc<LoadedFunction>>,
+    /// Cancelled once its worker has stopped.
+    done: CancellationToken,
     metrics: Arc<FunctionMetrics>,
     stamp: Option<Stamp>,
 }
 
 impl Slot {
-    /// A slot for `spec`, whose worker receives versions from `versions`.
-    pub fn new(
-        spec: FunctionSpec,
-        versions: watch::Sender<Arc<LoadedFunction>>,
-        metrics: Arc<FunctionMetrics>,
-    ) -> Self {
+    /// A slot for `spec`, whose worker is `running`.
+    pub fn new(spec: FunctionSpec, running: Running, metrics: Arc<FunctionMetrics>) -> Self {
         let stamp = stamp(&spec.component);
         Self {
             spec,
-            versions,
+            versions: running.versions,
+            done: running.done,
             metrics,
             stamp,
         }
@@ -75,11 +87,19 @@ impl Slot {
 /// What a configuration reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadOutcome {
-    /// Applied: `switched` functions got a new version; the settings in
+    /// Applied: functions were added, removed and updated; the settings in
     /// `restart_needed` wait for a restart.
     Applied {
-        /// New versions handed to workers.
+        /// Functions whose worker got a new version or new settings.
         switched: usize,
+        /// Functions started by this reload.
+        added: Vec<String>,
+        /// Functions stopped by this reload (each drains what it had
+        /// queued).
+        removed: Vec<String>,
+        /// Running functions that changed in any way (version, settings,
+        /// triggers, queue, breaker).
+        updated: Vec<String>,
         /// Changes that were not applied.
         restart_needed: Vec<RestartNeeded>,
     },
@@ -87,14 +107,37 @@ pub enum ReloadOutcome {
     Refused(Vec<String>),
 }
 
-/// Loads new versions and hands them to the workers.
+/// The parts of the running gateway a reload changes besides the workers'
+/// versions.
+pub struct SetHandles {
+    /// The routing table. Weak: the reloader must never keep the queues
+    /// open past the drain (dropping the router closes them).
+    pub router: Weak<Router>,
+    /// Spawns workers for added functions and replaced queues.
+    pub workers: Workers,
+    /// The functions' names and counters (gateway, admin endpoint).
+    pub functions: Arc<FunctionTable>,
+}
+
+/// What the switch did, for [`ReloadOutcome::Applied`].
+#[derive(Default)]
+struct Switched {
+    switched: usize,
+    added: Vec<String>,
+    removed: Vec<String>,
+    updated: Vec<String>,
+}
+
+/// Loads new versions and function sets and switches them in.
 pub struct Reloader {
     runtime: Arc<Runtime>,
-    /// The configuration the gateway was started with: what runs, apart
-    /// from the functions' live settings (kept in the slots).
+    /// The configuration the gateway was started with (what needs a restart
+    /// is compared against it), with the functions of the last applied
+    /// reload.
     config: Mutex<ValidConfig>,
     slots: Mutex<Vec<Slot>>,
     metrics: Arc<GatewayMetrics>,
+    set: SetHandles,
 }
 
 impl Reloader {
@@ -104,12 +147,14 @@ impl Reloader {
         config: ValidConfig,
         slots: Vec<Slot>,
         metrics: Arc<GatewayMetrics>,
+        set: SetHandles,
     ) -> Self {
         Self {
             runtime,
             config: Mutex::new(config),
             slots: Mutex::new(slots),
             metrics,
+            set,
         }
     }
 
@@ -136,24 +181,39 @@ impl Reloader {
         switched
     }
 
-    /// Applies a re-read configuration (`SIGHUP`) against the running one,
-    /// which stays the baseline (so what needs a restart is reported again
-    /// at every reload until the restart). Refused whole, with nothing
-    /// applied, when a function names a sink or serial port the running
-    /// gateway lacks; otherwise every function whose live settings or
-    /// component changed is reloaded and each setting that needs a restart
+    /// Applies a re-read configuration (`SIGHUP`, or the fleet agent's):
+    /// the function set becomes `new`'s, all or nothing (see the module
+    /// docs). Refused whole, with nothing applied, when a function names a
+    /// sink or serial port the running gateway lacks or any added or
+    /// changed function fails to load; each setting that needs a restart
     /// is logged by name.
     pub async fn apply(&self, new: ValidConfig) -> ReloadOutcome {
-        let running = self.config.lock().await;
+        let mut running = self.config.lock().await;
         let missing = missing_targets(&running, &new);
         if !missing.is_empty() {
-            self.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
-            for problem in &missing {
-                tracing::error!(%problem, "Reload refused; nothing was changed.");
-            }
-            return ReloadOutcome::Refused(missing);
+            return self.refuse(missing);
         }
         let restart = restart_needed(&running, &new);
+        let mut slots = self.slots.lock().await;
+        let changes: Vec<(Change, Option<Stamp>)> = new
+            .functions
+            .iter()
+            .map(|spec| {
+                let slot = slots.iter().find(|s| s.spec.name == spec.name);
+                let now = stamp(&spec.component);
+                let file_changed = slot.is_some_and(|s| s.stamp != now);
+                (plan(slot.map(|s| &s.spec), spec, file_changed), now)
+            })
+            .collect();
+        let loaded = match self.load_changed(&slots, &new, &changes).await {
+            Ok(loaded) => loaded,
+            Err(reasons) => return self.refuse(reasons),
+        };
+        let done = match self.switch(&mut slots, &new.functions, changes, loaded) {
+            Ok(done) => done,
+            Err(reasons) => return self.refuse(reasons),
+        };
+        running.functions = new.functions;
         for c in &restart {
             tracing::warn!(
                 section = %c.section,
@@ -162,39 +222,235 @@ impl Reloader {
                 "Reload: change needs a restart; not applied."
             );
         }
-        let mut slots = self.slots.lock().await;
-        let mut switched = 0;
-        for spec in &new.functions {
-            let Some(slot) = slots.iter_mut().find(|s| s.spec.name == spec.name) else {
-                continue;
-            };
-            // What only a restart changes stays as it runs.
-            let mut next = spec.clone();
-            next.triggers = slot.spec.triggers.clone();
-            next.limits.queue = slot.spec.limits.queue;
-            next.limits.queue_policy = slot.spec.limits.queue_policy;
-            next.breaker = slot.spec.breaker.clone();
-            let now = stamp(&next.component);
-            if next == slot.spec && now == slot.stamp {
-                continue;
-            }
-            slot.stamp = now;
-            if self
-                .reload(slot, next, &running.gateway_id, "configuration reloaded")
-                .await
-            {
-                switched += 1;
-            }
-        }
         self.metrics.reloads_applied.fetch_add(1, Ordering::Relaxed);
         let pending = u64::try_from(restart.len()).unwrap_or(u64::MAX);
         self.metrics
             .restart_pending
             .store(pending, Ordering::Relaxed);
         ReloadOutcome::Applied {
-            switched,
+            switched: done.switched,
+            added: done.added,
+            removed: done.removed,
+            updated: done.updated,
             restart_needed: restart,
         }
+    }
+
+    fn refuse(&self, reasons: Vec<String>) -> ReloadOutcome {
+        self.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
+        for problem in &reasons {
+            tracing::error!(%problem, "Reload refused; nothing was changed.");
+        }
+        ReloadOutcome::Refused(reasons)
+    }
+
+    /// Loads (compiles, validates, instantiates) every function of `new`
+    /// whose change needs it, on a blocking thread; one entry per function
+    /// of `new`. Any failure refuses the whole change: every reason.
+    async fn load_changed(
+        &self,
+        slots: &[Slot],
+        new: &ValidConfig,
+        changes: &[(Change, Option<Stamp>)],
+    ) -> Result<Vec<Option<LoadedFunction>>, Vec<String>> {
+        let jobs: Vec<(FunctionSpec, Arc<FunctionMetrics>, bool)> = new
+            .functions
+            .iter()
+            .zip(changes)
+            .filter(|(_, (change, _))| change.loads())
+            .map(
+                |(spec, _)| match slots.iter().find(|s| s.spec.name == spec.name) {
+                    Some(slot) => (spec.clone(), slot.metrics.clone(), true),
+                    None => (spec.clone(), Arc::default(), false),
+                },
+            )
+            .collect();
+        let runtime = self.runtime.clone();
+        let gw = new.gateway_id.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(spec, metrics, running)| {
+                    let loaded = runtime.load(&spec, &gw, metrics.clone());
+                    (spec.name, metrics, running, loaded)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| vec![format!("loading the functions failed in the host: {e}")])?;
+        let mut loaded = Vec::new();
+        let mut reasons = Vec::new();
+        for (name, metrics, running, result) in results {
+            match result {
+                Ok(f) => loaded.push((name, f)),
+                Err(e) => {
+                    if running {
+                        metrics.rollbacks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::error!(function = %name, error = %e, "Function failed to load; the reload is refused and the running functions stay as they are.");
+                    reasons.push(e.to_string());
+                }
+            }
+        }
+        if !reasons.is_empty() {
+            return Err(reasons);
+        }
+        Ok(new
+            .functions
+            .iter()
+            .map(|spec| {
+                let at = loaded.iter().position(|(n, _)| *n == spec.name)?;
+                Some(loaded.swap_remove(at).1)
+            })
+            .collect())
+    }
+
+    /// Switches the running set to `specs`: new routing table, workers
+    /// spawned or replaced, versions handed over, removed functions let go.
+    fn switch(
+        &self,
+        slots: &mut Vec<Slot>,
+        specs: &[FunctionSpec],
+        changes: Vec<(Change, Option<Stamp>)>,
+        loaded: Vec<Option<LoadedFunction>>,
+    ) -> Result<Switched, Vec<String>> {
+        let stopping = || vec!["the gateway is stopping; nothing was changed".to_owned()];
+        let router = self.set.router.upgrade().ok_or_else(stopping)?;
+        // Keeps the drain from finishing while workers are being spawned;
+        // once it has closed the tracker, nothing may be added.
+        let _hold = self.set.workers.tracker.token();
+        if self.set.workers.tracker.is_closed() {
+            return Err(stopping());
+        }
+        let routes = router.routes();
+        let mut old: Vec<Option<Slot>> = std::mem::take(slots).into_iter().map(Some).collect();
+        let mut next_routes = Vec::new();
+        let mut done = Switched::default();
+        for ((spec, (change, now)), function) in specs.iter().zip(changes).zip(loaded) {
+            let existing = old
+                .iter_mut()
+                .find(|s| s.as_ref().is_some_and(|s| s.spec.name == spec.name))
+                .and_then(Option::take);
+            let route = routes.iter().find(|r| r.function == spec.name).cloned();
+            let (slot, route) = match (existing, route, change) {
+                (Some(slot), Some(route), Change::Untouched) => (slot, route),
+                (Some(slot), Some(route), Change::InPlace { triggers, .. }) => {
+                    self.in_place(slot, route, spec, now, function, triggers, &mut done)
+                }
+                (Some(slot), _, _) => self.replace(slot, spec, now, function, &mut done),
+                (None, _, _) => match function {
+                    Some(f) => self.add(spec, now, f, &mut done),
+                    None => continue,
+                },
+            };
+            slots.push(slot);
+            next_routes.push(route);
+        }
+        router.replace(next_routes);
+        self.set.functions.set(
+            slots
+                .iter()
+                .map(|s| (s.spec.name.clone(), s.metrics.clone()))
+                .collect(),
+        );
+        for slot in old.into_iter().flatten() {
+            tracing::info!(function = %slot.spec.name, "Function removed: it drains what it has queued, then stops.");
+            done.removed.push(slot.spec.name);
+        }
+        Ok(done)
+    }
+
+    /// A function with new triggers and/or a new version on its queue and
+    /// worker.
+    #[allow(clippy::too_many_arguments, reason = "one step of `switch`")]
+    fn in_place(
+        &self,
+        mut slot: Slot,
+        route: Arc<Route>,
+        spec: &FunctionSpec,
+        now: Option<Stamp>,
+        function: Option<LoadedFunction>,
+        triggers: bool,
+        done: &mut Switched,
+    ) -> (Slot, Arc<Route>) {
+        let route = if triggers {
+            Arc::new(Route {
+                function: spec.name.clone(),
+                triggers: spec.triggers.clone(),
+                queue: route.queue.clone(),
+            })
+        } else {
+            route
+        };
+        let mut changed = triggers;
+        if let Some(f) = function {
+            let old_version = slot.versions.borrow().version().to_owned();
+            if f.version() != old_version || !same_version_settings(&slot.spec, spec) {
+                tracing::info!(function = %spec.name, from = %old_version, to = %f.version(), cached = f.from_cache(), "New version loaded and instantiated; events switch to it.");
+                slot.versions.send_replace(Arc::new(f));
+                done.switched += 1;
+                changed = true;
+            }
+        }
+        if changed {
+            tracing::info!(function = %spec.name, triggers, "Function updated in place.");
+            done.updated.push(spec.name.clone());
+        }
+        slot.spec = spec.clone();
+        slot.stamp = now;
+        (slot, route)
+    }
+
+    /// A function on a new queue and worker (new queue settings or
+    /// breaker), which starts once the old worker has drained.
+    fn replace(
+        &self,
+        slot: Slot,
+        spec: &FunctionSpec,
+        now: Option<Stamp>,
+        function: Option<LoadedFunction>,
+        done: &mut Switched,
+    ) -> (Slot, Arc<Route>) {
+        let function = match function {
+            Some(f) => {
+                done.switched += 1;
+                Arc::new(f)
+            }
+            None => slot.versions.borrow().clone(),
+        };
+        let (tx, rx) = queue(
+            spec.limits.queue,
+            spec.limits.queue_policy,
+            slot.metrics.clone(),
+        );
+        let running = self
+            .set
+            .workers
+            .spawn(function, spec, rx, Some(slot.done.clone()));
+        tracing::info!(function = %spec.name, queue = spec.limits.queue, "Function gets a new queue and worker; it starts once the old one has drained.");
+        done.updated.push(spec.name.clone());
+        let route = Arc::new(Route::new(spec.name.clone(), spec.triggers.clone(), tx));
+        let mut slot = Slot::new(spec.clone(), running, slot.metrics);
+        slot.stamp = now;
+        (slot, route)
+    }
+
+    /// A function not running before.
+    fn add(
+        &self,
+        spec: &FunctionSpec,
+        now: Option<Stamp>,
+        function: LoadedFunction,
+        done: &mut Switched,
+    ) -> (Slot, Arc<Route>) {
+        let metrics = function.metrics().clone();
+        let (tx, rx) = queue(spec.limits.queue, spec.limits.queue_policy, metrics.clone());
+        tracing::info!(function = %spec.name, version = %function.version(), cached = function.from_cache(), "Function added.");
+        let running = self.set.workers.spawn(Arc::new(function), spec, rx, None);
+        done.added.push(spec.name.clone());
+        let route = Arc::new(Route::new(spec.name.clone(), spec.triggers.clone(), tx));
+        let mut slot = Slot::new(spec.clone(), running, metrics);
+        slot.stamp = now;
+        (slot, route)
     }
 
     async fn reload(

@@ -14,12 +14,16 @@
 //!   the previous version handles it, that is a strike against the new one
 //!   (a regression, not a bad input), and `rollback_after` strikes roll it
 //!   back.
+//! - Replaced worker (a reload changed the function's queue or breaker): the
+//!   new worker waits for the old one to drain its queue and stop
+//!   ([`Worker::after`]), so no event is reordered.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BreakerSpec;
 use crate::event::Event;
@@ -44,6 +48,11 @@ pub struct Worker {
     pub rollback_after: u32,
     /// Its progress, for the watchdog ([`crate::progress`]).
     pub beat: Arc<Beat>,
+    /// The worker this one replaces: it starts handling only once that one
+    /// has drained its queue and stopped (events stay in order).
+    pub after: Option<CancellationToken>,
+    /// Cancelled when this worker has stopped (its queue closed and drained).
+    pub done: CancellationToken,
 }
 
 struct Probation {
@@ -73,6 +82,10 @@ impl Worker {
     /// hand-off to another thread per event; only waiting for the next event
     /// and handing outputs to async connections go through the runtime.
     pub async fn run(self) {
+        let _done = self.done.clone().drop_guard();
+        if let Some(after) = &self.after {
+            after.cancelled().await;
+        }
         let rt = tokio::runtime::Handle::current();
         if let Err(e) = tokio::task::spawn_blocking(move || self.run_blocking(&rt)).await {
             tracing::error!(error = %e, "Function worker failed.");

@@ -94,7 +94,7 @@ pub fn load_functions(
 pub struct Gateway {
     cancel: CancellationToken,
     tracker: TaskTracker,
-    functions: Vec<(String, Arc<FunctionMetrics>)>,
+    functions: Arc<crate::metrics::FunctionTable>,
     metrics: Arc<GatewayMetrics>,
     local: MqttEndpoint,
     ready: tokio::sync::watch::Receiver<bool>,
@@ -142,12 +142,16 @@ impl Gateway {
         self.local.credentials.as_ref()
     }
 
-    /// A function's counters.
-    pub fn function_metrics(&self, name: &str) -> Option<&Arc<FunctionMetrics>> {
-        self.functions
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, m)| m)
+    /// A function's counters (`None` for a function not running, e.g.
+    /// removed by a reload).
+    pub fn function_metrics(&self, name: &str) -> Option<Arc<FunctionMetrics>> {
+        self.functions.get(name)
+    }
+
+    /// The running functions' names, in configuration order (changes with
+    /// every reload that adds or removes functions).
+    pub fn function_names(&self) -> Vec<String> {
+        self.functions.list().into_iter().map(|(n, _)| n).collect()
     }
 
     /// The outbox (counters, flush).
@@ -177,9 +181,10 @@ impl Gateway {
         self.pooling
     }
 
-    /// Applies a re-read configuration (`SIGHUP`): functions whose settings
-    /// or component changed are reloaded without a restart; what needs a
-    /// restart is logged by name; a configuration naming sinks or serial
+    /// Applies a re-read configuration (`SIGHUP`, or the fleet agent's):
+    /// the function set becomes `config`'s (functions added, removed and
+    /// updated, all or nothing; see [`crate::runtime::reload`]); what needs
+    /// a restart is logged by name; a configuration naming sinks or serial
     /// ports the gateway lacks is refused whole.
     pub async fn reload(&self, config: ValidConfig) -> ReloadOutcome {
         self.reload_passwords();

@@ -12,21 +12,18 @@ use tokio_util::task::TaskTracker;
 use super::{Gateway, START_READY_WAIT, StartError, load_functions, loopback_for};
 use crate::admin::{AdminState, Named};
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
-use crate::metrics::{FunctionMetrics, GatewayMetrics};
+use crate::metrics::{FunctionTable, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::output::{OutputPort, SerialWriters, local_publisher};
-use crate::progress::{Progress, WORKER_MARGIN};
+use crate::progress::Progress;
 use crate::router::{Route, Router};
+use crate::runtime::funcset::Workers;
 use crate::runtime::queue::{QueueReceiver, queue};
-use crate::runtime::reload::{Reloader, Slot, watch_files};
-use crate::runtime::worker::Worker;
+use crate::runtime::reload::{Reloader, SetHandles, Slot, watch_files};
 use crate::runtime::{EngineError, LoadedFunction, Runtime, RuntimeOptions};
 use crate::sinks::{BuiltSink, DeliveryStats, SinkCommon, SinkContext, SinkEnv, SinkError};
 use crate::sources::mqtt::{AckPoint, MqttSource, MqttSourceConfig};
 use crate::sources::{BuildEnv, BuiltSource, Source, SourceContext, SourceError, SourceStats};
-
-/// Each function's name and counters.
-type FunctionList = Vec<(String, Arc<FunctionMetrics>)>;
 
 /// A function ready to run: its worker's inputs, not yet spawned.
 struct Prepared {
@@ -102,12 +99,18 @@ impl Gateway {
         });
         let (device_sources, serial, source_stats) = spawn_sources(sources);
         let port = OutputPort::new(publisher.clone(), outbox.clone(), serial);
-        let (workers, functions, slots) = spawn_workers(prepared, config, &port, &progress);
-        drop(port);
+        let workers = Workers {
+            tracker: TaskTracker::new(),
+            port,
+            progress: progress.clone(),
+            rollback_after: config.runtime.rollback_after,
+        };
+        let (functions, slots) = spawn_workers(prepared, config, &workers);
         tracker.spawn(
             Drain {
+                cancel: cancel.clone(),
                 sources: device_sources,
-                workers,
+                workers: workers.tracker.clone(),
                 publisher,
                 publisher_stop,
                 outbox: outbox.clone(),
@@ -115,14 +118,21 @@ impl Gateway {
             }
             .run(),
         );
+        let router = Arc::downgrade(&ctx.router);
         tracker.spawn(mqtt_source.run(ctx));
 
         let pooling = runtime.pooling();
+        let functions = Arc::new(FunctionTable::new(functions));
         let reloader = Arc::new(Reloader::new(
             runtime,
             config.clone(),
             slots,
             metrics.clone(),
+            SetHandles {
+                router,
+                workers,
+                functions: functions.clone(),
+            },
         ));
         if let Some(interval) = config.runtime.watch {
             tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
@@ -196,7 +206,7 @@ impl Gateway {
         }
         tracing::info!(
             gateway = %config.gateway_id,
-            functions = self.functions.len(),
+            functions = self.functions.list().len(),
             sinks = config.sinks.len(),
             broker = %broker,
             "Gateway started."
@@ -206,6 +216,7 @@ impl Gateway {
 
 /// The order in which a stopping gateway lets go of its parts.
 struct Drain {
+    cancel: CancellationToken,
     sources: TaskTracker,
     workers: TaskTracker,
     publisher: rumqttc::AsyncClient,
@@ -222,8 +233,13 @@ impl Drain {
     /// sources mirror through the publisher too: with no function at all (a
     /// plain bridge) the workers are done at once, and the publisher must
     /// still outlive the sources.
+    ///
+    /// The workers' tracker stays open while the gateway runs (a reload adds
+    /// workers); it is closed here, once the sources have stopped.
     async fn run(self) {
+        self.cancel.cancelled().await;
         self.sources.wait().await;
+        self.workers.close();
         self.workers.wait().await;
         let _ = self.publisher.try_disconnect();
         self.publisher_stop.cancel();
@@ -276,11 +292,7 @@ fn prepare_functions(
             spec.limits.queue_policy,
             function.metrics().clone(),
         );
-        routes.push(Route {
-            function: spec.name.clone(),
-            triggers: spec.triggers.clone(),
-            queue: tx,
-        });
+        routes.push(Route::new(spec.name.clone(), spec.triggers.clone(), tx));
         prepared.push(Prepared {
             function,
             queue: rx,
@@ -309,15 +321,17 @@ fn spawn_sources(
     (tracker, writers, stats)
 }
 
-/// Spawns one worker per function on a tracker of their own; returns it
-/// closed, the functions' counters, and their hot-reload slots.
+/// Spawns one worker per function on the workers' tracker (left open for
+/// the workers a reload adds); returns the functions' counters and their
+/// hot-reload slots.
 fn spawn_workers(
     prepared: Vec<Prepared>,
     config: &ValidConfig,
-    port: &OutputPort,
-    progress: &Progress,
-) -> (TaskTracker, FunctionList, Vec<Slot>) {
-    let workers = TaskTracker::new();
+    workers: &Workers,
+) -> (
+    Vec<(String, Arc<crate::metrics::FunctionMetrics>)>,
+    Vec<Slot>,
+) {
     let mut functions = Vec::new();
     let mut slots = Vec::new();
     for (p, spec) in prepared.into_iter().zip(&config.functions) {
@@ -330,22 +344,10 @@ fn spawn_workers(
             "Function loaded."
         );
         functions.push((spec.name.clone(), metrics.clone()));
-        let (versions_tx, versions) = tokio::sync::watch::channel(Arc::new(p.function));
-        slots.push(Slot::new(spec.clone(), versions_tx, metrics));
-        workers.spawn(
-            Worker {
-                versions,
-                queue: p.queue,
-                port: port.clone(),
-                breaker: spec.breaker.clone(),
-                rollback_after: config.runtime.rollback_after,
-                beat: progress.watch("function", &spec.name, spec.limits.timeout + WORKER_MARGIN),
-            }
-            .run(),
-        );
+        let running = workers.spawn(Arc::new(p.function), spec, p.queue, None);
+        slots.push(Slot::new(spec.clone(), running, metrics));
     }
-    workers.close();
-    (workers, functions, slots)
+    (functions, slots)
 }
 
 /// Every function of `config`, compiled or loaded from the cache on a

@@ -399,7 +399,7 @@ mod tests {
             triggers: crate::topic::FilterSet::new(vec![
                 crate::topic::TopicFilter::parse("commands/#").expect("filter"),
             ]),
-            queue: tx,
+            queue: Arc::new(tx),
         };
         let router = Arc::new(Router::new(vec![route], metrics.clone()));
         let stats = Arc::new(DeliveryStats::default());

@@ -39,6 +39,16 @@
 //! of payload) wait for the dispatcher; beyond that they are dropped,
 //! counted and logged (QoS 0 is at-most-once by contract).
 //!
+//! # Subscriptions follow the function set
+//! The source watches the router's subscriptions
+//! ([`crate::router::Router::watch_subscriptions`]). When a reload changes
+//! them, it first SUBSCRIBEs the new filters and only once the broker has
+//! acknowledged that does it UNSUBSCRIBE the ones no longer needed, so no
+//! message is missed in between. A topic matched by both an old narrow
+//! filter and a new broad one may be delivered twice during the switch (a
+//! duplicate, like any QoS 1 redelivery). After a reconnect it subscribes to
+//! the current set.
+//!
 //! This connection only receives; functions publish through a separate
 //! connection ([`crate::output`]), so a function whose queue is full can never
 //! block the connection its own publishes go through.
@@ -89,7 +99,13 @@ pub enum AckPoint {
 pub struct MqttSource {
     client: AsyncClient,
     eventloop: EventLoop,
+    /// The subscriptions the function set needs now.
     filters: Vec<String>,
+    /// The router's subscriptions; `None` once the router is gone.
+    subs: Option<watch::Receiver<Vec<String>>>,
+    /// Filters no longer needed, unsubscribed once the broker has
+    /// acknowledged the new ones.
+    stale: Vec<String>,
     ack_point: AckPoint,
 }
 
@@ -97,7 +113,8 @@ impl Source for MqttSource {
     type Config = MqttSourceConfig;
 
     fn build(config: Self::Config, ctx: &SourceContext) -> Result<Self, SourceError> {
-        let filters = ctx.router.subscriptions();
+        let mut subs = ctx.router.watch_subscriptions();
+        let filters = subs.borrow_and_update().clone();
         let mut opts = crate::mqtt::options(&config.endpoint, "in", config.keep_alive);
         opts.set_clean_session(false);
         opts.set_manual_acks(true);
@@ -106,6 +123,8 @@ impl Source for MqttSource {
             client,
             eventloop,
             filters,
+            subs: Some(subs),
+            stale: Vec::new(),
             ack_point: config.ack,
         })
     }
@@ -140,6 +159,13 @@ impl Source for MqttSource {
                     let _ = r;
                     break;
                 }
+                changed = changed(&mut self.subs), if !stopping => {
+                    match changed {
+                        Some(next) => self.follow(next),
+                        None => self.subs = None,
+                    }
+                    continue;
+                }
                 polled = self.eventloop.poll() => polled,
             };
             match polled {
@@ -150,6 +176,7 @@ impl Source for MqttSource {
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     ctx.ready.send_replace(true);
+                    self.unsubscribe_stale();
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -193,7 +220,60 @@ impl Source for MqttSource {
     }
 }
 
+/// The next set of subscriptions; `None` once the router is gone (never
+/// resolves without a watch).
+async fn changed(subs: &mut Option<watch::Receiver<Vec<String>>>) -> Option<Vec<String>> {
+    match subs {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 impl MqttSource {
+    /// Switches to the subscriptions `next`: new filters are subscribed now,
+    /// the ones no longer needed unsubscribed once the broker has
+    /// acknowledged them (at once if nothing is new).
+    fn follow(&mut self, next: Vec<String>) {
+        let added: Vec<String> = next
+            .iter()
+            .filter(|f| !self.filters.contains(f))
+            .cloned()
+            .collect();
+        let gone = self.filters.iter().filter(|f| !next.contains(f)).cloned();
+        self.stale.extend(gone);
+        self.stale.retain(|f| !next.contains(f));
+        self.filters = next;
+        if added.is_empty() {
+            self.unsubscribe_stale();
+            return;
+        }
+        let subs = added
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        match self.client.try_subscribe_many(subs) {
+            Ok(()) => {
+                tracing::info!(added = ?added, stale = ?self.stale, "MQTT source: the function set changed; subscribing to the new filters.");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "MQTT source could not subscribe to the new filters.");
+            }
+        }
+    }
+
+    /// Unsubscribes the filters no longer needed.
+    fn unsubscribe_stale(&mut self) {
+        for filter in self.stale.drain(..) {
+            if let Err(e) = self.client.try_unsubscribe(filter.clone()) {
+                tracing::warn!(filter = %filter, error = %e, "MQTT source could not unsubscribe.");
+            } else {
+                tracing::info!(filter = %filter, "MQTT source: unsubscribed a filter no function needs any more.");
+            }
+        }
+    }
+
     /// Subscribes to the triggers after a CONNACK.
     fn subscribe(&self, ready: &watch::Sender<bool>, session_present: bool) {
         let subs = self

@@ -152,7 +152,7 @@ fn context() -> (SourceContext, QueueReceiver) {
     let route = Route {
         function: "f".into(),
         triggers: FilterSet::new(vec![TopicFilter::parse("timers/#").expect("filter")]),
-        queue: tx,
+        queue: Arc::new(tx),
     };
     let ctx = SourceContext {
         cancel: CancellationToken::new(),

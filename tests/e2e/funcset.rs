@@ -1,0 +1,309 @@
+//! The function set changes at run time (issue 15): a reload adds, removes
+//! and rewires functions without a restart, all or nothing, and a function
+//! it does not touch loses and reorders nothing while others change.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use edgefn::config;
+use edgefn::runtime::reload::ReloadOutcome;
+use edgefn::supervisor::Gateway;
+
+use crate::support::*;
+
+const DEAD_LETTERS: &str = "edgefn/deadletter/functions/#";
+
+/// One `[[functions]]` entry running the `misbehave` guest in echo mode
+/// (publishes each payload on `echo/<topic>`), plus `extra` lines.
+fn echo(name: &str, triggers: &str, extra: &str) -> String {
+    format!(
+        "\n[[functions]]\nname = \"{name}\"\ncomponent = {}\ntriggers = {triggers}\npublish = [\"echo/#\"]\n{extra}\n",
+        lit(&guest("misbehave"))
+    )
+}
+
+fn header(id: &str, extra: &str) -> String {
+    format!("{}{extra}\n", gateway_header(id))
+}
+
+async fn start(path: &Path, toml: &str) -> Gateway {
+    std::fs::write(path, toml).unwrap();
+    Gateway::start(&config::load(path).unwrap()).await.unwrap()
+}
+
+async fn reload(gw: &Gateway, path: &Path, toml: &str) -> ReloadOutcome {
+    std::fs::write(path, toml).unwrap();
+    gw.reload(config::load(path).unwrap()).await
+}
+
+/// `(switched, added, removed, updated)` of an applied reload.
+fn applied(outcome: ReloadOutcome) -> (usize, Vec<String>, Vec<String>, Vec<String>) {
+    match outcome {
+        ReloadOutcome::Applied {
+            switched,
+            added,
+            removed,
+            updated,
+            restart_needed,
+        } => {
+            assert!(restart_needed.is_empty(), "{restart_needed:?}");
+            (switched, added, removed, updated)
+        }
+        ReloadOutcome::Refused(reasons) => panic!("refused: {reasons:?}"),
+    }
+}
+
+/// Publishes `payload` on `topic` and waits for its echo; any other echo
+/// arriving first fails the test.
+async fn round_trip(sensor: &mut Publisher, echoes: &mut Subscriber, topic: &str, payload: &str) {
+    sensor.publish(topic, payload).await;
+    let want = format!("echo/{topic}");
+    loop {
+        let (t, p) = echoes.next().await;
+        assert!(
+            t == want || !t.starts_with("echo/"),
+            "unexpected echo {t} while waiting for {want}"
+        );
+        if t == want {
+            assert_eq!(p, payload.as_bytes());
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_removes_and_rewires_functions_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let admin = free_port();
+    let head = header(
+        "gw-funcset",
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+    );
+    let gw = start(
+        &path,
+        &format!(
+            "{head}{}{}",
+            echo("a", r#"["a/#"]"#, ""),
+            echo("b", r#"["b/#"]"#, "")
+        ),
+    )
+    .await;
+    let (host, port) = gw.local_broker();
+    let mut echoes = Subscriber::connect(host, port, &["echo/#"]).await;
+    let mut dead = Subscriber::connect(host, port, &[DEAD_LETTERS]).await;
+    let mut sensor = Publisher::connect(host, port).await;
+    round_trip(&mut sensor, &mut echoes, "a/1", "1").await;
+    round_trip(&mut sensor, &mut echoes, "b/1", "1").await;
+
+    // `a` moves to `a2/#`, `b` goes, `c` comes.
+    let next = format!(
+        "{head}{}{}",
+        echo("a", r#"["a2/#"]"#, ""),
+        echo("c", r#"["c/#"]"#, "")
+    );
+    let (switched, added, removed, updated) = applied(reload(&gw, &path, &next).await);
+    assert_eq!(
+        (switched, added, removed, updated),
+        (0, vec!["c".into()], vec!["b".into()], vec!["a".into()])
+    );
+    assert_eq!(gw.function_names(), ["a", "c"]);
+    assert!(gw.function_metrics("b").is_none());
+    // The old topics are no longer handled: `a/2` would be handled by `a`
+    // before `a2/2` (one queue, in order) and fail the round trip.
+    sensor.publish("a/2", "2").await;
+    sensor.publish("b/2", "2").await;
+    round_trip(&mut sensor, &mut echoes, "c/1", "1").await;
+    round_trip(&mut sensor, &mut echoes, "a2/2", "2").await;
+    let a = gw.function_metrics("a").unwrap().snapshot();
+    assert_eq!(a.ok, 2, "{a:?}");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("function=\"c\""), "{metrics}");
+    assert!(!metrics.contains("function=\"b\""), "{metrics}");
+
+    // `a` gets a new queue and a breaker that opens at the first trap.
+    let next = format!(
+        "{head}{}{}",
+        echo(
+            "a",
+            r#"["a2/#"]"#,
+            "limits = { queue = 7 }\nbreaker = { failures = 1, backoff_ms = 60000, max_backoff_ms = 60000 }"
+        ),
+        echo("c", r#"["c/#"]"#, "")
+    );
+    let (switched, added, removed, updated) = applied(reload(&gw, &path, &next).await);
+    assert_eq!(
+        (switched, added, removed, updated),
+        (0, vec![], vec![], vec!["a".into()])
+    );
+    round_trip(&mut sensor, &mut echoes, "a2/3", "3").await;
+    sensor.publish("a2/4", "mode:trap").await;
+    sensor.publish("a2/5", "5").await;
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (_, letter) = dead.next_json().await;
+        kinds.push(letter["failure"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(kinds, ["trap", "breaker-open"]);
+    // `c` was untouched by that.
+    round_trip(&mut sensor, &mut echoes, "c/2", "2").await;
+    assert!(gw.shutdown(WAIT).await, "drains after adds and removes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_addition_refuses_the_whole_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let head = header("gw-funcset-refuse", "");
+    let gw = start(&path, &format!("{head}{}", echo("a", r#"["a/#"]"#, ""))).await;
+    let (host, port) = gw.local_broker();
+    let mut echoes = Subscriber::connect(host, port, &["echo/#"]).await;
+    let mut sensor = Publisher::connect(host, port).await;
+
+    // `c` is fine, `broken` is not a function, `a` would move to `a2/#`.
+    let broken = format!(
+        "\n[[functions]]\nname = \"broken\"\ncomponent = {}\ntriggers = [\"d/#\"]\n",
+        lit(&guest("not-a-function"))
+    );
+    let next = format!(
+        "{head}{}{}{broken}",
+        echo("a", r#"["a2/#"]"#, ""),
+        echo("c", r#"["c/#"]"#, "")
+    );
+    let outcome = reload(&gw, &path, &next).await;
+    let ReloadOutcome::Refused(reasons) = outcome else {
+        panic!("applied: {outcome:?}");
+    };
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("broken"), "{reasons:?}");
+    assert_eq!(gw.metrics().reloads_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(gw.function_names(), ["a"]);
+    // Nothing switched: `c/1` and `a2/1` go nowhere, `a/1` still reaches
+    // `a` (after `a2/1` in its queue, had the change been applied).
+    sensor.publish("c/1", "1").await;
+    sensor.publish("a2/1", "1").await;
+    round_trip(&mut sensor, &mut echoes, "a/1", "1").await;
+    assert!(gw.shutdown(WAIT).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_beyond_the_instance_pool_is_refused_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let head = header("gw-funcset-pool", "[runtime]\npool_instances = 1\n");
+    let gw = start(&path, &format!("{head}{}", echo("a", r#"["a/#"]"#, ""))).await;
+    if !gw.pooling() {
+        skip("no instance pool on this machine (on-demand allocation)");
+        assert!(gw.shutdown(WAIT).await);
+        return;
+    }
+    let next = format!(
+        "{head}{}{}",
+        echo("a", r#"["a/#"]"#, ""),
+        echo("b", r#"["b/#"]"#, "")
+    );
+    let outcome = reload(&gw, &path, &next).await;
+    let ReloadOutcome::Refused(reasons) = outcome else {
+        panic!("applied: {outcome:?}");
+    };
+    assert!(
+        reasons.iter().any(|r| r.contains("runtime.pool_instances")),
+        "{reasons:?}"
+    );
+    assert_eq!(gw.function_names(), ["a"]);
+    assert!(gw.shutdown(WAIT).await);
+}
+
+/// Publishes `n` numbered payloads on each of `topics`, interleaved, at
+/// QoS 1 (each acknowledged before the next).
+async fn stream(mut sensor: Publisher, topics: Vec<String>, n: usize) {
+    for i in 0..n {
+        for t in &topics {
+            sensor.publish(t, i.to_string()).await;
+        }
+    }
+}
+
+/// Waits for `n` numbered echoes on each of `topics`; fails on a loss, a
+/// duplicate or a reordering.
+async fn expect_in_order(echoes: &mut Subscriber, topics: &[&str], n: usize) {
+    let mut next = vec![0usize; topics.len()];
+    while next.iter().any(|&k| k < n) {
+        let (t, p) = tokio::time::timeout(Duration::from_secs(60), echoes.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled at {next:?} of {n}"));
+        let Some(i) = topics.iter().position(|want| t == format!("echo/{want}")) else {
+            continue;
+        };
+        let got: usize = String::from_utf8(p).unwrap().parse().unwrap();
+        assert_eq!(got, next[i], "{}: lost, repeated or reordered", topics[i]);
+        next[i] += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
+    const N: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let head = header("gw-funcset-stream", "");
+    let steady = echo("steady", r#"["steady/#"]"#, "");
+    let moving = |extra: &str| echo("moving", r#"["moving/#"]"#, extra);
+    let gw = start(&path, &format!("{head}{steady}{}", moving(""))).await;
+    let (host, port) = gw.local_broker();
+    let mut echoes = Subscriber::connect(host, port, &["echo/#"]).await;
+    let sensor = Publisher::connect(host, port).await;
+    let flow = tokio::spawn(stream(
+        sensor,
+        vec!["steady/s".into(), "moving/m".into()],
+        N,
+    ));
+
+    // While both streams flow: others come and go, and `moving` gets new
+    // queues, a new breaker and new settings (its worker is replaced; the
+    // new one must wait for the old one's queue).
+    let other = |name: &str, t: &str| echo(name, &format!("[\"{t}/#\"]"), "");
+    let steps = [
+        format!("{head}{steady}{}{}", moving(""), other("x1", "x1")),
+        format!(
+            "{head}{steady}{}{}",
+            moving("limits = { queue = 3 }"),
+            other("x1", "x1b")
+        ),
+        format!(
+            "{head}{steady}{}{}",
+            moving("limits = { queue = 50, queue_policy = \"block\" }\nbreaker = { failures = 9 }"),
+            other("x2", "x2")
+        ),
+        format!(
+            "{head}{steady}{}{}",
+            moving("config = { k = \"v\" }"),
+            other("x2", "x2")
+        ),
+        format!("{head}{steady}{}", moving("limits = { queue = 2 }")),
+    ];
+    let handled = gw.function_metrics("steady").unwrap();
+    for (i, step) in steps.iter().enumerate() {
+        // Each change lands while the streams flow.
+        let at = handled.snapshot().ok;
+        eventually("the stream advances", || handled.snapshot().ok >= at + 20).await;
+        let outcome = reload(&gw, &path, step).await;
+        let (_, added, removed, updated) = applied(outcome);
+        assert!(!updated.contains(&"steady".to_owned()), "step {i}");
+        assert!(!added.contains(&"steady".to_owned()) && !removed.contains(&"steady".to_owned()));
+    }
+    let during = handled.snapshot().ok;
+    eprintln!("changes done after {during} of {N} steady events");
+    expect_in_order(&mut echoes, &["steady/s", "moving/m"], N).await;
+    flow.await.unwrap();
+    let steady = gw.function_metrics("steady").unwrap().snapshot();
+    assert_eq!(steady.ok, N as u64, "{steady:?}");
+    assert_eq!(gw.function_names(), ["steady", "moving"]);
+    assert!(gw.shutdown(WAIT).await, "drains after the changes");
+}
