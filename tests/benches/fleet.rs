@@ -29,7 +29,13 @@ mod common;
 
 const TOKEN: &str = "fleet-bench-token-0123456789";
 /// The guests the bundle draws its ten functions from.
-const GUESTS: [&str; 5] = ["threshold", "enrich", "cbor_decode", "moving_average", "misbehave"];
+const GUESTS: [&str; 5] = [
+    "threshold",
+    "enrich",
+    "cbor_decode",
+    "moving_average",
+    "misbehave",
+];
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -46,7 +52,10 @@ fn target_dir() -> PathBuf {
 
 fn bin() -> PathBuf {
     let bin = target_dir().join("release/edgefn");
-    assert!(bin.exists(), "build it first: cargo build --release -p edgefn");
+    assert!(
+        bin.exists(),
+        "build it first: cargo build --release -p edgefn"
+    );
     bin
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::runtime_cli::{stderr_lines, wait_for_line};
 use crate::support::{
-    KillOnDrop, Mosquitto, Publisher, Subscriber, WAIT, edgefn_bin, free_port, guest, lit, signal,
+    KillOnDrop, Mosquitto, Publisher, Subscriber, WAIT, edgefn_bin, free_port, guest, lit,
 };
 
 const TOKEN: &str = "fleet-test-token-0123456789";
@@ -58,14 +58,6 @@ impl Board {
         self.lines = Some(lines);
     }
 
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c.0, "TERM");
-            let _ = c.0.wait();
-        }
-        self.lines = None;
-    }
-
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.0.kill();
@@ -110,20 +102,22 @@ impl Board {
             .await
             .unwrap();
         let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or_default())
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or_default())
     }
 
     /// The function names the admin endpoint lists.
     async fn functions(&self) -> Vec<String> {
-        let list: serde_json::Value = reqwest::Client::new()
+        let list = reqwest::Client::new()
             .get(format!("http://127.0.0.1:{}/functions", self.admin))
             .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap()
-            .json()
+            .text()
             .await
             .unwrap();
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
         let mut names: Vec<String> = list
             .as_array()
             .unwrap()
@@ -278,7 +272,11 @@ async fn a_deploy_reaches_three_gateways_and_a_trapping_version_is_rolled_back_o
     let key = fleet.key.clone();
     let v1 = fleet.bundle("v1", 1, &relay("echo"), &key);
     let out = fleet
-        .deploy(&v1, "gw-a,gw-b,gw-c", &["--canary", "gw-a", "--bake-s", "1"])
+        .deploy(
+            &v1,
+            "gw-a,gw-b,gw-c",
+            &["--canary", "gw-a", "--bake-s", "1"],
+        )
         .success();
     assert!(out.text().contains("3 gateways"), "{}", out.text());
     for b in &fleet.boards {
@@ -303,7 +301,11 @@ async fn a_deploy_reaches_three_gateways_and_a_trapping_version_is_rolled_back_o
             }
         }
     });
-    let out = fleet.deploy(&v2, "gw-a,gw-b,gw-c", &["--canary", "gw-a", "--bake-s", "3"]);
+    let out = fleet.deploy(
+        &v2,
+        "gw-a,gw-b,gw-c",
+        &["--canary", "gw-a", "--bake-s", "3"],
+    );
     stop.cancel();
     let _ = traffic.await;
     assert!(!out.0.status.success(), "{}", out.text());
@@ -353,7 +355,10 @@ async fn tampered_and_unknown_key_bundles_are_refused_and_reported() {
     let foreign = fleet.bundle("foreign", 5, &relay("echo"), &other.join("edgefn.key"));
     let (status, body) = fleet.boards[0].put_bundle(&foreign, false).await;
     assert_eq!(status, 422, "{body:#}");
-    assert!(body["reason"].as_str().unwrap().contains("unknown key"), "{body:#}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("unknown key"),
+        "{body:#}"
+    );
     let r = fleet
         .reported("gw-t", |r| {
             r["last_refusal"]["reason"]
@@ -396,7 +401,14 @@ async fn a_gateway_stopped_during_the_deploy_converges_when_it_starts_again() {
     fleet.boards[1].start();
     fleet.reported("gw-off", |r| version_of(r) == Some(1)).await;
     assert!(fleet.boards[1].echoes("late").await);
-    let status = cli(&["status", "--via", &fleet.via(), "--gateways", "gw-on,gw-off"]).success();
+    let status = cli(&[
+        "status",
+        "--via",
+        &fleet.via(),
+        "--gateways",
+        "gw-on,gw-off",
+    ])
+    .success();
     assert!(status.text().contains("gw-off"), "{}", status.text());
 }
 

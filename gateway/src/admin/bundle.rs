@@ -55,10 +55,16 @@ pub(super) async fn put(state: Arc<AdminState>, req: Request<Incoming>) -> Reply
         Err(_) => {
             return refused(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the bundle did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+                format!(
+                    "the bundle did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
             );
         }
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return refused(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the bundle exceeds fleet.max_bundle_bytes ({max} bytes)"),

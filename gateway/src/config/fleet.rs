@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Problems, SinkKind, SinkSpec};
+use super::{Problems, SinkSpec};
 use crate::fleet::keys::{PUBLIC_PREFIX, PublicKey, TrustedKeys};
 
 /// Default `report_interval_s`.
@@ -89,7 +89,7 @@ pub(super) fn fleet(
     }
     if let Some(name) = &settings.sink {
         match sinks.iter().find(|s| &s.name == name) {
-            Some(s) if !matches!(s.kind, SinkKind::Mqtt(_)) => p.add(
+            Some(s) if s.kind.mqtt_connection().is_none() => p.add(
                 "fleet.sink",
                 format!("`{name}` is not an MQTT sink: the fleet topics need an MQTT connection"),
             ),

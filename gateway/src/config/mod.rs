@@ -261,11 +261,7 @@ pub fn with_functions(
         }
     }
     from_table(&base.path, table).map_err(|ConfigErrors(list)| {
-        ConfigErrors(
-            list.into_iter()
-                .map(|e| relabel(e, own, origin))
-                .collect(),
-        )
+        ConfigErrors(list.into_iter().map(|e| relabel(e, own, origin)).collect())
     })
 }
 

@@ -58,7 +58,11 @@ impl Fleet {
         let desired = match Desired::open(payload, &self.spec.trusted_keys) {
             Ok((d, _signer)) => d,
             Err(e) => {
-                self.refuse(&Refused::new(None, None, format!("desired state refused: {e}")));
+                self.refuse(&Refused::new(
+                    None,
+                    None,
+                    format!("desired state refused: {e}"),
+                ));
                 return;
             }
         };
@@ -108,7 +112,8 @@ impl Fleet {
                 match link.fetch(&r, fetch_timeout(r.size)).await {
                     Ok(b) => b,
                     Err(e) => {
-                        self.state().last_error = Some(format!("fetching bundle {}: {e}", short(&r.sha256)));
+                        self.state().last_error =
+                            Some(format!("fetching bundle {}: {e}", short(&r.sha256)));
                         self.refuse(&refuse(format!("fetching the bundle failed: {e}")));
                         return;
                     }

@@ -150,10 +150,7 @@ impl Fleet {
     }
 
     fn base(&self) -> ValidConfig {
-        self.base
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.base.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A re-read configuration file (`SIGHUP`), merged with the running
@@ -203,7 +200,10 @@ impl Fleet {
     /// names no bundle: the rollback of a first deploy).
     pub async fn apply_none(&self, issued_ms: u64) -> Result<Applied, Refused> {
         let _one = self.applying.lock().await;
-        let already = matches!(&self.state().current, None | Some(Current { sha256: None, .. }));
+        let already = matches!(
+            &self.state().current,
+            None | Some(Current { sha256: None, .. })
+        );
         let result = if already {
             Ok(Applied::AlreadyRunning { version: 0 })
         } else {
@@ -224,8 +224,15 @@ impl Fleet {
         let target = self.target.clone();
         // Hashing and fsync: off the reactor.
         let bundle = tokio::task::spawn_blocking(move || {
-            let bundle = Bundle::open(&bytes, &trusted, &limits)
-                .map_err(|e| Refused::new(None, None, e.to_string()))?;
+            let bundle = Bundle::open(&bytes, &trusted, &limits).map_err(|e| {
+                // Name what was refused when it can be read at all.
+                let read = Bundle::inspect(&bytes, &limits).ok();
+                Refused::new(
+                    read.as_ref().map(|(_, sha, _)| sha.clone()),
+                    read.as_ref().map(|(m, _, _)| m.version),
+                    e.to_string(),
+                )
+            })?;
             let refuse = |e: &dyn std::fmt::Display| {
                 Refused::new(
                     Some(bundle.sha256.clone()),
@@ -258,8 +265,8 @@ impl Fleet {
                 .map_err(|e| refuse(e.to_string()))?;
             let names = table_names(&tables);
             let origin = PathBuf::from(format!("bundle {} (version {version})", short(&sha)));
-            let merged =
-                with_functions(&self.base(), tables.clone(), &origin).map_err(|e| refuse(problems(&e)))?;
+            let merged = with_functions(&self.base(), tables.clone(), &origin)
+                .map_err(|e| refuse(problems(&e)))?;
             let issued = opts.issued_ms.unwrap_or(0);
             match self
                 .switch(merged, Some((&bundle, version)), tables, names, issued)
@@ -278,7 +285,11 @@ impl Fleet {
 
     /// `Some` when nothing is to be done; a refusal for an older (or
     /// conflicting) version unless forced.
-    fn check_version(&self, bundle: &Bundle, opts: ApplyOptions) -> Result<Option<Applied>, Refused> {
+    fn check_version(
+        &self,
+        bundle: &Bundle,
+        opts: ApplyOptions,
+    ) -> Result<Option<Applied>, Refused> {
         let version = bundle.manifest.version;
         let mut state = self.state();
         let Some(current) = state.current.clone() else {
@@ -358,7 +369,10 @@ impl Fleet {
         let keep: Vec<&str> = sha.iter().map(String::as_str).collect();
         let previous = self.state().current.clone();
         let mut keep_all = keep.clone();
-        if let Some(Current { sha256: Some(p), .. }) = &previous {
+        if let Some(Current {
+            sha256: Some(p), ..
+        }) = &previous
+        {
             keep_all.push(p.as_str());
         }
         if let Err(e) = self.store.prune(&keep_all) {

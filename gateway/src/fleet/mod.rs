@@ -26,10 +26,16 @@ pub mod store;
 pub mod topics;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use apply::{Applied, ApplyOptions, Fleet, Refused};
 
 use crate::config::{FleetSpec, ValidConfig, with_functions};
+use crate::metrics::FunctionTable;
+use crate::runtime::reload::Reloader;
 use store::{Current, Store};
 
 /// What a gateway with `[fleet]` starts from.
@@ -44,6 +50,58 @@ pub struct Boot {
     pub(crate) names: Vec<String>,
     /// Why the recorded bundle was not loaded.
     pub(crate) error: Option<String>,
+}
+
+impl Boot {
+    /// Whether a bundle's functions are part of the start configuration.
+    pub(crate) fn has_bundle(&self) -> bool {
+        !self.tables.is_empty()
+    }
+
+    /// Starts without the bundle (its functions did not load): the file's
+    /// configuration, and `reason` for the report. What is recorded as
+    /// applied stays, so the cloud's desired state is not re-applied over it
+    /// until a newer one comes.
+    pub(crate) fn forget_bundle(&mut self, reason: String) -> ValidConfig {
+        self.tables.clear();
+        self.names.clear();
+        self.current = None;
+        self.error = Some(reason);
+        self.base.clone()
+    }
+}
+
+/// Creates the agent for a started gateway and, with `fleet.sink`, its
+/// connection to the cloud and the task that follows the desired state.
+pub(crate) fn spawn(
+    boot: Boot,
+    config: &ValidConfig,
+    reloader: Arc<Reloader>,
+    functions: Arc<FunctionTable>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Arc<Fleet> {
+    let sink = boot.spec.sink.clone();
+    let max_bundle_bytes = boot.spec.max_bundle_bytes;
+    let view: apply::FunctionsView = Arc::new(move || functions.list());
+    let fleet = Arc::new(Fleet::new(boot, reloader, view));
+    let connection = sink
+        .and_then(|name| config.sinks.iter().find(|s| s.name == name))
+        .and_then(|s| s.kind.mqtt_connection());
+    if let Some((endpoint, keep_alive)) = connection {
+        let (link, desired) = link::start(
+            link::LinkConfig {
+                endpoint: endpoint.clone(),
+                gateway_id: config.gateway_id.clone(),
+                keep_alive,
+                max_bundle_bytes,
+            },
+            cancel.clone(),
+            tracker,
+        );
+        tracker.spawn(agent::run(fleet.clone(), link, desired, cancel.clone()));
+    }
+    fleet
 }
 
 /// Why the fleet state could not be opened.

@@ -18,12 +18,7 @@ pub(crate) struct Baseline(BTreeMap<String, Health>);
 
 /// Invocations that did not return `Ok`, by any cause.
 fn failures(c: &FunctionCounts) -> u64 {
-    c.errors
-        + c.traps
-        + c.timeouts
-        + c.memory
-        + c.quota_failures
-        + c.denied_failures
+    c.errors + c.traps + c.timeouts + c.memory + c.quota_failures + c.denied_failures
 }
 
 fn health(m: &FunctionMetrics) -> Health {

@@ -28,6 +28,15 @@ pub trait SinkPlugin {
     fn validate(config: &Self::Config, scope: &mut Scope<'_, '_>) -> Option<Self::Spec>;
     /// Records which of the kind's keys differ (a restart applies them).
     fn changed(a: &Self::Spec, b: &Self::Spec, keys: &mut KeyChanges);
+    /// The MQTT connection settings (endpoint, keep-alive) another client
+    /// may reuse, such as the fleet agent's (`fleet.sink`); `None` for
+    /// kinds that are not MQTT.
+    fn mqtt_connection(
+        _spec: &Self::Spec,
+    ) -> Option<(&crate::config::MqttEndpoint, std::time::Duration)> {
+        None
+    }
+
     /// The filters the sink receives cloud commands on (`subscribe`); a sink
     /// with any gets the router. None by default.
     fn subscriptions(spec: &Self::Spec) -> &[crate::topic::TopicFilter] {
@@ -142,6 +151,11 @@ macro_rules! sink_kinds {
             /// The filters it receives cloud commands on.
             pub fn subscriptions(&self) -> &[crate::topic::TopicFilter] {
                 match self { $(Self::$variant(s) => <$plugin as SinkPlugin>::subscriptions(s),)+ }
+            }
+
+            /// The MQTT connection another client may reuse, if any.
+            pub fn mqtt_connection(&self) -> Option<(&crate::config::MqttEndpoint, std::time::Duration)> {
+                match self { $(Self::$variant(s) => <$plugin as SinkPlugin>::mqtt_connection(s),)+ }
             }
 
             /// Builds the sink (see [`SinkPlugin::build`]).

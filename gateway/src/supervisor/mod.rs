@@ -68,6 +68,9 @@ pub enum StartError {
     /// The admin endpoint could not listen.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    /// The fleet state in the data directory could not be opened.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::BootError),
 }
 
 /// Loads every function of `config`, collecting all errors.
@@ -106,6 +109,7 @@ pub struct Gateway {
     admin: Option<SocketAddr>,
     progress: Arc<Progress>,
     broker_guard: Option<Arc<crate::broker::guard::Guard>>,
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl Gateway {
@@ -185,10 +189,19 @@ impl Gateway {
     /// the function set becomes `config`'s (functions added, removed and
     /// updated, all or nothing; see [`crate::runtime::reload`]); what needs
     /// a restart is logged by name; a configuration naming sinks or serial
-    /// ports the gateway lacks is refused whole.
+    /// ports the gateway lacks is refused whole. With `[fleet]`, the
+    /// applied bundle's functions stay, validated with the new file's.
     pub async fn reload(&self, config: ValidConfig) -> ReloadOutcome {
         self.reload_passwords();
-        self.reloader.apply(config).await
+        match &self.fleet {
+            Some(fleet) => fleet.reload(config).await,
+            None => self.reloader.apply(config).await,
+        }
+    }
+
+    /// The fleet agent, with a `[fleet]` section.
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// Re-reads the embedded broker's password file, if it has one; on an

@@ -38,8 +38,14 @@ impl Gateway {
             path: config.data_dir.clone(),
             reason: e.to_string(),
         })?;
-        let runtime = engine(config).await?;
-        let loaded = load_all(&runtime, config).await?;
+        // With `[fleet]`: the file's functions plus the applied bundle's.
+        let (merged, mut boot) = match crate::fleet::boot(config)? {
+            Some((merged, boot)) => (merged, Some(boot)),
+            None => (config.clone(), None),
+        };
+        let runtime = engine(&merged).await?;
+        let (config, loaded) = load_with_fallback(&runtime, merged, boot.as_mut()).await?;
+        let config = &config;
         let admin_listener = match &config.admin {
             Some(a) => Some(crate::admin::bind(a.listen).await?),
             None => None,
@@ -137,6 +143,16 @@ impl Gateway {
         if let Some(interval) = config.runtime.watch {
             tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
         }
+        let fleet = boot.map(|boot| {
+            crate::fleet::spawn(
+                boot,
+                config,
+                reloader.clone(),
+                functions.clone(),
+                &cancel,
+                &tracker,
+            )
+        });
         tokio::spawn(crate::progress::monitor(progress.clone(), cancel.clone()));
         tracker.close();
         let mut gateway = Self {
@@ -154,6 +170,7 @@ impl Gateway {
             admin: None,
             progress,
             broker_guard: embedded.and_then(|b| b.guard),
+            fleet,
         };
         if let Some(listener) = admin_listener {
             gateway.admin = gateway.serve_admin(listener, config);
@@ -181,6 +198,7 @@ impl Gateway {
             progress: self.progress.clone(),
             stopping: self.cancel.clone(),
             token: config.admin.as_ref().and_then(|a| a.token.clone()),
+            fleet: self.fleet.clone(),
         };
         let addr = listener.local_addr().ok();
         let stop = CancellationToken::new();
@@ -348,6 +366,28 @@ fn spawn_workers(
         slots.push(Slot::new(spec.clone(), running, metrics));
     }
     (functions, slots)
+}
+
+/// [`load_all`]; when a fleet bundle's functions do not load (say, a
+/// precompiled component for other engine settings), the gateway starts
+/// with the configuration file's own functions and reports why: a board is
+/// never kept from starting by its bundle.
+async fn load_with_fallback(
+    runtime: &Arc<Runtime>,
+    merged: ValidConfig,
+    boot: Option<&mut crate::fleet::Boot>,
+) -> Result<(ValidConfig, Vec<LoadedFunction>), StartError> {
+    match (load_all(runtime, &merged).await, boot) {
+        (Ok(loaded), _) => Ok((merged, loaded)),
+        (Err(e), Some(boot)) if boot.has_bundle() => {
+            let reason = e.to_string();
+            tracing::error!(%reason, "Fleet: the applied bundle's functions did not load; starting with the configuration file's functions.");
+            let base = boot.forget_bundle(reason);
+            let loaded = load_all(runtime, &base).await?;
+            Ok((base, loaded))
+        }
+        (Err(e), _) => Err(e),
+    }
 }
 
 /// Every function of `config`, compiled or loaded from the cache on a

@@ -106,6 +106,7 @@ fn precompiler(target: &str) -> Result<crate::runtime::Runtime, BundleError> {
     let spec = crate::config::RuntimeSpec {
         pooling: false,
         pool_instances: 1,
+        pool_instances_set: None,
         max_memory_bytes: settings.max_memory_mib.saturating_mul(1024 * 1024),
         compile_cache: false,
         watch: None,

@@ -43,7 +43,7 @@ mod connection;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{BuiltSink, CommonKeys, SinkEnv, SinkError, SinkPlugin};
 use super::{STOP_GRACE, Sink, SinkCommon, SinkContext, dead_letter, envelope};
@@ -98,6 +98,10 @@ impl SinkPlugin for Kind {
         keys.key("protocol", &a.protocol, &b.protocol);
         keys.key("ack_timeout_s", &a.ack_timeout, &b.ack_timeout);
         keys.key("subscribe", &a.subscribe, &b.subscribe);
+    }
+
+    fn mqtt_connection(spec: &MqttSinkSpec) -> Option<(&crate::config::MqttEndpoint, Duration)> {
+        Some((&spec.endpoint, spec.keep_alive))
     }
 
     fn subscriptions(spec: &MqttSinkSpec) -> &[crate::topic::TopicFilter] {
