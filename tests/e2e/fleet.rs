@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::runtime_cli::{stderr_lines, wait_for_line};
 use crate::support::{
-    KillOnDrop, Mosquitto, Publisher, Subscriber, WAIT, edgefn_bin, free_port, guest, lit,
+    KillOnDrop, Mosquitto, Publisher, Subscriber, WAIT, edgefn_bin, free_port, guest, lit, signal,
 };
 
 const TOKEN: &str = "fleet-test-token-0123456789";
@@ -56,6 +56,14 @@ impl Board {
         wait_for_line(&lines, &["Gateway started."]);
         self.child = Some(KillOnDrop(child));
         self.lines = Some(lines);
+    }
+
+    /// Appends `toml` to the board's configuration file.
+    fn append_config(&self, toml: &str) {
+        let path = self.dir.join("edgefn.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(toml);
+        std::fs::write(path, text).unwrap();
     }
 
     fn kill(&mut self) {
@@ -233,6 +241,11 @@ impl Output {
     }
 
     fn text(&self) -> String {
+        eprintln!(
+            "--- edgefn output:\n{}{}",
+            String::from_utf8_lossy(&self.0.stdout),
+            String::from_utf8_lossy(&self.0.stderr)
+        );
         format!(
             "{}{}",
             String::from_utf8_lossy(&self.0.stdout),
@@ -410,6 +423,58 @@ async fn a_gateway_stopped_during_the_deploy_converges_when_it_starts_again() {
     ])
     .success();
     assert!(status.text().contains("gw-off"), "{}", status.text());
+}
+
+/// A bundle's functions run beside the configuration file's: a bundle
+/// function named like a file function is refused, and `SIGHUP` applies the
+/// file's changes and keeps the bundle's functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_functions_live_beside_the_files_and_survive_sighup() {
+    let Some(mut fleet) = Fleet::new(&["gw-h"]) else {
+        return;
+    };
+    let local = |name: &str| {
+        format!(
+            "\n[[functions]]\nname = \"{name}\"\ncomponent = {}\ntriggers = [\"{name}/#\"]\npublish = [\"echo/#\"]\nconfig = {{ mode = \"echo\" }}\n",
+            lit(&guest("misbehave"))
+        )
+    };
+    fleet.boards[0].append_config(&local("local"));
+    fleet.boards[0].start();
+    let key = fleet.key.clone();
+    let v1 = fleet.bundle("v1", 1, &relay("echo"), &key);
+    let (status, body) = fleet.boards[0].put_bundle(&v1, false).await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(body["added"], serde_json::json!(["relay"]), "{body:#}");
+    assert_eq!(fleet.boards[0].functions().await, ["local", "relay"]);
+
+    let clash = fleet.bundle(
+        "clash",
+        2,
+        &relay("echo").replace("\"relay\"", "\"local\""),
+        &key,
+    );
+    let (status, body) = fleet.boards[0].put_bundle(&clash, false).await;
+    assert_eq!(status, 422, "{body:#}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate function name `local`"),
+        "{body:#}"
+    );
+
+    fleet.boards[0].append_config(&local("local2"));
+    signal(&fleet.boards[0].child.as_ref().unwrap().0, "HUP");
+    fleet.boards[0].wait_log(&["Configuration reloaded."]);
+    assert_eq!(
+        fleet.boards[0].functions().await,
+        ["local", "local2", "relay"]
+    );
+    assert!(
+        fleet.boards[0].echoes("after-hup").await,
+        "relay still runs"
+    );
 }
 
 /// Ten functions counting their events in durable state.
