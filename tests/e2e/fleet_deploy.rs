@@ -185,6 +185,7 @@ async fn a_canary_rollout_reaches_every_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let cancel = fleet(broker.port, dir.path(), None).await;
     let (code, out) = run_deploy(broker.port, dir.path(), 2, Some("gw1")).await;
+    println!("{out}");
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
     assert!(
         out.contains("canary gw1 runs version 2; baking 1 s"),
@@ -210,6 +211,7 @@ async fn an_unhealthy_canary_is_rolled_back_and_the_rest_never_get_the_version()
     let (code, out) = run_deploy(broker.port, dir.path(), 1, None).await;
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
     let (code, out) = run_deploy(broker.port, dir.path(), 3, Some("gw1")).await;
+    println!("{out}");
     assert_eq!(code, ExitCode::from(3), "{out}");
     assert!(
         out.contains(

@@ -264,3 +264,69 @@ async fn a_fetch_survives_a_broker_restart() {
     assert!(fetched == bytes, "the fetched bundle differs");
     cancel.cancel();
 }
+
+#[test]
+fn status_and_deploy_connect_over_mutual_tls() {
+    let pki = crate::tls::make_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca = file("ca.pem", &pki.ca);
+    let server = (
+        file("server.pem", &pki.server.0),
+        file("server.key", &pki.server.1),
+    );
+    let client = (
+        file("client.pem", &pki.client.0),
+        file("client.key", &pki.client.1),
+    );
+    let Some(broker) = Mosquitto::start_with(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        ca.display(),
+        server.0.display(),
+        server.1.display()
+    )) else {
+        return;
+    };
+    let args = |cert: bool| CloudArgs {
+        via: format!("mqtts://localhost:{}", broker.port),
+        ca: Some(ca.clone()),
+        cert: cert.then(|| client.0.clone()),
+        client_key: cert.then(|| client.1.clone()),
+        username: None,
+        password_file: None,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let endpoint = args(true).endpoint("test").unwrap();
+        let mut deployer = Cloud::connect(&endpoint, WAIT).await.unwrap();
+        let r = report("gw1", 5, 0);
+        let message = (topics::reported("gw1"), serde_json::to_vec(&r).unwrap());
+        deployer
+            .publish_retained(vec![message], WAIT)
+            .await
+            .unwrap();
+    });
+    let status = |cert: bool| {
+        let mut out = Vec::new();
+        let result = execute(
+            Command::Status(StatusArgs {
+                cloud: args(cert),
+                gateways: vec!["gw1".into()],
+                wait_s: 2,
+            }),
+            &mut out,
+        );
+        (result, String::from_utf8(out).unwrap())
+    };
+    let (result, out) = status(true);
+    assert_eq!(result.unwrap(), ExitCode::SUCCESS, "{out}");
+    assert!(out.contains("gw1") && out.contains("050505050505"), "{out}");
+    // Without a client certificate the broker refuses the connection.
+    let (result, out) = status(false);
+    let e = result.unwrap_err().to_string();
+    assert!(e.starts_with("connecting to localhost:"), "{e} {out}");
+}

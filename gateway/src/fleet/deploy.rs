@@ -213,8 +213,10 @@ pub fn status(args: StatusArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode>
 }
 
 /// `edgefn deploy`.
-pub fn deploy(args: DeployArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+pub fn deploy(mut args: DeployArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     check_gateways(&args.gateways)?;
+    let mut seen = std::collections::BTreeSet::new();
+    args.gateways.retain(|g| seen.insert(g.clone()));
     if let Some(c) = &args.canary {
         anyhow::ensure!(
             args.gateways.contains(c),
@@ -397,12 +399,13 @@ fn report_outcome(
             GatewayResult::Refused(why) => format!("refused: {why}"),
             GatewayResult::Failed(why) => format!("failed: {why}"),
             GatewayResult::TimedOut => format!("not reported within {} s", args.timeout_s),
-            GatewayResult::Unhealthy(story) => story.clone(),
+            // The story is printed once, below.
+            GatewayResult::Unhealthy(_) => "unhealthy canary".to_owned(),
             GatewayResult::NotDeployed => "not deployed (the canary failed)".to_owned(),
         };
         writeln!(out, "{gw}: {}", line.escape_debug())?;
         if *result != GatewayResult::Running {
-            failed.push(format!("{gw} ({line})"));
+            failed.push(gw.as_str());
         }
     }
     let secs = elapsed.as_secs_f64();
@@ -421,9 +424,9 @@ fn report_outcome(
     }
     writeln!(
         out,
-        "deploy of version {} failed after {secs:.1} s: {}",
+        "deploy of version {} failed after {secs:.1} s: not running on {}",
         r.version,
-        failed.join("; ").escape_debug()
+        failed.join(", ")
     )?;
     Ok(ExitCode::from(EXIT_ROLLOUT_FAILED))
 }

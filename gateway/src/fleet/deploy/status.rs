@@ -106,17 +106,28 @@ pub fn table(
         "GATEWAY", "STATE", "VERSION", "SHA256", "FUNCTIONS", "FAILURES", "AGE"
     )?;
     let mut missing = Vec::new();
-    for name in names {
-        let Some(r) = reports.get(name) else {
+    for gw in names {
+        // Names and hashes come from the broker: never raw control bytes
+        // on the operator's terminal.
+        let name = gw.escape_debug().to_string();
+        let Some(r) = reports.get(gw) else {
             writeln!(out, "{name:<20} {:<9}", "no report")?;
-            missing.push(name.clone());
+            missing.push(gw.clone());
             continue;
         };
         let (version, sha) = r
             .bundle
             .as_ref()
             .map_or(("-".to_owned(), "-".to_owned()), |b| {
-                (b.version.to_string(), b.sha256.chars().take(12).collect())
+                (
+                    b.version.to_string(),
+                    b.sha256
+                        .chars()
+                        .take(12)
+                        .collect::<String>()
+                        .escape_debug()
+                        .to_string(),
+                )
             });
         let open = r.functions.iter().filter(|f| f.breaker != "closed").count();
         let functions = if open == 0 {
@@ -143,4 +154,42 @@ pub fn table(
         )?;
     }
     Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::report::{Health, Refusal, ReportState, Reported};
+
+    #[test]
+    fn the_table_never_prints_control_bytes_from_the_broker() {
+        let gw = "gw\u{1b}[2J".to_owned();
+        let r = Reported {
+            gateway: gw.clone(),
+            reported_ms: 1_000,
+            state: ReportState::Refused,
+            bundle: None,
+            desired: None,
+            functions: vec![],
+            since_apply: Health::default(),
+            last_refusal: Some(Refusal {
+                sha256: None,
+                version: Some(2),
+                reason: "bad\u{1b}]0;title\u{7}".into(),
+                at_ms: 1,
+            }),
+            last_error: None,
+        };
+        let reports = BTreeMap::from([(gw, r)]);
+        let mut out = Vec::new();
+        let missing = table(&mut out, &reports, &[], 5_000).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(missing.is_empty());
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert!(text.contains("refused version 2: bad"), "{text}");
+        assert!(text.contains(" 4s "), "{text}");
+    }
 }
