@@ -22,7 +22,6 @@ mod disk_full;
 mod durability;
 mod fleet;
 mod fleet_bundle;
-mod fleet_deploy;
 mod fleet_link;
 mod funcset;
 mod guest_limits;
