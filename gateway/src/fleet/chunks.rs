@@ -2,8 +2,7 @@
 //! assembling it again on the gateway, with every size checked against the
 //! announced [`BundleRef`] before any memory is used.
 
-use sha2::{Digest, Sha256};
-
+use super::bundle::{is_sha256_hex, sha256_hex};
 use super::desired::BundleRef;
 
 /// Default chunk size: 96 KiB (AWS IoT Core allows 128 KB per message).
@@ -76,14 +75,6 @@ pub enum ChunkError {
     },
 }
 
-/// Lowercase hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The announcement of `bytes` (version `version`) cut into chunks of
 /// `chunk_size` bytes.
 pub fn bundle_ref(bytes: &[u8], version: u64, chunk_size: u32) -> Result<BundleRef, ChunkError> {
@@ -127,7 +118,7 @@ impl Assembly {
     /// Checks the announcement against itself and `max_bytes`; nothing is
     /// allocated beyond the chunk bitmap (at most `max_bytes / 1 KiB`).
     pub fn new(r: &BundleRef, max_bytes: u64) -> Result<Self, ChunkError> {
-        if !super::topics::is_sha256_hex(&r.sha256) {
+        if !is_sha256_hex(&r.sha256) {
             return Err(ChunkError::BadHash(r.sha256.clone()));
         }
         if r.size > max_bytes {

@@ -52,14 +52,6 @@ pub fn parse_chunk(topic: &str) -> Option<(&str, u32)> {
     Some((sha, index.parse().ok()?))
 }
 
-/// Whether `sha256` is 64 lowercase hex digits (it becomes part of a topic).
-pub fn is_sha256_hex(sha256: &str) -> bool {
-    sha256.len() == 64
-        && sha256
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// Whether `gateway` is a valid gateway id (as `gateway.id` in the
 /// configuration): 1 to 64 letters, digits, `-`, `_` or `.`.
 pub fn is_gateway_id(gateway: &str) -> bool {
@@ -73,6 +65,7 @@ pub fn is_gateway_id(gateway: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::bundle::is_sha256_hex;
 
     #[test]
     fn topics_round_trip() {

@@ -70,12 +70,7 @@ pub fn parse(gw: &str, payload: &[u8]) -> Result<Reported, String> {
     Ok(r)
 }
 
-/// Milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::event::now_ms;
 
 fn age(ms: u64) -> String {
     let s = ms / 1000;
