@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::keys::{PublicKey, SignatureError, TrustedKeys, hex};
 use crate::config::schema::FunctionConfig;
+use crate::event::now_ms;
 
 /// The bundle format this build writes and reads.
 pub const FORMAT: u64 = 1;
@@ -466,8 +467,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
-
-use crate::event::now_ms;
 
 /// CBOR of a value of ours (cannot fail for these plain structs).
 pub(crate) fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
