@@ -5,7 +5,7 @@
 //! Applied live: the whole function set (see [`crate::runtime::reload`]):
 //! functions added, removed or changed in any setting. Everything else is
 //! built at start and needs a restart: `[gateway]`, `[broker]`, `[outbox]`,
-//! `[runtime]`, `[admin]`, every sink and source setting, and added or
+//! `[runtime]`, `[admin]`, `[fleet]`, every sink and source setting, and added or
 //! removed sinks and sources.
 //!
 //! Sections are compared as whole values, key by key, so any difference is
@@ -122,6 +122,8 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
     d.key("gateway", "data_dir", &running.data_dir, &new.data_dir);
     let (ta, tb) = (&running.shutdown_timeout, &new.shutdown_timeout);
     d.key("gateway", "shutdown_timeout_s", ta, tb);
+    // The fleet agent and its connection are built at start.
+    d.key("fleet", "*", &running.fleet, &new.fleet);
     match (&running.broker, &new.broker) {
         (
             Broker::Embedded {
