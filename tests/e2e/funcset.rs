@@ -3,7 +3,8 @@
 //! it does not touch loses and reorders nothing while others change.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use edgefn::config;
@@ -220,50 +221,75 @@ async fn adding_beyond_the_instance_pool_is_refused_naming_the_setting() {
     assert!(gw.shutdown(WAIT).await);
 }
 
-/// Publishes `n` numbered payloads on each of `topics`, interleaved, at
-/// QoS 1 (each acknowledged before the next).
-async fn stream(mut sensor: Publisher, topics: Vec<String>, n: usize) {
-    for i in 0..n {
-        for t in &topics {
-            sensor.publish(t, i.to_string()).await;
+/// Publishes numbered payloads at a steady pace until `stop` (and at
+/// least 100): one on `steady/s` every tick, one on `moving/m` every fifth
+/// (faster than `moving` handles them, so its queue keeps a backlog), each
+/// acknowledged before the next. Returns how many went to each.
+async fn stream(mut sensor: Publisher, stop: Arc<AtomicBool>) -> (usize, usize) {
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    let (mut steady, mut moving) = (0, 0);
+    while steady < 100 || !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        sensor.publish("steady/s", steady.to_string()).await;
+        steady += 1;
+        if steady % 5 == 0 {
+            sensor.publish("moving/m", moving.to_string()).await;
+            moving += 1;
         }
     }
+    (steady, moving)
 }
 
-/// Waits for `n` numbered echoes on each of `topics`; fails on a loss, a
-/// duplicate or a reordering.
-async fn expect_in_order(echoes: &mut Subscriber, topics: &[&str], n: usize) {
+/// Waits for the numbered outputs `0..n` on each `(topic, n)`; fails on a
+/// loss, a duplicate or a reordering.
+async fn expect_in_order(echoes: &mut Subscriber, topics: &[(&str, usize)]) {
     let mut next = vec![0usize; topics.len()];
-    while next.iter().any(|&k| k < n) {
+    while next.iter().zip(topics).any(|(&k, (_, n))| k < *n) {
         let (t, p) = tokio::time::timeout(Duration::from_secs(60), echoes.next())
             .await
-            .unwrap_or_else(|_| panic!("stalled at {next:?} of {n}"));
-        let Some(i) = topics.iter().position(|want| t == format!("echo/{want}")) else {
+            .unwrap_or_else(|_| panic!("stalled at {next:?} of {topics:?}"));
+        let Some(i) = topics.iter().position(|(want, _)| t == *want) else {
             continue;
         };
         let got: usize = String::from_utf8(p).unwrap().parse().unwrap();
-        assert_eq!(got, next[i], "{}: lost, repeated or reordered", topics[i]);
+        assert_eq!(got, next[i], "{}: lost, repeated or reordered", topics[i].0);
         next[i] += 1;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
-    const N: usize = 600;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edgefn.toml");
     let head = header("gw-funcset-stream", "");
     let steady = echo("steady", r#"["steady/#"]"#, "");
-    let moving = |extra: &str| echo("moving", r#"["moving/#"]"#, extra);
+    // `moving` is slow (20 ms per event, output on `slow/…`), so its queue
+    // holds a backlog whenever its worker is replaced, and its small queue
+    // paces the whole intake (both streams last through every change).
+    let moving = |extra: &str| {
+        let config = if extra.contains("config") {
+            ""
+        } else {
+            "config = { mode = \"slow\" }\n"
+        };
+        let limits = if extra.contains("limits") {
+            ""
+        } else {
+            "limits = { queue = 5 }\n"
+        };
+        echo(
+            "moving",
+            r#"["moving/#"]"#,
+            &format!("{config}{limits}{extra}"),
+        )
+        .replace("publish = [\"echo/#\"]", "publish = [\"slow/#\"]")
+    };
     let gw = start(&path, &format!("{head}{steady}{}", moving(""))).await;
     let (host, port) = gw.local_broker();
-    let mut echoes = Subscriber::connect(host, port, &["echo/#"]).await;
+    let mut echoes = Subscriber::connect(host, port, &["echo/#", "slow/#"]).await;
     let sensor = Publisher::connect(host, port).await;
-    let flow = tokio::spawn(stream(
-        sensor,
-        vec!["steady/s".into(), "moving/m".into()],
-        N,
-    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flow = tokio::spawn(stream(sensor, stop.clone()));
 
     // While both streams flow: others come and go, and `moving` gets new
     // queues, a new breaker and new settings (its worker is replaced; the
@@ -283,7 +309,7 @@ async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
         ),
         format!(
             "{head}{steady}{}{}",
-            moving("config = { k = \"v\" }"),
+            moving("config = { mode = \"slow\", k = \"v\" }"),
             other("x2", "x2")
         ),
         format!("{head}{steady}{}", moving("limits = { queue = 2 }")),
@@ -292,18 +318,21 @@ async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
     for (i, step) in steps.iter().enumerate() {
         // Each change lands while the streams flow.
         let at = handled.snapshot().ok;
-        eventually("the stream advances", || handled.snapshot().ok >= at + 20).await;
+        eventually("the stream advances", || handled.snapshot().ok >= at + 10).await;
         let outcome = reload(&gw, &path, step).await;
         let (_, added, removed, updated) = applied(outcome);
         assert!(!updated.contains(&"steady".to_owned()), "step {i}");
         assert!(!added.contains(&"steady".to_owned()) && !removed.contains(&"steady".to_owned()));
     }
-    let during = handled.snapshot().ok;
-    eprintln!("changes done after {during} of {N} steady events");
-    expect_in_order(&mut echoes, &["steady/s", "moving/m"], N).await;
-    flow.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (steady_n, moving_n) = flow.await.unwrap();
+    expect_in_order(
+        &mut echoes,
+        &[("echo/steady/s", steady_n), ("slow/moving/m", moving_n)],
+    )
+    .await;
     let steady = gw.function_metrics("steady").unwrap().snapshot();
-    assert_eq!(steady.ok, N as u64, "{steady:?}");
+    assert_eq!(steady.ok, steady_n as u64, "{steady:?}");
     assert_eq!(gw.function_names(), ["steady", "moving"]);
     assert!(gw.shutdown(WAIT).await, "drains after the changes");
 }
