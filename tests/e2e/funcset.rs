@@ -110,6 +110,7 @@ async fn a_reload_adds_removes_and_rewires_functions_without_a_restart() {
         (0, vec!["c".into()], vec!["b".into()], vec!["a".into()])
     );
     assert_eq!(gw.function_names(), ["a", "c"]);
+    assert!(gw.wait_subscribed(WAIT).await, "new triggers subscribed");
     assert!(gw.function_metrics("b").is_none());
     // The old topics are no longer handled: `a/2` would be handled by `a`
     // before `a2/2` (one queue, in order) and fail the round trip.
@@ -335,4 +336,46 @@ async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
     assert_eq!(steady.ok, steady_n as u64, "{steady:?}");
     assert_eq!(gw.function_names(), ["steady", "moving"]);
     assert!(gw.shutdown(WAIT).await, "drains after the changes");
+}
+
+/// The real binary: `SIGHUP` starts a function on a gateway that had none
+/// (its trigger is subscribed from an empty set), and `SIGTERM` still
+/// drains and exits cleanly afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_starts_a_function_on_a_gateway_that_had_none() {
+    use crate::reload::{stderr_lines, wait_for_line};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let port = free_port();
+    let base = format!(
+        "[gateway]\nid = \"gw-hup\"\ndata_dir = \"data\"\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    std::fs::write(&path, &base).unwrap();
+    let mut child = std::process::Command::new(edgefn_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("EDGEFN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    wait_for_line(&lines, &["Gateway started."]);
+    let mut echoes = Subscriber::connect("127.0.0.1", port, &["echo/#"]).await;
+    let mut sensor = Publisher::connect("127.0.0.1", port).await;
+
+    std::fs::write(&path, format!("{base}{}", echo("f", r#"["f/#"]"#, ""))).unwrap();
+    signal(&child, "HUP");
+    wait_for_line(&lines, &["Configuration reloaded.", "added=[\"f\"]"]);
+    wait_for_line(&lines, &["subscriptions acknowledged", "f/#"]);
+    round_trip(&mut sensor, &mut echoes, "f/1", "1").await;
+
+    signal(&child, "TERM");
+    let exited = tokio::task::spawn_blocking(move || child.wait());
+    let status = tokio::time::timeout(WAIT, exited)
+        .await
+        .expect("the gateway stops in time")
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
