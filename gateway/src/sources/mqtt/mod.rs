@@ -186,14 +186,7 @@ impl Source for MqttSource {
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     ctx.ready.send_replace(true);
-                    self.unacked = self.unacked.saturating_sub(1);
-                    if self.unacked == 0 {
-                        if self.live.borrow().as_slice() != self.filters.as_slice() {
-                            tracing::info!(filters = ?self.filters, "MQTT source: subscriptions acknowledged; every trigger is live.");
-                        }
-                        self.live.send_replace(self.filters.clone());
-                    }
-                    self.unsubscribe_stale();
+                    self.subscribed();
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -283,6 +276,19 @@ impl MqttSource {
                 tracing::error!(error = %e, "MQTT source could not subscribe to the new filters.");
             }
         }
+    }
+
+    /// A SUBACK: once every SUBSCRIBE of this connection is acknowledged,
+    /// the current filters are live and the stale ones can go.
+    fn subscribed(&mut self) {
+        self.unacked = self.unacked.saturating_sub(1);
+        if self.unacked == 0 {
+            if self.live.borrow().as_slice() != self.filters.as_slice() {
+                tracing::info!(filters = ?self.filters, "MQTT source: subscriptions acknowledged; every trigger is live.");
+            }
+            self.live.send_replace(self.filters.clone());
+        }
+        self.unsubscribe_stale();
     }
 
     /// Unsubscribes the filters no longer needed.
