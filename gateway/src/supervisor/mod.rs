@@ -118,9 +118,10 @@ struct Subscriptions {
 }
 
 impl Gateway {
-    /// Waits up to `timeout` until the broker has acknowledged the MQTT
-    /// source's subscriptions to the current function set's triggers (after
-    /// a reload that changed them); returns whether it has.
+    /// Waits up to `timeout` until the MQTT source's subscriptions on the
+    /// broker are exactly the current function set's (after a reload that
+    /// changed them: the new filters subscribed and the stale ones
+    /// unsubscribed, both acknowledged); returns whether they are.
     pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
         let Some(want) = self
             .subscriptions

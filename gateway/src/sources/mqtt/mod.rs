@@ -186,8 +186,9 @@ impl Source for MqttSource {
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     ctx.ready.send_replace(true);
-                    self.subscribed();
+                    self.acknowledged();
                 }
+                Ok(MqttEvent::Incoming(Packet::UnsubAck(_))) => self.acknowledged(),
                 Ok(_) => {}
                 Err(e) => {
                     // Acks of this connection's messages are void now.
@@ -258,10 +259,9 @@ impl MqttSource {
         self.stale.retain(|f| !next.contains(f));
         self.filters = next;
         if added.is_empty() {
-            if self.unacked == 0 && !self.live.borrow().is_empty() {
-                self.live.send_replace(self.filters.clone());
+            if self.unacked == 0 {
+                self.unsubscribe_stale();
             }
-            self.unsubscribe_stale();
             return;
         }
         let subs = added
@@ -278,17 +278,20 @@ impl MqttSource {
         }
     }
 
-    /// A SUBACK: once every SUBSCRIBE of this connection is acknowledged,
-    /// the current filters are live and the stale ones can go.
-    fn subscribed(&mut self) {
+    /// A SUBACK or UNSUBACK: once every SUBSCRIBE of this connection is
+    /// acknowledged the stale filters go, and once those are acknowledged
+    /// too the broker's subscriptions are exactly the current filters.
+    fn acknowledged(&mut self) {
         self.unacked = self.unacked.saturating_sub(1);
+        if self.unacked == 0 {
+            self.unsubscribe_stale();
+        }
         if self.unacked == 0 {
             if self.live.borrow().as_slice() != self.filters.as_slice() {
                 tracing::info!(filters = ?self.filters, "MQTT source: subscriptions acknowledged; every trigger is live.");
             }
             self.live.send_replace(self.filters.clone());
         }
-        self.unsubscribe_stale();
     }
 
     /// Unsubscribes the filters no longer needed.
@@ -297,6 +300,7 @@ impl MqttSource {
             if let Err(e) = self.client.try_unsubscribe(filter.clone()) {
                 tracing::warn!(filter = %filter, error = %e, "MQTT source could not unsubscribe.");
             } else {
+                self.unacked += 1;
                 tracing::info!(filter = %filter, "MQTT source: unsubscribed a filter no function needs any more.");
             }
         }
