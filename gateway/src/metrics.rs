@@ -244,7 +244,8 @@ pub struct GatewayMetrics {
     /// `restart_pending`).
     pub reloads_applied: AtomicU64,
     /// Reloads refused whole: functions named sinks or serial ports the
-    /// running gateway lacks.
+    /// running gateway lacks, or an added or changed function failed to
+    /// load.
     pub reloads_refused: AtomicU64,
     /// Reloads of a configuration that did not validate.
     pub reloads_failed: AtomicU64,

@@ -252,4 +252,18 @@ mod tests {
         beat.idle();
         assert_eq!(beat.overdue(since + 12_345), None);
     }
+
+    #[test]
+    fn a_stopped_worker_leaves_the_watch() {
+        let p = Progress::default();
+        let beat = p.watch("function", "removed", Duration::from_millis(1));
+        beat.busy(Activity::Invoking);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(p.stuck().is_some(), "busy past its limit");
+        // A function removed by a reload: its worker ends, its beat goes.
+        drop(beat);
+        assert_eq!(p.stuck(), None);
+        let _other = p.watch("function", "next", Duration::from_secs(1));
+        assert_eq!(p.lock().len(), 1, "the dead entry is pruned");
+    }
 }

@@ -3,7 +3,8 @@
 //! it does not touch loses and reorders nothing while others change.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use edgefn::config;
@@ -109,6 +110,7 @@ async fn a_reload_adds_removes_and_rewires_functions_without_a_restart() {
         (0, vec!["c".into()], vec!["b".into()], vec!["a".into()])
     );
     assert_eq!(gw.function_names(), ["a", "c"]);
+    assert!(gw.wait_subscribed(WAIT).await, "new triggers subscribed");
     assert!(gw.function_metrics("b").is_none());
     // The old topics are no longer handled: `a/2` would be handled by `a`
     // before `a2/2` (one queue, in order) and fail the round trip.
@@ -220,50 +222,75 @@ async fn adding_beyond_the_instance_pool_is_refused_naming_the_setting() {
     assert!(gw.shutdown(WAIT).await);
 }
 
-/// Publishes `n` numbered payloads on each of `topics`, interleaved, at
-/// QoS 1 (each acknowledged before the next).
-async fn stream(mut sensor: Publisher, topics: Vec<String>, n: usize) {
-    for i in 0..n {
-        for t in &topics {
-            sensor.publish(t, i.to_string()).await;
+/// Publishes numbered payloads at a steady pace until `stop` (and at
+/// least 100): one on `steady/s` every tick, one on `moving/m` every fifth
+/// (faster than `moving` handles them, so its queue keeps a backlog), each
+/// acknowledged before the next. Returns how many went to each.
+async fn stream(mut sensor: Publisher, stop: Arc<AtomicBool>) -> (usize, usize) {
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    let (mut steady, mut moving) = (0, 0);
+    while steady < 100 || !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        sensor.publish("steady/s", steady.to_string()).await;
+        steady += 1;
+        if steady % 5 == 0 {
+            sensor.publish("moving/m", moving.to_string()).await;
+            moving += 1;
         }
     }
+    (steady, moving)
 }
 
-/// Waits for `n` numbered echoes on each of `topics`; fails on a loss, a
-/// duplicate or a reordering.
-async fn expect_in_order(echoes: &mut Subscriber, topics: &[&str], n: usize) {
+/// Waits for the numbered outputs `0..n` on each `(topic, n)`; fails on a
+/// loss, a duplicate or a reordering.
+async fn expect_in_order(echoes: &mut Subscriber, topics: &[(&str, usize)]) {
     let mut next = vec![0usize; topics.len()];
-    while next.iter().any(|&k| k < n) {
+    while next.iter().zip(topics).any(|(&k, (_, n))| k < *n) {
         let (t, p) = tokio::time::timeout(Duration::from_secs(60), echoes.next())
             .await
-            .unwrap_or_else(|_| panic!("stalled at {next:?} of {n}"));
-        let Some(i) = topics.iter().position(|want| t == format!("echo/{want}")) else {
+            .unwrap_or_else(|_| panic!("stalled at {next:?} of {topics:?}"));
+        let Some(i) = topics.iter().position(|(want, _)| t == *want) else {
             continue;
         };
         let got: usize = String::from_utf8(p).unwrap().parse().unwrap();
-        assert_eq!(got, next[i], "{}: lost, repeated or reordered", topics[i]);
+        assert_eq!(got, next[i], "{}: lost, repeated or reordered", topics[i].0);
         next[i] += 1;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
-    const N: usize = 600;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edgefn.toml");
     let head = header("gw-funcset-stream", "");
     let steady = echo("steady", r#"["steady/#"]"#, "");
-    let moving = |extra: &str| echo("moving", r#"["moving/#"]"#, extra);
+    // `moving` is slow (20 ms per event, output on `slow/…`), so its queue
+    // holds a backlog whenever its worker is replaced, and its small queue
+    // paces the whole intake (both streams last through every change).
+    let moving = |extra: &str| {
+        let config = if extra.contains("config") {
+            ""
+        } else {
+            "config = { mode = \"slow\" }\n"
+        };
+        let limits = if extra.contains("limits") {
+            ""
+        } else {
+            "limits = { queue = 5 }\n"
+        };
+        echo(
+            "moving",
+            r#"["moving/#"]"#,
+            &format!("{config}{limits}{extra}"),
+        )
+        .replace("publish = [\"echo/#\"]", "publish = [\"slow/#\"]")
+    };
     let gw = start(&path, &format!("{head}{steady}{}", moving(""))).await;
     let (host, port) = gw.local_broker();
-    let mut echoes = Subscriber::connect(host, port, &["echo/#"]).await;
+    let mut echoes = Subscriber::connect(host, port, &["echo/#", "slow/#"]).await;
     let sensor = Publisher::connect(host, port).await;
-    let flow = tokio::spawn(stream(
-        sensor,
-        vec!["steady/s".into(), "moving/m".into()],
-        N,
-    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flow = tokio::spawn(stream(sensor, stop.clone()));
 
     // While both streams flow: others come and go, and `moving` gets new
     // queues, a new breaker and new settings (its worker is replaced; the
@@ -283,7 +310,7 @@ async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
         ),
         format!(
             "{head}{steady}{}{}",
-            moving("config = { k = \"v\" }"),
+            moving("config = { mode = \"slow\", k = \"v\" }"),
             other("x2", "x2")
         ),
         format!("{head}{steady}{}", moving("limits = { queue = 2 }")),
@@ -292,18 +319,103 @@ async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
     for (i, step) in steps.iter().enumerate() {
         // Each change lands while the streams flow.
         let at = handled.snapshot().ok;
-        eventually("the stream advances", || handled.snapshot().ok >= at + 20).await;
+        eventually("the stream advances", || handled.snapshot().ok >= at + 10).await;
         let outcome = reload(&gw, &path, step).await;
         let (_, added, removed, updated) = applied(outcome);
         assert!(!updated.contains(&"steady".to_owned()), "step {i}");
         assert!(!added.contains(&"steady".to_owned()) && !removed.contains(&"steady".to_owned()));
     }
-    let during = handled.snapshot().ok;
-    eprintln!("changes done after {during} of {N} steady events");
-    expect_in_order(&mut echoes, &["steady/s", "moving/m"], N).await;
-    flow.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (steady_n, moving_n) = flow.await.unwrap();
+    expect_in_order(
+        &mut echoes,
+        &[("echo/steady/s", steady_n), ("slow/moving/m", moving_n)],
+    )
+    .await;
     let steady = gw.function_metrics("steady").unwrap().snapshot();
-    assert_eq!(steady.ok, N as u64, "{steady:?}");
+    assert_eq!(steady.ok, steady_n as u64, "{steady:?}");
     assert_eq!(gw.function_names(), ["steady", "moving"]);
     assert!(gw.shutdown(WAIT).await, "drains after the changes");
+}
+
+/// The real binary: `SIGHUP` starts a function on a gateway that had none
+/// (its trigger is subscribed from an empty set), and `SIGTERM` still
+/// drains and exits cleanly afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_starts_a_function_on_a_gateway_that_had_none() {
+    use crate::reload::{stderr_lines, wait_for_line};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let port = free_port();
+    let base = format!(
+        "[gateway]\nid = \"gw-hup\"\ndata_dir = \"data\"\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    std::fs::write(&path, &base).unwrap();
+    let mut child = std::process::Command::new(edgefn_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("EDGEFN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    wait_for_line(&lines, &["Gateway started."]);
+    let mut echoes = Subscriber::connect("127.0.0.1", port, &["echo/#"]).await;
+    let mut sensor = Publisher::connect("127.0.0.1", port).await;
+
+    std::fs::write(&path, format!("{base}{}", echo("f", r#"["f/#"]"#, ""))).unwrap();
+    signal(&child, "HUP");
+    // Both lines, in either order: the subscription may be acknowledged
+    // before the reload's own log line.
+    let (_, before) = wait_for_line(&lines, &["subscriptions acknowledged", "f/#"]);
+    let reloaded =
+        |l: &String| l.contains("Configuration reloaded.") && l.contains("added=[\"f\"]");
+    if !before.iter().any(reloaded) {
+        wait_for_line(&lines, &["Configuration reloaded.", "added=[\"f\"]"]);
+    }
+    round_trip(&mut sensor, &mut echoes, "f/1", "1").await;
+
+    signal(&child, "TERM");
+    let exited = tokio::task::spawn_blocking(move || child.wait());
+    let status = tokio::time::timeout(WAIT, exited)
+        .await
+        .expect("the gateway stops in time")
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// With an external broker (Mosquitto, acknowledgements when handled), a
+/// reload moves the subscription over: the removed function's filter is
+/// unsubscribed, the added one's subscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscription_follows_on_an_external_broker() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edgefn.toml");
+    let head = format!(
+        "[gateway]\nid = \"gw-funcset-ext\"\ndata_dir = \"data\"\n[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        broker.port
+    );
+    let gw = start(&path, &format!("{head}{}", echo("a", r#"["a/#"]"#, ""))).await;
+    assert!(gw.wait_subscribed(WAIT).await);
+    let mut echoes = Subscriber::connect("127.0.0.1", broker.port, &["echo/#"]).await;
+    let mut sensor = Publisher::connect("127.0.0.1", broker.port).await;
+    round_trip(&mut sensor, &mut echoes, "a/1", "1").await;
+
+    let next = format!("{head}{}", echo("c", r#"["c/#"]"#, ""));
+    let (_, added, removed, _) = applied(reload(&gw, &path, &next).await);
+    assert_eq!((added, removed), (vec!["c".into()], vec!["a".into()]));
+    assert!(gw.wait_subscribed(WAIT).await, "c/# acknowledged");
+    // `a/2` is no longer delivered at all: unsubscribed, it would otherwise
+    // reach the gateway before `c/1` (one session, in order) and count as
+    // unmatched.
+    sensor.publish("a/2", "2").await;
+    round_trip(&mut sensor, &mut echoes, "c/1", "1").await;
+    assert_eq!(gw.metrics().unmatched.load(Ordering::Relaxed), 0);
+    assert_eq!(gw.function_metrics("c").unwrap().snapshot().ok, 1);
+    assert!(gw.shutdown(WAIT).await);
 }

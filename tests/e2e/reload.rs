@@ -168,7 +168,7 @@ async fn a_change_that_needs_a_restart_is_reported_at_every_reload() {
 }
 
 /// Lines of a child's stderr, read on a thread.
-fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+pub(crate) fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -185,7 +185,7 @@ fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<St
 
 /// Waits (up to [`WAIT`]) for a line containing every one of `parts`;
 /// returns the lines before it too.
-fn wait_for_line(
+pub(crate) fn wait_for_line(
     lines: &std::sync::mpsc::Receiver<String>,
     parts: &[&str],
 ) -> (String, Vec<String>) {

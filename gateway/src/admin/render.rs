@@ -478,7 +478,7 @@ fn reloads(out: &mut String, state: &AdminState) {
         out,
         "edgefn_reloads_total",
         "counter",
-        "Configuration reloads (SIGHUP) by result: applied, refused (functions named sinks or serial ports the running gateway lacks) or failed (invalid configuration).",
+        "Configuration reloads (SIGHUP) by result: applied, refused (functions named sinks or serial ports the running gateway lacks, or an added or changed function failed to load) or failed (invalid configuration).",
     )
     .sample(&[("result", "applied")], get(&m.reloads_applied))
     .sample(&[("result", "refused")], get(&m.reloads_refused))

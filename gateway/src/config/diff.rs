@@ -291,4 +291,31 @@ mod tests {
         assert!(problems[0].contains("sink `cloud2`"), "{problems:?}");
         assert!(missing_targets(&new, &new).is_empty());
     }
+
+    #[test]
+    fn function_changes_and_the_derived_pool_size_need_no_restart() {
+        let f = |name: &str, topic: &str, queue: usize| {
+            format!(
+                "[[functions]]\nname = \"{name}\"\ncomponent = \"/tmp/f.wasm\"\ntriggers = [\"{topic}/#\"]\nlimits = {{ queue = {queue} }}\n"
+            )
+        };
+        let many: String = (0..40).map(|i| f(&format!("g{i}"), "g", 10)).collect();
+        let running = parse(&(f("a", "a", 10) + &f("b", "b", 10)));
+        let new = parse(&(f("a", "a2", 20) + &f("c", "c", 10) + &many));
+        assert_ne!(running.runtime.pool_instances, new.runtime.pool_instances);
+        assert!(
+            restart_needed(&running, &new).is_empty(),
+            "{:?}",
+            restart_needed(&running, &new)
+        );
+        let fixed = parse(&format!(
+            "[runtime]\npool_instances = 5\n{}",
+            f("a", "a", 10)
+        ));
+        let found: Vec<String> = restart_needed(&running, &fixed)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(found, ["runtime.pool_instances changed"]);
+    }
 }

@@ -82,7 +82,9 @@ pub struct RuntimeSettings {
     #[serde(default = "default_true")]
     pub pooling: bool,
     /// Instance slots in the pool. Default: 2 per function plus 8 (a warm
-    /// instance, a reload candidate, and room for `edgefn invoke`).
+    /// instance, a reload candidate, and room for `edgefn invoke`), at
+    /// least 64 so a reload can add functions (a slot reserves address
+    /// space, not memory).
     #[serde(default)]
     pub pool_instances: Option<u32>,
     /// The largest linear memory any function may have, in MiB: the size of

@@ -222,10 +222,14 @@ fn pool_config(spec: &RuntimeSpec) -> PoolingAllocationConfig {
     let keep = if scan { 1024 * 1024 } else { 64 * 1024 };
     let mut pool = PoolingAllocationConfig::new();
     // A wasip2 component holds several core instances (the program and the
-    // WASI adapter shims), each with at most one memory and a few tables.
+    // WASI adapter shims), each with at most one memory and a few tables;
+    // only the program defines a memory (one per guest built from
+    // functions/), so a slot is one instance with one memory: 64 slots of
+    // 64 MiB reserve 4 GiB of address space and no resident memory. A
+    // component defining more memories takes more than one slot's share.
     pool.total_component_instances(slots)
         .total_core_instances(slots.saturating_mul(16))
-        .total_memories(slots.saturating_mul(2))
+        .total_memories(slots)
         .total_tables(slots.saturating_mul(8))
         .max_memories_per_module(1)
         .max_tables_per_module(4)

@@ -105,6 +105,7 @@ pub struct Gateway {
     sinks: Vec<crate::admin::Named<DeliveryStats>>,
     sources: Vec<crate::admin::Named<SourceStats>>,
     reloader: Arc<Reloader>,
+    subscriptions: Subscriptions,
     pooling: bool,
     admin: Option<SocketAddr>,
     progress: Arc<Progress>,
@@ -112,7 +113,35 @@ pub struct Gateway {
     fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
+/// The function set's subscriptions and the MQTT source's acknowledged
+/// ones.
+struct Subscriptions {
+    /// Weak: the gateway must not keep the queues open past the drain.
+    router: std::sync::Weak<crate::router::Router>,
+    live: tokio::sync::watch::Receiver<Vec<String>>,
+}
+
 impl Gateway {
+    /// Waits up to `timeout` until the MQTT source's subscriptions on the
+    /// broker are exactly the current function set's (after a reload that
+    /// changed them: the new filters subscribed and the stale ones
+    /// unsubscribed, both acknowledged); returns whether they are.
+    pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
+        let Some(want) = self
+            .subscriptions
+            .router
+            .upgrade()
+            .map(|r| r.subscriptions())
+        else {
+            return false;
+        };
+        let mut live = self.subscriptions.live.clone();
+        matches!(
+            tokio::time::timeout(timeout, live.wait_for(|l| *l == want)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Waits up to `timeout` until the MQTT source is connected and
     /// subscribed; returns whether it is.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {

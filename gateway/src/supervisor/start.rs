@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Gateway, START_READY_WAIT, StartError, load_functions, loopback_for};
+use super::{Gateway, START_READY_WAIT, StartError, Subscriptions, load_functions, loopback_for};
 use crate::admin::{AdminState, Named};
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
 use crate::metrics::{FunctionTable, GatewayMetrics};
@@ -85,7 +85,8 @@ impl Gateway {
             data_dir: config.data_dir.clone(),
         };
         let sources = build_sources(config, &env, &ctx)?;
-        let mqtt_source = mqtt_source(config, &local, &ctx)?;
+        let (live_tx, live) = tokio::sync::watch::channel(Vec::new());
+        let mqtt_source = mqtt_source(config, &local, &ctx, Arc::new(live_tx))?;
 
         // Start: publisher, sinks, workers, sources.
         let tracker = TaskTracker::new();
@@ -125,6 +126,10 @@ impl Gateway {
             .run(),
         );
         let router = Arc::downgrade(&ctx.router);
+        let subscriptions = Subscriptions {
+            router: router.clone(),
+            live,
+        };
         tracker.spawn(mqtt_source.run(ctx));
 
         let pooling = runtime.pooling();
@@ -166,6 +171,7 @@ impl Gateway {
             sinks: sink_stats,
             sources: source_stats,
             reloader,
+            subscriptions,
             pooling,
             admin: None,
             progress,
@@ -273,6 +279,7 @@ fn mqtt_source(
     config: &ValidConfig,
     local: &MqttEndpoint,
     ctx: &SourceContext,
+    live: Arc<tokio::sync::watch::Sender<Vec<String>>>,
 ) -> Result<MqttSource, SourceError> {
     let ack = match config.broker {
         Broker::Embedded { .. } => AckPoint::Queued,
@@ -283,6 +290,7 @@ fn mqtt_source(
             endpoint: local.clone(),
             keep_alive: config.source_keep_alive,
             ack,
+            live,
         },
         ctx,
     )

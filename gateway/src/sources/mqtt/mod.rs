@@ -81,6 +81,10 @@ pub struct MqttSourceConfig {
     pub keep_alive: Duration,
     /// When a message is acknowledged.
     pub ack: AckPoint,
+    /// The subscriptions the broker has acknowledged on the current
+    /// connection (empty while disconnected), so a caller can wait until a
+    /// changed function set's triggers are live.
+    pub live: Arc<watch::Sender<Vec<String>>>,
 }
 
 /// When the source acknowledges a message to the broker.
@@ -106,6 +110,10 @@ pub struct MqttSource {
     /// Filters no longer needed, unsubscribed once the broker has
     /// acknowledged the new ones.
     stale: Vec<String>,
+    /// SUBSCRIBE requests of this connection not yet acknowledged.
+    unacked: usize,
+    /// See [`MqttSourceConfig::live`].
+    live: Arc<watch::Sender<Vec<String>>>,
     ack_point: AckPoint,
 }
 
@@ -125,6 +133,8 @@ impl Source for MqttSource {
             filters,
             subs: Some(subs),
             stale: Vec::new(),
+            unacked: 0,
+            live: config.live,
             ack_point: config.ack,
         })
     }
@@ -176,13 +186,15 @@ impl Source for MqttSource {
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     ctx.ready.send_replace(true);
-                    self.unsubscribe_stale();
+                    self.acknowledged();
                 }
+                Ok(MqttEvent::Incoming(Packet::UnsubAck(_))) => self.acknowledged(),
                 Ok(_) => {}
                 Err(e) => {
                     // Acks of this connection's messages are void now.
                     intaker.connection_lost();
                     ctx.ready.send_replace(false);
+                    self.live.send_replace(Vec::new());
                     if intaker.stopped() {
                         break;
                     }
@@ -247,7 +259,9 @@ impl MqttSource {
         self.stale.retain(|f| !next.contains(f));
         self.filters = next;
         if added.is_empty() {
-            self.unsubscribe_stale();
+            if self.unacked == 0 {
+                self.unsubscribe_stale();
+            }
             return;
         }
         let subs = added
@@ -255,11 +269,28 @@ impl MqttSource {
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
         match self.client.try_subscribe_many(subs) {
             Ok(()) => {
+                self.unacked += 1;
                 tracing::info!(added = ?added, stale = ?self.stale, "MQTT source: the function set changed; subscribing to the new filters.");
             }
             Err(e) => {
                 tracing::error!(error = %e, "MQTT source could not subscribe to the new filters.");
             }
+        }
+    }
+
+    /// A SUBACK or UNSUBACK: once every SUBSCRIBE of this connection is
+    /// acknowledged the stale filters go, and once those are acknowledged
+    /// too the broker's subscriptions are exactly the current filters.
+    fn acknowledged(&mut self) {
+        self.unacked = self.unacked.saturating_sub(1);
+        if self.unacked == 0 {
+            self.unsubscribe_stale();
+        }
+        if self.unacked == 0 {
+            if self.live.borrow().as_slice() != self.filters.as_slice() {
+                tracing::info!(filters = ?self.filters, "MQTT source: subscriptions acknowledged; every trigger is live.");
+            }
+            self.live.send_replace(self.filters.clone());
         }
     }
 
@@ -269,23 +300,28 @@ impl MqttSource {
             if let Err(e) = self.client.try_unsubscribe(filter.clone()) {
                 tracing::warn!(filter = %filter, error = %e, "MQTT source could not unsubscribe.");
             } else {
+                self.unacked += 1;
                 tracing::info!(filter = %filter, "MQTT source: unsubscribed a filter no function needs any more.");
             }
         }
     }
 
     /// Subscribes to the triggers after a CONNACK.
-    fn subscribe(&self, ready: &watch::Sender<bool>, session_present: bool) {
+    fn subscribe(&mut self, ready: &watch::Sender<bool>, session_present: bool) {
+        // A new connection: earlier requests are void.
+        self.unacked = 0;
         let subs = self
             .filters
             .iter()
             .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
         if self.filters.is_empty() {
             ready.send_replace(true);
+            self.live.send_replace(Vec::new());
             tracing::info!("MQTT source connected; no function has a trigger.");
         } else if let Err(e) = self.client.try_subscribe_many(subs) {
             tracing::error!(error = %e, "MQTT source could not subscribe.");
         } else {
+            self.unacked = 1;
             tracing::info!(filters = ?self.filters, session_present, "MQTT source connected and subscribing.");
         }
     }
