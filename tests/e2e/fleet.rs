@@ -114,18 +114,22 @@ impl Board {
         (status, serde_json::from_str(&text).unwrap_or_default())
     }
 
-    /// The function names the admin endpoint lists.
-    async fn functions(&self) -> Vec<String> {
-        let list = reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/functions", self.admin))
+    /// `GET path` on the admin endpoint, with the token.
+    async fn get(&self, path: &str) -> String {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}{path}", self.admin))
             .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+            .unwrap()
+    }
+
+    /// The function names the admin endpoint lists.
+    async fn functions(&self) -> Vec<String> {
+        let list: serde_json::Value = serde_json::from_str(&self.get("/functions").await).unwrap();
         let mut names: Vec<String> = list
             .as_array()
             .unwrap()
@@ -395,6 +399,21 @@ async fn tampered_and_unknown_key_bundles_are_refused_and_reported() {
     let (status, body) = fleet.boards[0].put_bundle(&good, false).await;
     assert_eq!(status, 200, "{body:#}");
     assert!(fleet.boards[0].echoes("good").await);
+    let metrics = fleet.boards[0].get("/metrics").await;
+    assert!(
+        metrics.contains("edgefn_fleet_bundle_version 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edgefn_fleet_bundles_total{result=\"applied\"} 1\n"),
+        "{metrics}"
+    );
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edgefn_fleet_bundles_total{result=\"refused\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 3, "{metrics}");
 }
 
 /// A gateway stopped during the deploy converges after it starts again.

@@ -167,6 +167,9 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     )
     .sample(&[], get(&m.broker_skips));
     broker_access(&mut out, m);
+    if let Some(f) = &state.fleet {
+        fleet(&mut out, f);
+    }
 
     // Functions.
     let per_function = |out: &mut String, name, kind: &str, help, value: &dyn Fn(&_) -> u64| {
@@ -513,6 +516,27 @@ pub fn functions_json(state: &AdminState) -> String {
         })
         .collect();
     serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The fleet agent: the running bundle's version, bundles applied and
+/// refused.
+fn fleet(out: &mut String, f: &crate::fleet::Fleet) {
+    let report = f.report();
+    Family::new(
+        out,
+        "edgefn_fleet_bundle_version",
+        "gauge",
+        "Version of the fleet bundle that runs; 0 = the configuration file's functions only.",
+    )
+    .sample(&[], report.bundle.map_or(0, |b| b.version));
+    Family::new(
+        out,
+        "edgefn_fleet_bundles_total",
+        "counter",
+        "Fleet bundles switched to (applied) and bundles or desired documents refused since start.",
+    )
+    .sample(&[("result", "applied")], f.applied.load(Ordering::Relaxed))
+    .sample(&[("result", "refused")], f.refused.load(Ordering::Relaxed));
 }
 
 /// The embedded broker's logins and refusals (through its guard).

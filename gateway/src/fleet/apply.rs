@@ -9,6 +9,7 @@
 //! the report, and the old set keeps running.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -108,6 +109,10 @@ pub struct Fleet {
     pub(crate) functions: FunctionsView,
     /// Wakes the reporter after a change.
     pub(crate) changed: Notify,
+    /// Bundles (or "no bundle" states) switched to.
+    pub applied: AtomicU64,
+    /// Bundles and desired documents refused.
+    pub refused: AtomicU64,
 }
 
 pub(crate) use crate::event::now_ms;
@@ -137,6 +142,8 @@ impl Fleet {
             applying: tokio::sync::Mutex::new(()),
             functions,
             changed: Notify::new(),
+            applied: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -398,8 +405,14 @@ impl Fleet {
     fn settle(&self, result: &Result<Applied, Refused>) {
         let mut state = self.state();
         match result {
-            Ok(_) => state.phase = ReportState::Running,
+            Ok(done) => {
+                state.phase = ReportState::Running;
+                if matches!(done, Applied::Switched { .. }) {
+                    self.applied.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Err(r) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(bundle = %r.sha256.as_deref().map_or("?", short), version = ?r.version, reason = %r.reason, "Fleet: bundle refused; the running set stays.");
                 state.phase = ReportState::Refused;
                 state.last_refusal = Some(Refusal {
