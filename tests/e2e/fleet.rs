@@ -496,6 +496,67 @@ async fn bundle_functions_live_beside_the_files_and_survive_sighup() {
     );
 }
 
+/// A replayed desired document, even a forced one, cannot roll a gateway
+/// back: not after a later deploy, not after a bundle came by `PUT /bundle`,
+/// not after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_forced_desired_document_is_refused() {
+    let Some(mut fleet) = Fleet::new(&["gw-r"]) else {
+        return;
+    };
+    fleet.boards[0].start();
+    let key = fleet.key.clone();
+    let v1 = fleet.bundle("v1", 1, &relay("echo"), &key);
+    fleet.deploy(&v1, "gw-r", &["--force"]).success();
+    // What anyone with the broker's read rights can record.
+    let desired = "edgefn/fleet/gw-r/desired";
+    let mut recorder = Subscriber::connect("127.0.0.1", fleet.cloud.port, &[desired]).await;
+    let (_, recorded) = recorder.next().await;
+    drop(recorder);
+    let v2 = fleet.bundle("v2", 2, &relay("echo"), &key);
+    fleet.deploy(&v2, "gw-r", &[]).success();
+    let v3 = fleet.bundle("v3", 3, &relay("echo"), &key);
+    let (status, body) = fleet.boards[0].put_bundle(&v3, false).await;
+    assert_eq!(status, 200, "{body:#}");
+
+    // After a restart the retained (already applied) v2 document comes
+    // again: the bundle put since then stays.
+    fleet.boards[0].kill();
+    fleet.boards[0].start();
+    let mut attacker = Publisher::connect("127.0.0.1", fleet.cloud.port).await;
+    attacker.publish(desired, recorded).await;
+    let r = fleet
+        .reported("gw-r", |r| {
+            r["last_refusal"]["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("older than one already applied"))
+        })
+        .await;
+    assert_eq!(version_of(&r), Some(3), "{r:#}");
+    assert_eq!(r["last_refusal"]["version"], 1, "{r:#}");
+}
+
+/// Without `admin.token`, `PUT /bundle` is refused (reading the metrics on
+/// loopback needs no token; changing what runs does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_bundle_needs_the_admin_token() {
+    let Some(mut fleet) = Fleet::new(&["gw-n"]) else {
+        return;
+    };
+    let path = fleet.boards[0].dir.join("edgefn.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace(&format!("token = \"{TOKEN}\"\n"), "")).unwrap();
+    fleet.boards[0].start();
+    let key = fleet.key.clone();
+    let v1 = fleet.bundle("v1", 1, &relay("echo"), &key);
+    let (status, body) = fleet.boards[0].put_bundle(&v1, false).await;
+    assert_eq!(status, 403, "{body:#}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("admin.token"),
+        "{body:#}"
+    );
+}
+
 /// Ten functions counting their events in durable state.
 fn counters(mode: &str, n: usize) -> String {
     (0..n)

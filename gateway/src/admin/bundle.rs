@@ -4,7 +4,8 @@
 //! `?force=true` accepts a bundle older than the running one (a rollback on
 //! purpose). Replies `200` with what changed, `422` with the reason for a
 //! refused bundle, `413` for a body over `fleet.max_bundle_bytes`, `404`
-//! without a `[fleet]` section.
+//! without a `[fleet]` section, `403` without an `admin.token` (changing
+//! what runs always takes the token, also on loopback).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,14 @@ pub(super) async fn put(state: Arc<AdminState>, req: Request<Incoming>) -> Reply
             "this gateway has no [fleet] section: it accepts no bundles".to_owned(),
         );
     };
+    // Changing what runs takes the token, also on loopback, where reading
+    // the metrics does not.
+    if state.token.is_none() {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "PUT /bundle needs admin.token to be set: anyone who can reach this port could otherwise deploy".to_owned(),
+        );
+    }
     let force = forced(req.uri().query());
     let max = usize::try_from(fleet.spec.max_bundle_bytes).unwrap_or(usize::MAX);
     let body = Limited::new(req.into_body(), max);
@@ -78,6 +87,7 @@ pub(super) async fn put(state: Arc<AdminState>, req: Request<Incoming>) -> Reply
     let opts = ApplyOptions {
         force,
         issued_ms: None,
+        expect_version: None,
     };
     match fleet.apply_bundle(bytes.to_vec(), opts).await {
         Ok(Applied::AlreadyRunning { version }) => json(

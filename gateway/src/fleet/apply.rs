@@ -32,6 +32,8 @@ pub struct ApplyOptions {
     pub force: bool,
     /// The desired document's issue time, when it came from the cloud.
     pub issued_ms: Option<u64>,
+    /// The version the desired document announced for the bundle.
+    pub expect_version: Option<u64>,
 }
 
 /// What an accepted bundle did.
@@ -92,6 +94,10 @@ pub(crate) struct State {
     pub(crate) last_refusal: Option<Refusal>,
     pub(crate) last_error: Option<String>,
     pub(crate) phase: ReportState,
+    /// The newest desired document's issue time ever applied (kept in
+    /// `current.json`, never lowered, also when a bundle is applied by
+    /// `PUT /bundle` or left out at start): older documents are replays.
+    pub(crate) issued_mark: u64,
 }
 
 /// The fleet agent's core, shared by the cloud link and `PUT /bundle`.
@@ -128,6 +134,7 @@ impl Fleet {
             current: boot.current,
             tables: boot.tables,
             names: boot.names,
+            issued_mark: boot.issued_mark,
             ..State::default()
         };
         state.last_error = boot.error;
@@ -218,46 +225,15 @@ impl Fleet {
     }
 
     async fn apply_locked(&self, bytes: Vec<u8>, opts: ApplyOptions) -> Result<Applied, Refused> {
-        let trusted = self.spec.trusted_keys.clone();
-        let limits = BundleLimits {
-            max_bytes: self.spec.max_bundle_bytes,
-        };
-        let store = self.store.clone();
-        let target = self.target.clone();
-        // Hashing and fsync: off the reactor.
-        let bundle = tokio::task::spawn_blocking(move || {
-            let bundle = Bundle::open(&bytes, &trusted, &limits).map_err(|e| {
-                // Name what was refused when it can be read at all.
-                let read = Bundle::inspect(&bytes, &limits).ok();
-                Refused::new(
-                    read.as_ref().map(|(_, sha, _)| sha.clone()),
-                    read.as_ref().map(|(m, _, _)| m.version),
-                    e.to_string(),
-                )
-            })?;
-            let refuse = |e: &dyn std::fmt::Display| {
-                Refused::new(
-                    Some(bundle.sha256.clone()),
-                    Some(bundle.manifest.version),
-                    e.to_string(),
-                )
-            };
-            store
-                .save_bundle(&bundle.sha256, &bytes)
-                .map_err(|e| refuse(&e))?;
-            store
-                .write_components(&bundle, target.as_deref())
-                .map_err(|e| refuse(&e))?;
-            Ok::<_, Refused>(bundle)
-        })
-        .await
-        .map_err(|e| Refused::new(None, None, format!("applying failed in the host: {e}")))??;
+        let (bundle, bytes) = self.open(bytes, opts).await?;
         let sha = bundle.sha256.clone();
         let version = bundle.manifest.version;
         let refuse = |reason: String| Refused::new(Some(sha.clone()), Some(version), reason);
+        // Before anything is written: a replayed old bundle costs no disk.
         if let Some(done) = self.check_version(&bundle, opts)? {
             return Ok(done);
         }
+        let bundle = self.keep(bundle, bytes).await?;
         tracing::info!(bundle = %short(&sha), version, force = opts.force, "Fleet: applying bundle.");
         let dir = self.store.components_dir();
         let mut attempt = self.target.clone();
@@ -285,6 +261,73 @@ impl Fleet {
         }
     }
 
+    /// Verifies `bytes` (size, format, signature, hashes) off the reactor,
+    /// and that it is the version the desired state announced.
+    async fn open(&self, bytes: Vec<u8>, opts: ApplyOptions) -> Result<(Bundle, Vec<u8>), Refused> {
+        let trusted = self.spec.trusted_keys.clone();
+        let limits = BundleLimits {
+            max_bytes: self.spec.max_bundle_bytes,
+        };
+        let (bundle, bytes) = tokio::task::spawn_blocking(move || {
+            match Bundle::open(&bytes, &trusted, &limits) {
+                Ok(b) => Ok((b, bytes)),
+                Err(e) => {
+                    // Name what was refused when it can be read at all.
+                    let read = Bundle::inspect(&bytes, &limits).ok();
+                    Err(Refused::new(
+                        read.as_ref().map(|(_, sha, _)| sha.clone()),
+                        read.as_ref().map(|(m, _, _)| m.version),
+                        e.to_string(),
+                    ))
+                }
+            }
+        })
+        .await
+        .map_err(|e| Refused::new(None, None, format!("verifying failed in the host: {e}")))??;
+        let version = bundle.manifest.version;
+        match opts.expect_version {
+            Some(announced) if announced != version => Err(Refused::new(
+                Some(bundle.sha256.clone()),
+                Some(version),
+                format!(
+                    "the desired state announces version {announced}, the bundle is version {version}"
+                ),
+            )),
+            _ => Ok((bundle, bytes)),
+        }
+    }
+
+    /// Stores the bundle and its components (the precompiled ones for this
+    /// machine and the portable ones they fall back to) in
+    /// `data_dir/fleet/`, off the reactor.
+    async fn keep(&self, bundle: Bundle, bytes: Vec<u8>) -> Result<Bundle, Refused> {
+        let store = self.store.clone();
+        let target = self.target.clone();
+        tokio::task::spawn_blocking(move || {
+            let refuse = |e: &dyn std::fmt::Display| {
+                Refused::new(
+                    Some(bundle.sha256.clone()),
+                    Some(bundle.manifest.version),
+                    e.to_string(),
+                )
+            };
+            store
+                .save_bundle(&bundle.sha256, &bytes)
+                .map_err(|e| refuse(&e))?;
+            store
+                .write_components(&bundle, target.as_deref())
+                .map_err(|e| refuse(&e))?;
+            if uses_precompiled(&bundle, target.as_deref()) {
+                store
+                    .write_components(&bundle, None)
+                    .map_err(|e| refuse(&e))?;
+            }
+            Ok(bundle)
+        })
+        .await
+        .map_err(|e| Refused::new(None, None, format!("storing failed in the host: {e}")))?
+    }
+
     /// `Some` when nothing is to be done; a refusal for an older (or
     /// conflicting) version unless forced.
     fn check_version(
@@ -306,6 +349,7 @@ impl Fleet {
                     ..current
                 };
                 if self.store.set_current(&next).is_ok() {
+                    state.issued_mark = issued;
                     state.current = Some(next);
                 }
             }
@@ -359,7 +403,7 @@ impl Fleet {
             sha256: sha.clone(),
             version,
             applied_ms: now_ms(),
-            issued_ms,
+            issued_ms: issued_ms.max(self.state().issued_mark),
         };
         // The switch has happened: from here on, failing to record it only
         // means that a restart comes back to the previous set (and the
@@ -382,6 +426,7 @@ impl Fleet {
         }
         let baseline = Baseline::take(&(self.functions)(), &names);
         let mut state = self.state();
+        state.issued_mark = current.issued_ms;
         state.current = Some(current);
         state.tables = tables;
         state.names = names;

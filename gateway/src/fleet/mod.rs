@@ -50,6 +50,8 @@ pub struct Boot {
     pub(crate) names: Vec<String>,
     /// Why the recorded bundle was not loaded.
     pub(crate) error: Option<String>,
+    /// The newest desired document applied (see `apply::State`).
+    pub(crate) issued_mark: u64,
 }
 
 impl Boot {
@@ -58,10 +60,20 @@ impl Boot {
         !self.tables.is_empty()
     }
 
+    /// The start configuration with the bundle's portable components (its
+    /// precompiled ones did not load: built for other engine settings).
+    pub(crate) fn portable(&mut self) -> Option<ValidConfig> {
+        if self.tables.is_empty() {
+            return None;
+        }
+        let (_, tables, merged) = load_current(self, None).ok().flatten()?;
+        self.tables = tables;
+        Some(merged)
+    }
+
     /// Starts without the bundle (its functions did not load): the file's
-    /// configuration, and `reason` for the report. What is recorded as
-    /// applied stays, so the cloud's desired state is not re-applied over it
-    /// until a newer one comes.
+    /// configuration, and `reason` for the report. The replay mark stays,
+    /// so no desired document older than the one applied is taken.
     pub(crate) fn forget_bundle(&mut self, reason: String) -> ValidConfig {
         self.tables.clear();
         self.names.clear();
@@ -127,8 +139,16 @@ pub fn boot(config: &ValidConfig) -> Result<Option<(ValidConfig, Boot)>, BootErr
         tables: Vec::new(),
         names: Vec::new(),
         error: None,
+        issued_mark: 0,
     };
-    let merged = match load_current(&boot) {
+    // The replay mark survives a bundle that is left out below.
+    boot.issued_mark = boot
+        .store
+        .current()
+        .ok()
+        .flatten()
+        .map_or(0, |c| c.issued_ms);
+    let merged = match load_current(&boot, bundle::host_target().as_deref()) {
         Ok(None) => config.clone(),
         Ok(Some((current, tables, merged))) => {
             boot.names = tables
@@ -150,7 +170,9 @@ pub fn boot(config: &ValidConfig) -> Result<Option<(ValidConfig, Boot)>, BootErr
 
 type Loaded = (Current, Vec<toml::Value>, ValidConfig);
 
-fn load_current(boot: &Boot) -> Result<Option<Loaded>, String> {
+/// The recorded bundle's functions, with the precompiled components for
+/// `target` where the bundle has them.
+fn load_current(boot: &Boot, target: Option<&str>) -> Result<Option<Loaded>, String> {
     let current = boot.store.current().map_err(|e| e.to_string())?;
     let Some(current) = current else {
         return Ok(None);
@@ -168,12 +190,11 @@ fn load_current(boot: &Boot) -> Result<Option<Loaded>, String> {
     };
     let opened = bundle::Bundle::open(&bytes, &boot.spec.trusted_keys, &limits)
         .map_err(|e| format!("bundle {sha}: {e}"))?;
-    let target = bundle::host_target();
     boot.store
-        .write_components(&opened, target.as_deref())
+        .write_components(&opened, target)
         .map_err(|e| e.to_string())?;
     let tables = opened
-        .functions(&boot.store.components_dir(), target.as_deref())
+        .functions(&boot.store.components_dir(), target)
         .map_err(|e| e.to_string())?;
     let origin = PathBuf::from(format!(
         "bundle {} (version {})",

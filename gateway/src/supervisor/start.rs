@@ -385,17 +385,23 @@ async fn load_with_fallback(
     merged: ValidConfig,
     boot: Option<&mut crate::fleet::Boot>,
 ) -> Result<(ValidConfig, Vec<LoadedFunction>), StartError> {
-    match (load_all(runtime, &merged).await, boot) {
-        (Ok(loaded), _) => Ok((merged, loaded)),
-        (Err(e), Some(boot)) if boot.has_bundle() => {
-            let reason = e.to_string();
-            tracing::error!(%reason, "Fleet: the applied bundle's functions did not load; starting with the configuration file's functions.");
-            let base = boot.forget_bundle(reason);
-            let loaded = load_all(runtime, &base).await?;
-            Ok((base, loaded))
-        }
-        (Err(e), _) => Err(e),
+    let first = load_all(runtime, &merged).await;
+    let Some(boot) = boot.filter(|b| b.has_bundle() && first.is_err()) else {
+        return first.map(|loaded| (merged, loaded));
+    };
+    if let Some(portable) = boot.portable()
+        && let Ok(loaded) = load_all(runtime, &portable).await
+    {
+        tracing::warn!(
+            "Fleet: the bundle's precompiled components did not load; running its portable ones."
+        );
+        return Ok((portable, loaded));
     }
+    let reason = first.err().map(|e| e.to_string()).unwrap_or_default();
+    tracing::error!(%reason, "Fleet: the applied bundle's functions did not load; starting with the configuration file's functions.");
+    let base = boot.forget_bundle(reason);
+    let loaded = load_all(runtime, &base).await?;
+    Ok((base, loaded))
 }
 
 /// Every function of `config`, compiled or loaded from the cache on a
