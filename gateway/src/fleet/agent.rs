@@ -92,6 +92,7 @@ impl Fleet {
             sha256: sha.clone(),
             version,
             force: desired.force,
+            issued_ms: desired.issued_ms,
         });
         let Some(r) = desired.bundle else {
             let _ = self.apply_none(desired.issued_ms).await;

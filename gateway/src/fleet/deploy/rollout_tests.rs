@@ -250,6 +250,7 @@ fn canary_refusal_or_timeout_stops_the_rollout() {
         sha256: Some(NEW.into()),
         version: Some(2),
         force: false,
+        issued_ms: 0,
     });
     failed.last_error = Some("bundle aa: 1 of 1 chunks missing".into());
     r.on_report(failed, t0);
