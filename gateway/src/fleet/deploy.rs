@@ -289,7 +289,7 @@ async fn run(
         max_failure_rate: args.max_failure_rate,
     };
     let (mut rollout, actions) = Rollout::new(plan, baseline, rollback, std::time::Instant::now());
-    perform(&mut cloud, key, issued_floor, actions, out).await?;
+    perform(&mut cloud, key, issued_floor, &others, actions, out).await?;
     loop {
         if let Some(outcome) = rollout.outcome() {
             return Ok(outcome.clone());
@@ -311,7 +311,7 @@ async fn run(
             },
             None => rollout.on_tick(std::time::Instant::now()),
         };
-        perform(&mut cloud, key, issued_floor, actions, out).await?;
+        perform(&mut cloud, key, issued_floor, &others, actions, out).await?;
     }
 }
 
@@ -371,12 +371,33 @@ async fn perform(
     cloud: &mut Cloud,
     key: &SigningKey,
     issued_floor: u64,
+    retained: &[(String, Vec<u8>)],
     actions: Vec<Action>,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     for action in actions {
         match action {
             Action::Say(line) => writeln!(out, "{line}")?,
+            Action::RestorePrevious { gateway } => {
+                // The document read before this deploy, unchanged (empty:
+                // there was none, and an empty retained message clears it).
+                let topic = topics::desired(&gateway);
+                let previous = retained
+                    .iter()
+                    .find(|(t, _)| *t == topic)
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_default();
+                let what = if previous.is_empty() {
+                    "cleared"
+                } else {
+                    "restored"
+                };
+                cloud
+                    .publish_retained(vec![(topic, previous)], CONNECT_WAIT)
+                    .await
+                    .context("restoring the previous desired document")?;
+                writeln!(out, "previous desired state {what} for {gateway}")?;
+            }
             Action::Publish {
                 gateways,
                 bundle,
