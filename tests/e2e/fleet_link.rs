@@ -237,7 +237,10 @@ async fn a_fetch_survives_a_broker_restart() {
     let r = bundle_ref(&bytes, 1, 1024).unwrap();
     let chunk = |i: u32| {
         let at = i as usize * 1024;
-        (topics::chunk(&r.sha256, i), bytes[at..at + 1024].to_vec())
+        (
+            topics::chunk(&r.sha256, 1024, i),
+            bytes[at..at + 1024].to_vec(),
+        )
     };
     // Half the chunks are there when the fetch starts.
     let mut deployer = cloud(broker.port).await;
@@ -329,4 +332,59 @@ fn status_and_deploy_connect_over_mutual_tls() {
     let (result, out) = status(false);
     let e = result.unwrap_err().to_string();
     assert!(e.starts_with("connecting to localhost:"), "{e} {out}");
+}
+
+#[tokio::test]
+async fn chunks_that_do_not_fit_are_dropped_not_fatal() {
+    let Some(broker) = Mosquitto::start() else {
+        return;
+    };
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    // The same bundle deployed twice: first in four 1 KiB chunks, then in
+    // two 2 KiB ones (its leftovers must not mix into the second fetch).
+    let small = bundle_ref(&bytes, 1, 1024).unwrap();
+    let large = bundle_ref(&bytes, 1, 2048).unwrap();
+    let mut deployer = cloud(broker.port).await;
+    publish_bundle(&mut deployer, &bytes, &small, WAIT)
+        .await
+        .unwrap();
+    // The second deploy's first chunk, and a retained chunk planted beyond
+    // the announced count.
+    let chunk = |i: u32| {
+        (
+            topics::chunk(&large.sha256, 2048, i),
+            bytes[i as usize * 2048..][..2048].to_vec(),
+        )
+    };
+    let planted = (topics::chunk(&large.sha256, 2048, 7), vec![0u8; 2048]);
+    deployer
+        .publish_retained(vec![chunk(0), planted], WAIT)
+        .await
+        .unwrap();
+
+    let (link, _desired, cancel) = start_link(broker.port, "gw1");
+    let fetch = tokio::spawn({
+        let (link, r) = (link.clone(), large.clone());
+        async move { link.fetch(&r, WAIT).await }
+    });
+    eventually("the planted chunk is dropped", || link.dropped() >= 1).await;
+    assert!(!fetch.is_finished(), "the fetch goes on");
+    deployer
+        .publish_retained(vec![chunk(1)], WAIT)
+        .await
+        .unwrap();
+    drop(deployer);
+    let fetched = fetch.await.unwrap().unwrap();
+    assert!(fetched == bytes, "the fetched bundle differs");
+    // The 1 KiB deploy still fetches on its own topics.
+    assert!(link.fetch(&small, WAIT).await.unwrap() == bytes);
+
+    // A planted right-size chunk with the wrong content: the whole is
+    // fetched again a few times, then refused with the hash named.
+    let mut deployer = cloud(broker.port).await;
+    let wrong = (topics::chunk(&large.sha256, 2048, 1), vec![1u8; 2048]);
+    deployer.publish_retained(vec![wrong], WAIT).await.unwrap();
+    let e = link.fetch(&large, WAIT).await.unwrap_err();
+    assert!(e.to_string().contains("announced"), "{e}");
+    cancel.cancel();
 }

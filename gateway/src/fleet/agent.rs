@@ -176,6 +176,7 @@ impl Fleet {
             sha256: sha,
             version,
             force: desired.force,
+            issued_ms: desired.issued_ms,
         });
         Some(desired)
     }

@@ -157,7 +157,8 @@ impl Assembly {
     }
 
     /// Takes chunk `index`; a duplicate is ignored. Returns whether every
-    /// chunk is now in.
+    /// chunk is now in. A chunk that does not fit (index out of range,
+    /// wrong size) is an error that changes nothing: the caller drops it.
     pub fn accept(&mut self, index: u32, payload: &[u8]) -> Result<bool, ChunkError> {
         let r = &self.r;
         if index >= r.chunks {
@@ -188,17 +189,21 @@ impl Assembly {
         Ok(self.missing == 0)
     }
 
-    /// The whole file, once every chunk is in and its hash matches.
-    pub fn finish(self) -> Result<Vec<u8>, ChunkError> {
+    /// The whole file, once every chunk is in and its hash matches. On a
+    /// mismatch every chunk is forgotten (the buffer is kept), so the
+    /// assembly can take the chunks again.
+    pub fn finish(&mut self) -> Result<Vec<u8>, ChunkError> {
         debug_assert_eq!(self.missing, 0);
         let got = sha256_hex(&self.buf);
         if got != self.r.sha256 {
+            self.have.fill(false);
+            self.missing = self.r.chunks;
             return Err(ChunkError::HashMismatch {
                 got,
-                want: self.r.sha256,
+                want: self.r.sha256.clone(),
             });
         }
-        Ok(self.buf)
+        Ok(std::mem::take(&mut self.buf))
     }
 }
 
@@ -327,5 +332,30 @@ mod tests {
             assemble(&other, &r),
             Err(ChunkError::HashMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn chunks_that_do_not_fit_change_nothing_and_a_mismatch_starts_over() {
+        let data = bytes(3000);
+        let r = bundle_ref(&data, 1, 1024).unwrap();
+        let mut a = Assembly::new(&r, 1 << 20).unwrap();
+        // Leftovers of a deploy with smaller chunks, a planted chunk.
+        assert!(a.accept(5, &data[..1024]).is_err());
+        assert!(a.accept(1, &data[..10]).is_err());
+        assert_eq!(a.missing(), 3);
+        // A right-size chunk with the wrong content: the whole is refused
+        // and the assembly takes every chunk again.
+        let mut bad = data[..1024].to_vec();
+        bad[0] ^= 1;
+        let chunks: Vec<_> = split(&data, &r).collect();
+        a.accept(0, &bad).unwrap();
+        a.accept(1, chunks[1].1).unwrap();
+        assert!(a.accept(2, chunks[2].1).unwrap());
+        assert!(matches!(a.finish(), Err(ChunkError::HashMismatch { .. })));
+        assert_eq!(a.missing(), 3);
+        for (i, c) in &chunks {
+            a.accept(*i, c).unwrap();
+        }
+        assert_eq!(a.finish().unwrap(), data);
     }
 }

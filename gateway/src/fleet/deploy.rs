@@ -268,7 +268,8 @@ async fn run(
     for g in args.gateways.iter().filter(|g| !baseline.contains_key(*g)) {
         writeln!(out, "{g}: not seen yet (no report); deploying anyway")?;
     }
-    let rollback = rollback_target(args.canary.as_deref(), &baseline, &others, key);
+    let rollback = rollback_target(args.canary.as_deref(), &r, &baseline, &others, key);
+    let issued_floor = issued_floor(&args.gateways, &baseline);
     cloud::publish_bundle(&mut cloud, bytes, &r, timeout.max(CONNECT_WAIT)).await?;
     writeln!(
         out,
@@ -288,7 +289,7 @@ async fn run(
         max_failure_rate: args.max_failure_rate,
     };
     let (mut rollout, actions) = Rollout::new(plan, baseline, rollback, std::time::Instant::now());
-    perform(&mut cloud, key, actions, out).await?;
+    perform(&mut cloud, key, issued_floor, &others, actions, out).await?;
     loop {
         if let Some(outcome) = rollout.outcome() {
             return Ok(outcome.clone());
@@ -310,14 +311,29 @@ async fn run(
             },
             None => rollout.on_tick(std::time::Instant::now()),
         };
-        perform(&mut cloud, key, actions, out).await?;
+        perform(&mut cloud, key, issued_floor, &others, actions, out).await?;
     }
+}
+
+/// The lowest `issued_ms` this deploy may use: one more than the newest
+/// desired document any target gateway reports having seen, so a deploy
+/// machine whose clock is behind another's is not taken for a replay.
+fn issued_floor(gateways: &[String], baseline: &BTreeMap<String, Reported>) -> u64 {
+    gateways
+        .iter()
+        .filter_map(|g| baseline.get(g)?.desired.as_ref())
+        .map(|d| d.issued_ms.saturating_add(1))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Where the canary goes back to: the bundle it reported before, as
 /// announced in its previous desired document (readable with this key).
+/// Unknown if the canary already ran the new bundle (`new`) before this
+/// deploy: going "back" to it would change nothing.
 fn rollback_target(
     canary: Option<&str>,
+    new: &BundleRef,
     baseline: &BTreeMap<String, Reported>,
     others: &[(String, Vec<u8>)],
     key: &SigningKey,
@@ -331,6 +347,9 @@ fn rollback_target(
     let Some(running) = &report.bundle else {
         return Rollback::To(None);
     };
+    if running.sha256 == new.sha256 {
+        return Rollback::Unknown("the canary already ran this bundle before this deploy".into());
+    }
     let topic = topics::desired(canary);
     let trusted = TrustedKeys(vec![key.public()]);
     let previous = others
@@ -351,12 +370,34 @@ fn rollback_target(
 async fn perform(
     cloud: &mut Cloud,
     key: &SigningKey,
+    issued_floor: u64,
+    retained: &[(String, Vec<u8>)],
     actions: Vec<Action>,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     for action in actions {
         match action {
             Action::Say(line) => writeln!(out, "{line}")?,
+            Action::RestorePrevious { gateway } => {
+                // The document read before this deploy, unchanged (empty:
+                // there was none, and an empty retained message clears it).
+                let topic = topics::desired(&gateway);
+                let previous = retained
+                    .iter()
+                    .find(|(t, _)| *t == topic)
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_default();
+                let what = if previous.is_empty() {
+                    "cleared"
+                } else {
+                    "restored"
+                };
+                cloud
+                    .publish_retained(vec![(topic, previous)], CONNECT_WAIT)
+                    .await
+                    .context("restoring the previous desired document")?;
+                writeln!(out, "previous desired state {what} for {gateway}")?;
+            }
             Action::Publish {
                 gateways,
                 bundle,
@@ -369,7 +410,7 @@ async fn perform(
                             gateway: g.clone(),
                             bundle: bundle.clone(),
                             force,
-                            issued_ms: status::now_ms(),
+                            issued_ms: status::now_ms().max(issued_floor),
                         };
                         (topics::desired(g), doc.sign(key))
                     })
@@ -429,4 +470,92 @@ fn report_outcome(
         failed.join(", ")
     )?;
     Ok(ExitCode::from(EXIT_ROLLOUT_FAILED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::report::{DesiredSummary, ReportState, RunningBundle};
+
+    fn bundle(sha: char, version: u64) -> BundleRef {
+        BundleRef::new(sha.to_string().repeat(64), version, 10, 1024)
+    }
+
+    fn report(gw: &str, running: Option<&BundleRef>, issued_ms: u64) -> Reported {
+        Reported {
+            gateway: gw.into(),
+            reported_ms: 1,
+            state: ReportState::Running,
+            bundle: running.map(|b| RunningBundle {
+                sha256: b.sha256.clone(),
+                version: b.version,
+                applied_ms: 1,
+            }),
+            desired: Some(DesiredSummary {
+                sha256: running.map(|b| b.sha256.clone()),
+                version: running.map(|b| b.version),
+                force: false,
+                issued_ms,
+            }),
+            functions: vec![],
+            since_apply: Default::default(),
+            last_refusal: None,
+            last_error: None,
+        }
+    }
+
+    fn key() -> SigningKey {
+        let dir = tempfile::tempdir().unwrap();
+        SigningKey::read(&super::super::keys::keygen(dir.path()).unwrap().0).unwrap()
+    }
+
+    fn desired_doc(gw: &str, b: &BundleRef, key: &SigningKey) -> (String, Vec<u8>) {
+        let doc = Desired {
+            gateway: gw.into(),
+            bundle: Some(b.clone()),
+            force: false,
+            issued_ms: 1,
+        };
+        (topics::desired(gw), doc.sign(key))
+    }
+
+    #[test]
+    fn rollback_is_the_previous_bundle_never_the_new_one() {
+        let key = key();
+        let (old, new) = (bundle('b', 1), bundle('a', 2));
+        let on_old = BTreeMap::from([("gw1".to_owned(), report("gw1", Some(&old), 1))]);
+        let others = vec![desired_doc("gw1", &old, &key)];
+        assert_eq!(
+            rollback_target(Some("gw1"), &new, &on_old, &others, &key),
+            Rollback::To(Some(old))
+        );
+        // A re-run after the canary already took the new bundle: its
+        // retained desired document names the new bundle.
+        let on_new = BTreeMap::from([("gw1".to_owned(), report("gw1", Some(&new), 1))]);
+        let others = vec![desired_doc("gw1", &new, &key)];
+        assert_eq!(
+            rollback_target(Some("gw1"), &new, &on_new, &others, &key),
+            Rollback::Unknown("the canary already ran this bundle before this deploy".into())
+        );
+    }
+
+    #[test]
+    fn issued_after_every_target_gateways_last_desired_document() {
+        let gws: Vec<String> = vec!["gw1".into(), "gw2".into()];
+        let b = bundle('a', 1);
+        // gw2 saw a document from a deploy machine whose clock is an hour
+        // ahead of ours; gw3 is not a target.
+        let ahead = status::now_ms() + 3_600_000;
+        let baseline = BTreeMap::from([
+            ("gw1".to_owned(), report("gw1", Some(&b), 5)),
+            ("gw2".to_owned(), report("gw2", Some(&b), ahead)),
+            ("gw3".to_owned(), report("gw3", Some(&b), u64::MAX - 1)),
+        ]);
+        let floor = issued_floor(&gws, &baseline);
+        assert_eq!(floor, ahead + 1);
+        assert!(status::now_ms().max(floor) > ahead);
+        assert_eq!(issued_floor(&gws, &BTreeMap::new()), 0);
+        let saturated = BTreeMap::from([("gw1".to_owned(), report("gw1", None, u64::MAX))]);
+        assert_eq!(issued_floor(&gws, &saturated), u64::MAX);
+    }
 }

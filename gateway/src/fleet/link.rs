@@ -30,6 +30,10 @@ const CHUNK_QUEUE: usize = 8;
 /// makes the broker send the retained chunks again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(5);
 
+/// Times a fetch whose assembled whole has the wrong sha256 starts over
+/// (re-subscribing: the retained chunks come again) before it fails.
+const HASH_RETRIES: u32 = 3;
+
 /// What the fleet connection needs.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
@@ -56,11 +60,13 @@ pub enum FetchError {
     },
     /// Not every chunk arrived in time.
     #[error(
-        "bundle {sha256}: {missing} of {chunks} chunks missing after {secs} s (are they published on edgefn/fleet/bundles/{sha256}/?)"
+        "bundle {sha256}: {missing} of {chunks} chunks missing after {secs} s (are they published on edgefn/fleet/bundles/{sha256}/{chunk_size}/?)"
     )]
     Timeout {
         /// The bundle.
         sha256: String,
+        /// Its chunk size (part of the chunk topics).
+        chunk_size: u32,
         /// Chunks not received.
         missing: u32,
         /// Chunks announced.
@@ -87,8 +93,8 @@ struct Shared {
     dropped: AtomicU64,
     /// The latest report; published on every (re)connect.
     report: watch::Sender<Option<Vec<u8>>>,
-    /// Fetches under way, by bundle hash.
-    fetches: Mutex<HashMap<String, ChunkSender>>,
+    /// Fetches under way, by bundle hash: their chunk size and queue.
+    fetches: Mutex<HashMap<String, (u32, ChunkSender)>>,
 }
 
 /// A handle on the fleet connection.
@@ -208,8 +214,8 @@ impl Shared {
             self.fetches
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .keys()
-                .map(|sha| topics::chunks_filter(sha)),
+                .iter()
+                .map(|(sha, (size, _))| topics::chunks_filter(sha, *size)),
         );
         for f in filters {
             if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
@@ -236,7 +242,7 @@ impl Shared {
             }
             return;
         }
-        let Some((sha, index)) = topics::parse_chunk(topic) else {
+        let Some((sha, size, index)) = topics::parse_chunk(topic) else {
             // Logged at 1, 2, 4, 8… so a flood cannot flood the log.
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
@@ -245,7 +251,11 @@ impl Shared {
             return;
         };
         let fetches = self.fetches.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(tx) = fetches.get(sha) else {
+        let Some(tx) = fetches
+            .get(sha)
+            .filter(|(s, _)| *s == size)
+            .map(|(_, tx)| tx)
+        else {
             // A chunk of a finished fetch (or a retained delivery racing the
             // unsubscription): nobody wants it.
             return;
@@ -261,6 +271,7 @@ impl Shared {
 struct FetchGuard<'a> {
     shared: &'a Shared,
     sha256: String,
+    chunk_size: u32,
 }
 
 impl Drop for FetchGuard<'_> {
@@ -273,16 +284,18 @@ impl Drop for FetchGuard<'_> {
         let _ = self
             .shared
             .client
-            .try_unsubscribe(topics::chunks_filter(&self.sha256));
+            .try_unsubscribe(topics::chunks_filter(&self.sha256, self.chunk_size));
     }
 }
 
 impl Link {
     /// Subscribes to the bundle's chunk topic, assembles exactly `chunks`
-    /// chunks of the announced sizes (anything else: a clear error: wrong
-    /// size, index out of range, total over `max_bundle_bytes`), checks the
-    /// sha256 of the whole, unsubscribes. Survives reconnects
-    /// (re-subscribes). Bounded by `timeout`.
+    /// chunks of the announced sizes, checks the sha256 of the whole,
+    /// unsubscribes. A chunk that does not fit the announcement (index out
+    /// of range, wrong size: leftovers or a planted message) is dropped and
+    /// counted; a whole with the wrong sha256 starts over (the retained
+    /// chunks come again) up to [`HASH_RETRIES`] times, then fails.
+    /// Survives reconnects (re-subscribes). Bounded by `timeout`.
     pub async fn fetch(&self, r: &BundleRef, timeout: Duration) -> Result<Vec<u8>, FetchError> {
         let chunk_error = |source| FetchError::Chunk {
             sha256: r.sha256.clone(),
@@ -294,12 +307,13 @@ impl Link {
             .fetches
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(r.sha256.clone(), tx);
+            .insert(r.sha256.clone(), (r.chunk_size, tx));
         let _guard = FetchGuard {
             shared: &self.shared,
             sha256: r.sha256.clone(),
+            chunk_size: r.chunk_size,
         };
-        let filter = topics::chunks_filter(&r.sha256);
+        let filter = topics::chunks_filter(&r.sha256, r.chunk_size);
         self.shared
             .client
             .subscribe(filter.clone(), QoS::AtLeastOnce)
@@ -308,13 +322,23 @@ impl Link {
         let deadline = now
             .checked_add(timeout)
             .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+        let mut retries = 0;
         loop {
             let quiet = tokio::time::sleep(RESUBSCRIBE_AFTER);
             tokio::select! {
                 chunk = rx.recv() => {
                     let Some((index, payload)) = chunk else { return Err(FetchError::Stopped) };
-                    if assembly.accept(index, &payload).map_err(chunk_error)? {
-                        return assembly.finish().map_err(chunk_error);
+                    if !self.take_chunk(&mut assembly, r, index, &payload) {
+                        continue;
+                    }
+                    match assembly.finish() {
+                        Ok(bytes) => return Ok(bytes),
+                        Err(e) if retries < HASH_RETRIES => {
+                            retries += 1;
+                            tracing::warn!(sha256 = %r.sha256, error = %e, retry = retries, "Assembled bundle has the wrong hash; fetching its chunks again.");
+                            self.shared.client.subscribe(filter.clone(), QoS::AtLeastOnce).await?;
+                        }
+                        Err(e) => return Err(chunk_error(e)),
                     }
                 }
                 _ = quiet => {
@@ -325,11 +349,34 @@ impl Link {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(FetchError::Timeout {
                         sha256: r.sha256.clone(),
+                        chunk_size: r.chunk_size,
                         missing: assembly.missing(),
                         chunks: r.chunks,
                         secs: timeout.as_secs(),
                     });
                 }
+            }
+        }
+    }
+
+    /// Adds a chunk to `assembly`; one that does not fit is dropped and
+    /// counted (logged at the 1st, 2nd, 4th… drop). Returns whether every
+    /// chunk is in.
+    fn take_chunk(
+        &self,
+        assembly: &mut Assembly,
+        r: &BundleRef,
+        index: u32,
+        payload: &[u8],
+    ) -> bool {
+        match assembly.accept(index, payload) {
+            Ok(complete) => complete,
+            Err(e) => {
+                let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(sha256 = %r.sha256, index, error = %e, dropped = n, "Chunk that does not fit the announced bundle dropped.");
+                }
+                false
             }
         }
     }
@@ -346,8 +393,8 @@ impl Link {
         self.shared.connected.load(Ordering::Relaxed)
     }
 
-    /// Messages dropped so far: unexpected topics, and chunks a fetch could
-    /// not take in time.
+    /// Messages dropped so far: unexpected topics, chunks a fetch could not
+    /// take in time, and chunks that do not fit the announced bundle.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }

@@ -86,6 +86,11 @@ pub struct DesiredSummary {
     /// Whether it was forced.
     #[serde(default)]
     pub force: bool,
+    /// When it was issued (ms since the epoch, the deploy machine's
+    /// clock): `edgefn deploy` issues later ones, whatever its own clock
+    /// says, so they are not refused as replays.
+    #[serde(default)]
+    pub issued_ms: u64,
 }
 
 /// One function's state.
@@ -163,6 +168,7 @@ mod tests {
                 sha256: Some("ab".into()),
                 version: Some(2),
                 force: false,
+                issued_ms: 0,
             }),
             functions: vec![FunctionReport {
                 name: "f".into(),

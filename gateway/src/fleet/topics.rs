@@ -1,8 +1,10 @@
 //! The fleet's MQTT topics (a contract between gateways and `edgefn deploy`):
 //!
 //! - `edgefn/fleet/<gateway>/desired`: retained, the signed desired document;
-//! - `edgefn/fleet/bundles/<sha256>/<index>`: retained, chunk `index` of a
-//!   bundle file;
+//! - `edgefn/fleet/bundles/<sha256>/<chunk_size>/<index>`: retained, chunk
+//!   `index` of a bundle file cut into chunks of `chunk_size` bytes (the
+//!   size in the topic keeps deploys of one bundle with different chunk
+//!   sizes apart);
 //! - `edgefn/fleet/<gateway>/reported`: retained, the gateway's JSON state.
 //!
 //! Gateway ids are validated names (letters, digits, `-`, `_`, `.`), so they
@@ -24,14 +26,16 @@ pub fn reported(gateway: &str) -> String {
     format!("edgefn/fleet/{gateway}/reported")
 }
 
-/// The topic of chunk `index` of the bundle with hash `sha256`.
-pub fn chunk(sha256: &str, index: u32) -> String {
-    format!("{BUNDLES}{sha256}/{index}")
+/// The topic of chunk `index` of the bundle with hash `sha256` cut into
+/// chunks of `chunk_size` bytes.
+pub fn chunk(sha256: &str, chunk_size: u32, index: u32) -> String {
+    format!("{BUNDLES}{sha256}/{chunk_size}/{index}")
 }
 
-/// The filter that matches every chunk of the bundle with hash `sha256`.
-pub fn chunks_filter(sha256: &str) -> String {
-    format!("{BUNDLES}{sha256}/+")
+/// The filter that matches every chunk of the bundle with hash `sha256`
+/// cut into chunks of `chunk_size` bytes.
+pub fn chunks_filter(sha256: &str, chunk_size: u32) -> String {
+    format!("{BUNDLES}{sha256}/{chunk_size}/+")
 }
 
 /// The gateway of a reported-state topic, if `topic` is one.
@@ -42,14 +46,20 @@ pub fn reported_gateway(topic: &str) -> Option<&str> {
     (!gw.is_empty() && !gw.contains('/')).then_some(gw)
 }
 
-/// The bundle hash and chunk index of a chunk topic; `None` if `topic` is
-/// not one (or its index is not a decimal `u32`).
-pub fn parse_chunk(topic: &str) -> Option<(&str, u32)> {
-    let (sha, index) = topic.strip_prefix(BUNDLES)?.split_once('/')?;
-    if sha.is_empty() || index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+/// The bundle hash, chunk size and chunk index of a chunk topic; `None` if
+/// `topic` is not one (or its size or index is not a decimal `u32`).
+pub fn parse_chunk(topic: &str) -> Option<(&str, u32, u32)> {
+    let (sha, rest) = topic.strip_prefix(BUNDLES)?.split_once('/')?;
+    let (size, index) = rest.split_once('/')?;
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    if sha.is_empty() {
         return None;
     }
-    Some((sha, index.parse().ok()?))
+    Some((sha, number(size)?, number(index)?))
 }
 
 /// Whether `gateway` is a valid gateway id (as `gateway.id` in the
@@ -74,17 +84,33 @@ mod tests {
         assert_eq!(reported_gateway(&reported("gw-1.a")), Some("gw-1.a"));
         assert_eq!(reported_gateway("edgefn/fleet/a/b/reported"), None);
         let sha = "ab".repeat(32);
-        assert_eq!(parse_chunk(&chunk(&sha, 7)), Some((sha.as_str(), 7)));
-        assert_eq!(chunks_filter(&sha), format!("edgefn/fleet/bundles/{sha}/+"));
-        assert_eq!(parse_chunk(&format!("edgefn/fleet/bundles/{sha}/-1")), None);
         assert_eq!(
-            parse_chunk(&format!("edgefn/fleet/bundles/{sha}/99999999999")),
-            None
+            chunk(&sha, 1024, 7),
+            format!("edgefn/fleet/bundles/{sha}/1024/7")
         );
         assert_eq!(
-            parse_chunk(&format!("edgefn/fleet/bundles/{sha}/1/2")),
-            None
+            parse_chunk(&chunk(&sha, 1024, 7)),
+            Some((sha.as_str(), 1024, 7))
         );
+        assert_eq!(
+            chunks_filter(&sha, 1024),
+            format!("edgefn/fleet/bundles/{sha}/1024/+")
+        );
+        for bad in [
+            "1024/-1",
+            "1024/99999999999",
+            "-1/0",
+            "1024/1/2",
+            "7",
+            "/7",
+            "1024/",
+        ] {
+            assert_eq!(
+                parse_chunk(&format!("edgefn/fleet/bundles/{sha}/{bad}")),
+                None,
+                "{bad}"
+            );
+        }
         assert!(is_sha256_hex(&sha));
         assert!(!is_sha256_hex(&"AB".repeat(32)));
         assert!(!is_gateway_id("a/b") && !is_gateway_id("+") && !is_gateway_id(""));

@@ -26,10 +26,11 @@
 //! applying its allowlists would accept forwards and writes that then have
 //! nowhere to go.
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
@@ -136,6 +137,10 @@ pub struct Reloader {
     /// reload.
     config: Mutex<ValidConfig>,
     slots: Mutex<Vec<Slot>>,
+    /// Removed functions whose worker may still be draining, by name: one
+    /// added again under that name starts only once it has stopped (never
+    /// two workers for one function).
+    draining: std::sync::Mutex<HashMap<String, CancellationToken>>,
     metrics: Arc<GatewayMetrics>,
     set: SetHandles,
 }
@@ -153,6 +158,7 @@ impl Reloader {
             runtime,
             config: Mutex::new(config),
             slots: Mutex::new(slots),
+            draining: std::sync::Mutex::default(),
             metrics,
             set,
         }
@@ -352,8 +358,11 @@ impl Reloader {
                 .map(|s| (s.spec.name.clone(), s.metrics.clone()))
                 .collect(),
         );
+        let mut draining = self.draining.lock().unwrap_or_else(PoisonError::into_inner);
+        draining.retain(|_, stopped| !stopped.is_cancelled());
         for slot in old.into_iter().flatten() {
             tracing::info!(function = %slot.spec.name, "Function removed: it drains what it has queued, then stops.");
+            draining.insert(slot.spec.name.clone(), slot.done);
             done.removed.push(slot.spec.name);
         }
         Ok(done)
@@ -434,7 +443,8 @@ impl Reloader {
         (slot, route)
     }
 
-    /// A function not running before.
+    /// A function not running before; if one of that name was removed and
+    /// is still draining, the new worker starts once it has stopped.
     fn add(
         &self,
         spec: &FunctionSpec,
@@ -445,7 +455,13 @@ impl Reloader {
         let metrics = function.metrics().clone();
         let (tx, rx) = queue(spec.limits.queue, spec.limits.queue_policy, metrics.clone());
         tracing::info!(function = %spec.name, version = %function.version(), cached = function.from_cache(), "Function added.");
-        let running = self.set.workers.spawn(Arc::new(function), spec, rx, None);
+        let after = self
+            .draining
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&spec.name)
+            .filter(|stopped| !stopped.is_cancelled());
+        let running = self.set.workers.spawn(Arc::new(function), spec, rx, after);
         done.added.push(spec.name.clone());
         let route = Arc::new(Route::new(spec.name.clone(), spec.triggers.clone(), tx));
         let mut slot = Slot::new(spec.clone(), running, metrics);

@@ -180,7 +180,7 @@ impl Cloud {
 }
 
 /// Publishes the chunks of `bytes` (as announced by `r`) retained at QoS 1
-/// on `edgefn/fleet/bundles/<sha256>/<index>` and waits for every PUBACK.
+/// on `edgefn/fleet/bundles/<sha256>/<chunk_size>/<index>` and waits for every PUBACK.
 pub async fn publish_bundle(
     cloud: &mut Cloud,
     bytes: &[u8],
@@ -188,7 +188,7 @@ pub async fn publish_bundle(
     wait: Duration,
 ) -> anyhow::Result<()> {
     let messages = split(bytes, r)
-        .map(|(i, c)| (topics::chunk(&r.sha256, i), c.to_vec()))
+        .map(|(i, c)| (topics::chunk(&r.sha256, r.chunk_size, i), c.to_vec()))
         .collect();
     cloud
         .publish_retained(messages, wait)

@@ -54,6 +54,13 @@ pub enum Action {
         /// Whether the document is forced.
         force: bool,
     },
+    /// Put the retained desired document that `gateway` had before this
+    /// deploy back (clear it if it had none): where no rollback target is
+    /// known, it must not keep pointing at the new bundle.
+    RestorePrevious {
+        /// The gateway.
+        gateway: String,
+    },
     /// A progress line for the operator.
     Say(String),
 }
@@ -296,10 +303,7 @@ impl Rollout {
                     self.canary_latest = Some(r);
                     self.start_bake(now)
                 }
-                Some(other) => {
-                    self.canary_failed(other);
-                    vec![]
-                }
+                Some(other) => self.canary_failed(other),
                 None => vec![],
             },
             Phase::Baking { .. } if is_canary => {
@@ -344,8 +348,7 @@ impl Rollout {
     pub fn on_tick(&mut self, now: Instant) -> Vec<Action> {
         match self.phase.clone() {
             Phase::Canary { deadline } if now >= deadline => {
-                self.canary_failed(GatewayResult::TimedOut);
-                vec![]
+                self.canary_failed(GatewayResult::TimedOut)
             }
             Phase::Baking { until } if now >= until => {
                 let verdict = self
@@ -429,11 +432,37 @@ impl Rollout {
         }
     }
 
-    /// The canary did not take the bundle: nobody else gets it.
-    fn canary_failed(&mut self, result: GatewayResult) {
+    /// The canary did not take the bundle (timed out, refused, failed):
+    /// nobody else gets it, and its retained desired document is set back
+    /// (forced) so that it does not apply the new bundle unwatched later.
+    fn canary_failed(&mut self, result: GatewayResult) -> Vec<Action> {
         let canary = self.plan.canary.clone().unwrap_or_default();
-        self.results.insert(canary, result);
-        self.finish_rest_not_deployed(None);
+        self.results.insert(canary.clone(), result);
+        let (story, action) = match self.rollback.clone() {
+            Rollback::To(bundle) => (
+                format!(
+                    "canary {canary} did not take version {}; its desired state is set back to {} (forced)",
+                    self.version(),
+                    self.rollback_name()
+                ),
+                Action::Publish {
+                    gateways: vec![canary.clone()],
+                    bundle,
+                    force: true,
+                },
+            ),
+            Rollback::Unknown(reason) => (
+                format!(
+                    "canary {canary} did not take version {}; its previous desired document is put back (no rollback target: {reason})",
+                    self.version()
+                ),
+                Action::RestorePrevious {
+                    gateway: canary.clone(),
+                },
+            ),
+        };
+        self.finish_rest_not_deployed(Some(story.clone()));
+        vec![Action::Say(story), action]
     }
 
     /// The canary took it but was unhealthy: `story` says what happened.

@@ -70,7 +70,7 @@ fn publishes(actions: &[Action]) -> Vec<(Vec<String>, Option<String>, bool)> {
                 bundle.as_ref().map(|b| b.sha256.clone()),
                 *force,
             )),
-            Action::Say(_) => None,
+            Action::Say(_) | Action::RestorePrevious { .. } => None,
         })
         .collect()
 }
@@ -250,21 +250,50 @@ fn canary_refusal_or_timeout_stops_the_rollout() {
         sha256: Some(NEW.into()),
         version: Some(2),
         force: false,
+        issued_ms: 0,
     });
     failed.last_error = Some("bundle aa: 1 of 1 chunks missing".into());
-    r.on_report(failed, t0);
+    let actions = r.on_report(failed, t0);
     let o = r.outcome().unwrap();
     assert_eq!(
         o.results["gw1"],
         GatewayResult::Failed("bundle aa: 1 of 1 chunks missing".into())
     );
     assert_eq!(o.results["gw2"], GatewayResult::NotDeployed);
+    // Its desired document goes back (forced) to what it ran.
+    assert_eq!(publishes(&actions), [(names(&["gw1"]), None, true)]);
+    assert!(o.canary.as_ref().unwrap().contains("set back to"), "{o:?}");
 
-    let (mut r, _) = Rollout::new(plan(Some("gw1")), baseline(), Rollback::To(None), t0);
-    r.on_tick(t0 + Duration::from_secs(120));
+    let rollback = Rollback::To(Some(bundle(OLD, 1)));
+    let (mut r, _) = Rollout::new(plan(Some("gw1")), baseline(), rollback, t0);
+    let actions = r.on_tick(t0 + Duration::from_secs(120));
     let o = r.outcome().unwrap();
     assert_eq!(o.results["gw1"], GatewayResult::TimedOut);
     assert_eq!(o.results["gw3"], GatewayResult::NotDeployed);
+    assert_eq!(
+        publishes(&actions),
+        [(names(&["gw1"]), Some(OLD.to_owned()), true)]
+    );
+
+    // Refused, with no rollback target: its previous document goes back.
+    let unknown = Rollback::Unknown("gw1 had not reported".into());
+    let (mut r, _) = Rollout::new(plan(Some("gw1")), baseline(), unknown, t0);
+    let mut refused = report("gw1", Some(OLD), (112, 0, 0));
+    refused.state = ReportState::Refused;
+    refused.last_refusal = Some(Refusal {
+        sha256: Some(NEW.into()),
+        version: Some(2),
+        reason: "untrusted key".into(),
+        at_ms: 2,
+    });
+    let actions = r.on_report(refused, t0);
+    assert!(
+        actions.contains(&Action::RestorePrevious {
+            gateway: "gw1".into()
+        }),
+        "{actions:?}"
+    );
+    assert!(r.outcome().unwrap().canary.is_some());
 }
 
 #[test]
