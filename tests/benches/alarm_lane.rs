@@ -39,13 +39,7 @@ use tokio::sync::mpsc;
 
 #[path = "common/mod.rs"]
 mod common;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::env_or;
 
 fn enrich_wasm() -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")

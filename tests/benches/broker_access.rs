@@ -36,7 +36,6 @@
     reason = "a benchmark harness"
 )]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -48,6 +47,7 @@ use tokio::sync::{mpsc, watch};
 #[path = "common/mod.rs"]
 mod common;
 use common::free_port;
+use common::{env_or, target_dir};
 
 #[path = "broker_access/brokers.rs"]
 mod brokers;
@@ -55,19 +55,6 @@ use brokers::{Broker, Setup, USER};
 
 /// Bytes of each payload: sequence number, send time (µs), padding.
 const PAYLOAD_BYTES: usize = 60;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
 
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 #[path = "common/mod.rs"]
 mod common;
+use common::{env_or, target_dir};
 
 const TOKEN: &str = "fleet-bench-token-0123456789";
 /// The guests the bundle draws its ten functions from.
@@ -36,19 +37,6 @@ const GUESTS: [&str; 5] = [
     "moving_average",
     "misbehave",
 ];
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
 
 fn bin() -> PathBuf {
     let bin = target_dir().join("release/edgefn");

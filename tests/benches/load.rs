@@ -40,13 +40,6 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -65,6 +58,7 @@ fn guest(name: &str) -> String {
 
 #[path = "common/mod.rs"]
 mod common;
+use common::env_or;
 use common::free_port;
 
 #[path = "load/soak.rs"]

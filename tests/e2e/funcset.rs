@@ -343,7 +343,8 @@ async fn a_steady_stream_loses_and_reorders_nothing_while_functions_change() {
 /// drains and exits cleanly afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_starts_a_function_on_a_gateway_that_had_none() {
-    use crate::reload::{stderr_lines, wait_for_line};
+    use crate::reload::wait_for_line;
+    use crate::runtime_cli::run_binary;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edgefn.toml");
     let port = free_port();
@@ -351,16 +352,7 @@ async fn sighup_starts_a_function_on_a_gateway_that_had_none() {
         "[gateway]\nid = \"gw-hup\"\ndata_dir = \"data\"\n[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n"
     );
     std::fs::write(&path, &base).unwrap();
-    let mut child = std::process::Command::new(edgefn_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("EDGEFN_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    wait_for_line(&lines, &["Gateway started."]);
+    let (mut child, lines) = run_binary(&path);
     let mut echoes = Subscriber::connect("127.0.0.1", port, &["echo/#"]).await;
     let mut sensor = Publisher::connect("127.0.0.1", port).await;
 

@@ -167,6 +167,24 @@ async fn compile_fills_the_cache_and_precompiles_for_other_targets() {
 }
 
 /// Lines of a child's stderr, read on a thread.
+/// The real binary running `config` (`EDGEFN_LOG=info`) once it has logged
+/// `Gateway started.`, and its stderr lines from then on.
+pub(crate) fn run_binary(
+    config: &std::path::Path,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(edgefn_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("EDGEFN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    wait_for_line(&lines, &["Gateway started."]);
+    (child, lines)
+}
+
 pub(crate) fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
     let stderr = child.stderr.take().unwrap();

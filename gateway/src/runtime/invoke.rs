@@ -170,3 +170,19 @@ pub(super) fn root_message(e: &wasmtime::Error) -> String {
     }
     e.root_cause().to_string()
 }
+
+/// Why an instantiation failed; a full instance pool (functions added at run
+/// time beyond its slots) names the setting to raise.
+pub(super) fn instantiate_reason(e: &wasmtime::Error) -> String {
+    let reason = root_message(e);
+    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+        || reason.contains("maximum concurrent limit")
+    {
+        format!(
+            "{reason}: every slot of the instance pool is taken; raise `runtime.pool_instances` (needs a restart) or run fewer functions"
+        )
+    } else {
+        reason
+    }
+}

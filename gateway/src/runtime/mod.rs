@@ -49,7 +49,7 @@ use crate::config::{FunctionSpec, Limits, MAX_TABLE_ELEMENTS, RuntimeSpec, Valid
 use crate::metrics::{Failure, FunctionMetrics};
 pub use crate::output::{Forward, Outputs, Publish, SerialWrite};
 pub use host::{Capabilities, HostState};
-use invoke::root_message;
+use invoke::instantiate_reason;
 use state::{KvTxn, StateStore};
 
 /// How often the epoch advances; the resolution of invocation timeouts.
@@ -432,22 +432,6 @@ impl Runtime {
             cache.put(hash, &component);
         }
         Ok((component, false))
-    }
-}
-
-/// Why an instantiation failed; a full instance pool (functions added at run
-/// time beyond its slots) names the setting to raise.
-fn instantiate_reason(e: &wasmtime::Error) -> String {
-    let reason = root_message(e);
-    if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
-        .is_some()
-        || reason.contains("maximum concurrent limit")
-    {
-        format!(
-            "{reason}: every slot of the instance pool is taken; raise `runtime.pool_instances` (needs a restart) or run fewer functions"
-        )
-    } else {
-        reason
     }
 }
 
