@@ -265,4 +265,3 @@ pub(super) fn relay(mode: &str) -> String {
 pub(super) fn version_of(r: &serde_json::Value) -> Option<u64> {
     r["bundle"]["version"].as_u64()
 }
-
