@@ -34,17 +34,7 @@ struct Prepared {
 impl Gateway {
     /// Starts everything `config` describes.
     pub async fn start(config: &ValidConfig) -> Result<Self, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
-            path: config.data_dir.clone(),
-            reason: e.to_string(),
-        })?;
-        // With `[fleet]`: the file's functions plus the applied bundle's.
-        let (merged, mut boot) = match crate::fleet::boot(config)? {
-            Some((merged, boot)) => (merged, Some(boot)),
-            None => (config.clone(), None),
-        };
-        let runtime = engine(&merged).await?;
-        let (config, loaded) = load_with_fallback(&runtime, merged, boot.as_mut()).await?;
+        let (config, boot, runtime, loaded) = functions_to_start(config).await?;
         let config = &config;
         let admin_listener = match &config.admin {
             Some(a) => Some(crate::admin::bind(a.listen).await?),
@@ -134,30 +124,19 @@ impl Gateway {
 
         let pooling = runtime.pooling();
         let functions = Arc::new(FunctionTable::new(functions));
+        let handles = SetHandles {
+            router,
+            workers,
+            functions: functions.clone(),
+        };
         let reloader = Arc::new(Reloader::new(
             runtime,
             config.clone(),
             slots,
             metrics.clone(),
-            SetHandles {
-                router,
-                workers,
-                functions: functions.clone(),
-            },
+            handles,
         ));
-        if let Some(interval) = config.runtime.watch {
-            tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
-        }
-        let fleet = boot.map(|boot| {
-            crate::fleet::spawn(
-                boot,
-                config,
-                reloader.clone(),
-                functions.clone(),
-                &cancel,
-                &tracker,
-            )
-        });
+        let fleet = spawn_changes(config, boot, &reloader, &functions, &cancel, &tracker);
         tokio::spawn(crate::progress::monitor(progress.clone(), cancel.clone()));
         tracker.close();
         let mut gateway = Self {
@@ -236,6 +215,58 @@ impl Gateway {
             "Gateway started."
         );
     }
+}
+
+/// The configuration to start with and its functions, loaded: with
+/// `[fleet]`, the file's functions plus the applied bundle's (see
+/// [`crate::fleet::boot`]).
+async fn functions_to_start(
+    config: &ValidConfig,
+) -> Result<
+    (
+        ValidConfig,
+        Option<crate::fleet::Boot>,
+        Arc<Runtime>,
+        Vec<LoadedFunction>,
+    ),
+    StartError,
+> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+        path: config.data_dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let (merged, mut boot) = match crate::fleet::boot(config)? {
+        Some((merged, boot)) => (merged, Some(boot)),
+        None => (config.clone(), None),
+    };
+    let runtime = engine(&merged).await?;
+    let (config, loaded) = load_with_fallback(&runtime, merged, boot.as_mut()).await?;
+    Ok((config, boot, runtime, loaded))
+}
+
+/// What changes the function set while the gateway runs: the file watch
+/// (hot reload) and, with `[fleet]`, the fleet agent.
+fn spawn_changes(
+    config: &ValidConfig,
+    boot: Option<crate::fleet::Boot>,
+    reloader: &Arc<Reloader>,
+    functions: &Arc<FunctionTable>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<Arc<crate::fleet::Fleet>> {
+    if let Some(interval) = config.runtime.watch {
+        tracker.spawn(watch_files(reloader.clone(), interval, cancel.clone()));
+    }
+    boot.map(|boot| {
+        crate::fleet::spawn(
+            boot,
+            config,
+            reloader.clone(),
+            functions.clone(),
+            cancel,
+            tracker,
+        )
+    })
 }
 
 /// The order in which a stopping gateway lets go of its parts.
