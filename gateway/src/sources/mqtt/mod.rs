@@ -218,6 +218,14 @@ impl Source for MqttSource {
         drop(intaker);
         // Flush the last acks before disconnecting: requests go out in order.
         let _ = acker.task.await;
+        self.disconnect().await;
+        tracing::debug!("MQTT source stopped.");
+    }
+}
+
+impl MqttSource {
+    /// Disconnects cleanly, waiting up to 2 s for the DISCONNECT to go out.
+    async fn disconnect(&mut self) {
         let _ = self.client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
@@ -228,7 +236,6 @@ impl Source for MqttSource {
             }
         })
         .await;
-        tracing::debug!("MQTT source stopped.");
     }
 }
 
