@@ -22,7 +22,7 @@ listen = "127.0.0.1:$ADMIN"
 token = "soak-token-0123456789"
 T
 $BIN run --config $D/edgefn.toml 2>$D/log & PID=$!
-trap "kill $PID" EXIT
+trap "kill $PID; rm -rf $D" EXIT
 for i in $(seq 1 100); do curl -s -o /dev/null http://127.0.0.1:$ADMIN/healthz && break; sleep 0.1; done
 guests=(threshold enrich cbor_decode moving_average misbehave)
 for n in $(seq 1 ${ROUNDS:-200}); do
