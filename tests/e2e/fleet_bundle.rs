@@ -9,6 +9,15 @@ use edgefn::fleet::keys::{PublicKey, TrustedKeys};
 
 use crate::support::*;
 
+/// `edgefn keygen --out dir`, which must succeed.
+fn keygen(dir: &std::path::Path) {
+    assert!(
+        edgefn(&["keygen".as_ref(), "--out".as_ref(), dir.as_os_str()])
+            .status
+            .success()
+    );
+}
+
 fn edgefn(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(edgefn_bin()).args(args).output().unwrap()
 }
@@ -116,11 +125,7 @@ fn keygen_then_bundle_packs_signed_real_components() {
 fn bundle_precompiles_for_a_target_and_refuses_unknown_keys_by_path() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    assert!(
-        edgefn(&["keygen".as_ref(), "--out".as_ref(), keys.as_os_str()])
-            .status
-            .success()
-    );
+    keygen(&keys);
     let functions = dir.path().join("functions.toml");
     let write = |extra: &str| {
         std::fs::write(
@@ -189,11 +194,7 @@ fn bundle_precompiles_for_a_target_and_refuses_unknown_keys_by_path() {
 fn a_component_precompiled_into_a_bundle_runs_on_this_machine_from_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
-    assert!(
-        edgefn(&["keygen".as_ref(), "--out".as_ref(), keys.as_os_str()])
-            .status
-            .success()
-    );
+    keygen(&keys);
     let functions = dir.path().join("functions.toml");
     std::fs::write(
         &functions,

@@ -2,15 +2,13 @@
 //! and rewires functions without a restart, all or nothing, and a function
 //! it does not touch loses and reorders nothing while others change.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use edgefn::config;
 use edgefn::runtime::reload::ReloadOutcome;
-use edgefn::supervisor::Gateway;
 
+use crate::reload::{reload, start};
 use crate::support::*;
 
 const DEAD_LETTERS: &str = "edgefn/deadletter/functions/#";
@@ -26,16 +24,6 @@ fn echo(name: &str, triggers: &str, extra: &str) -> String {
 
 fn header(id: &str, extra: &str) -> String {
     format!("{}{extra}\n", gateway_header(id))
-}
-
-async fn start(path: &Path, toml: &str) -> Gateway {
-    std::fs::write(path, toml).unwrap();
-    Gateway::start(&config::load(path).unwrap()).await.unwrap()
-}
-
-async fn reload(gw: &Gateway, path: &Path, toml: &str) -> ReloadOutcome {
-    std::fs::write(path, toml).unwrap();
-    gw.reload(config::load(path).unwrap()).await
 }
 
 /// `(switched, added, removed, updated)` of an applied reload.

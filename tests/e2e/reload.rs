@@ -34,12 +34,12 @@ fn enrich_config(cloud_port: u16, sink_for: &str, sinks: &str, cloud2: bool) -> 
     )
 }
 
-async fn start(path: &Path, toml: &str) -> Gateway {
+pub(crate) async fn start(path: &Path, toml: &str) -> Gateway {
     std::fs::write(path, toml).unwrap();
     Gateway::start(&config::load(path).unwrap()).await.unwrap()
 }
 
-async fn reload(gw: &Gateway, path: &Path, toml: &str) -> ReloadOutcome {
+pub(crate) async fn reload(gw: &Gateway, path: &Path, toml: &str) -> ReloadOutcome {
     std::fs::write(path, toml).unwrap();
     gw.reload(config::load(path).unwrap()).await
 }
@@ -167,22 +167,6 @@ async fn a_change_that_needs_a_restart_is_reported_at_every_reload() {
     assert!(gw.shutdown(WAIT).await);
 }
 
-/// Lines of a child's stderr, read on a thread.
-pub(crate) fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// Waits (up to [`WAIT`]) for a line containing every one of `parts`;
 /// returns the lines before it too.
 pub(crate) fn wait_for_line(
@@ -217,16 +201,7 @@ async fn sighup_names_what_needs_a_restart_every_time_and_counts_reloads() {
             + &admin_table
     };
     std::fs::write(&path, toml(port, "[]")).unwrap();
-    let mut child = std::process::Command::new(edgefn_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("EDGEFN_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    wait_for_line(&lines, &["Gateway started."]);
+    let (mut child, lines) = crate::runtime_cli::run_binary(&path);
 
     let moved = free_port();
     std::fs::write(&path, toml(moved, "[]")).unwrap();

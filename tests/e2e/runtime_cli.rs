@@ -230,16 +230,7 @@ async fn sighup_reloads_changed_functions_and_keeps_serving_through_a_bad_config
         .unwrap();
     };
     write("30");
-    let mut child = Command::new(edgefn_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("EDGEFN_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = stderr_lines(&mut child);
-    wait_for_line(&lines, &["Gateway started."]);
+    let (mut child, lines) = run_binary(&config);
     let mut alerts = Subscriber::connect("127.0.0.1", port, &["alerts/#"]).await;
     let mut sensor = Publisher::connect("127.0.0.1", port).await;
     sensor
