@@ -9,10 +9,13 @@
 //!   at start, a reading from `mosquitto_pub`, the outputs seen by
 //!   `mosquitto_sub`, the admin endpoint scraped, SIGTERM, exit 0.
 //! - `cargo xtask deb [--profile P] [TARGET…]`: cross-builds and packages
-//!   `target/deb/edgefn_<version>_<arch>.deb`, then checks the package:
-//!   contents, the default configuration (`edgefn check`), the unit
-//!   (`systemd-analyze verify`) and its exposure (`systemd-analyze security`,
-//!   at most 2.0).
+//!   `target/deb/edgefn_<version>_<arch>.deb`, then checks the package
+//!   (see [`crate::deb`]).
+//!
+//! With `--runtime-only`, each builds the runtime-only gateway
+//! (`--no-default-features`: no Cranelift, loads only precompiled `.cwasm`)
+//! as `edgefn-runtime` beside the full binary; its smoke test also checks
+//! that a portable `.wasm` is refused, and its package is `edgefn-runtime`.
 //!
 //! TARGET is `aarch64-unknown-linux-gnu` (Pi 3/4/5, 64-bit OS: Cranelift)
 //! or `armv7-unknown-linux-gnueabihf` (Pi 2 / Zero 2, 32-bit OS: Pulley);
@@ -28,20 +31,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{cargo, exec, root, target_dir};
+use crate::{cargo, exec, target_dir};
 
 /// One board family.
 pub struct Board {
     /// Rust target triple.
     pub triple: &'static str,
     /// Debian architecture.
-    deb_arch: &'static str,
+    pub deb_arch: &'static str,
     /// qemu-user binary.
-    qemu: &'static str,
+    pub qemu: &'static str,
     /// The cross toolchain's sysroot (qemu's `-L`).
-    sysroot: &'static str,
+    pub sysroot: &'static str,
     /// Binutils prefix of the cross toolchain.
-    tool_prefix: &'static str,
+    pub tool_prefix: &'static str,
     /// The apt package with the cross GCC.
     apt: &'static str,
 }
@@ -66,23 +69,39 @@ pub const BOARDS: [Board; 2] = [
     },
 ];
 
-/// The example functions the package ships (file names as built).
-const PACKAGED_FUNCTIONS: [&str; 4] = ["threshold", "enrich", "moving_average", "cbor_decode"];
+/// Which gateway build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The default features: Cranelift compiles `.wasm` on the board.
+    Full,
+    /// `--no-default-features`: no compiler, precompiled `.cwasm` only.
+    RuntimeOnly,
+}
 
-/// Highest `systemd-analyze security` exposure accepted for the unit.
-const MAX_EXPOSURE: f64 = 2.0;
+impl Variant {
+    /// The binary's file name in the target dir, and the package's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Full => "edgefn",
+            Variant::RuntimeOnly => "edgefn-runtime",
+        }
+    }
+}
 
-/// `[--profile P] [TARGET…]` → profile and boards.
+/// `[--profile P] [--runtime-only] [TARGET…]` → profile, variant and boards.
 pub fn parse_args<'a>(
     args: &'a [String],
     default_profile: &'a str,
-) -> anyhow::Result<(&'a str, Vec<&'static Board>)> {
+) -> anyhow::Result<(&'a str, Variant, Vec<&'static Board>)> {
     let mut profile = default_profile;
+    let mut variant = Variant::Full;
     let mut boards = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--profile" {
             profile = it.next().context("--profile needs a value")?;
+        } else if a == "--runtime-only" {
+            variant = Variant::RuntimeOnly;
         } else {
             let board = BOARDS.iter().find(|b| b.triple == a).with_context(|| {
                 format!(
@@ -96,11 +115,11 @@ pub fn parse_args<'a>(
     if boards.is_empty() {
         boards = BOARDS.iter().collect();
     }
-    Ok((profile, boards))
+    Ok((profile, variant, boards))
 }
 
 /// Whether `program` runs (`mosquitto_pub` knows no `--version`, so `--help`).
-fn have(program: &str) -> bool {
+pub fn have(program: &str) -> bool {
     Command::new(program)
         .arg(if program.starts_with("mosquitto") {
             "--help"
@@ -133,21 +152,34 @@ fn ensure_tools(board: &Board) -> anyhow::Result<()> {
     crate::ensure_target(board.triple)
 }
 
-/// The cross-built binary's path.
-fn binary(board: &Board, profile: &str) -> PathBuf {
+/// The cross-built binary's path (`edgefn`, or `edgefn-runtime` for the
+/// runtime-only build, which cargo writes as `edgefn` too).
+pub fn binary(board: &Board, profile: &str, variant: Variant) -> PathBuf {
     let dir = if profile == "dev" { "debug" } else { profile };
-    target_dir().join(board.triple).join(dir).join("edgefn")
+    target_dir()
+        .join(board.triple)
+        .join(dir)
+        .join(variant.name())
 }
 
 /// Cross-builds `edgefn` for `board`; returns the binary.
-pub fn build(board: &Board, profile: &str) -> anyhow::Result<PathBuf> {
+pub fn build(board: &Board, profile: &str, variant: Variant) -> anyhow::Result<PathBuf> {
     ensure_tools(board)?;
     let started = Instant::now();
     let mut cmd = cargo();
     cmd.args(["build", "--package", "edgefn", "--profile", profile])
         .args(["--target", board.triple]);
+    if variant == Variant::RuntimeOnly {
+        cmd.arg("--no-default-features");
+    }
     exec(cmd)?;
-    let bin = binary(board, profile);
+    let bin = binary(board, profile, variant);
+    if variant == Variant::RuntimeOnly {
+        // Cargo names both builds `edgefn`: keep this one beside the other.
+        let built = binary(board, profile, Variant::Full);
+        std::fs::copy(&built, &bin)
+            .with_context(|| format!("copying {} to {}", built.display(), bin.display()))?;
+    }
     let size = std::fs::metadata(&bin)
         .with_context(|| format!("{} was not built", bin.display()))?
         .len();
@@ -198,13 +230,13 @@ impl Drop for Reaped {
 }
 
 /// The qemu smoke test for `board` (binary already built).
-pub fn smoke(board: &Board, profile: &str) -> anyhow::Result<()> {
+pub fn smoke(board: &Board, profile: &str, variant: Variant) -> anyhow::Result<()> {
     for tool in ["mosquitto_pub", "mosquitto_sub"] {
         if !have(tool) {
             bail!("the smoke test needs `{tool}`: apt-get install mosquitto-clients");
         }
     }
-    let bin = binary(board, profile);
+    let bin = binary(board, profile, variant);
     // The host binary precompiles `threshold` for the board.
     crate::host_binary()?;
     let host_bin = target_dir().join("debug/edgefn");
@@ -214,7 +246,7 @@ pub fn smoke(board: &Board, profile: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let mqtt = free_port()?;
     let admin = free_port()?;
-    let config = |threshold: &Path| {
+    let config = |threshold: &Path, moving_average: &Path| {
         format!(
             r#"[gateway]
 id = "smoke-{arch}"
@@ -238,10 +270,11 @@ config = {{ limit = "30" }}
 # a board: the default 50 ms deadline is for real hardware.
 limits = {{ timeout_ms = 10000 }}
 
-# Compiled on the board at start (and cached), with durable state.
+# Compiled on the board at start (and cached; precompiled too for the
+# runtime-only build), with durable state.
 [[functions]]
 name = "moving-average"
-component = "{guests}/moving_average.wasm"
+component = "{moving_average}"
 triggers = ["sensors/+/temperature"]
 publish = ["smoothed/#"]
 config = {{ window = "3" }}
@@ -249,12 +282,16 @@ limits = {{ timeout_ms = 10000 }}
 "#,
             arch = board.deb_arch,
             threshold = threshold.display(),
-            guests = guests.display(),
+            moving_average = moving_average.display(),
         )
     };
-    // 1. Precompile `threshold` for the board on this machine.
+    // 1. Precompile the functions for the board on this machine.
     let compile_toml = work.join("compile.toml");
-    std::fs::write(&compile_toml, config(&guests.join("threshold.wasm")))?;
+    let portable = guests.join("moving_average.wasm");
+    std::fs::write(
+        &compile_toml,
+        config(&guests.join("threshold.wasm"), &portable),
+    )?;
     let precompiled = work.join("cwasm");
     let mut compile = Command::new(&host_bin);
     compile
@@ -263,8 +300,18 @@ limits = {{ timeout_ms = 10000 }}
         .args(["--target", board.triple, "--out-dir"])
         .arg(&precompiled);
     exec(compile)?;
+    let moving_average = match variant {
+        Variant::Full => portable,
+        Variant::RuntimeOnly => {
+            refuses_portable(board, &bin, &compile_toml)?;
+            precompiled.join("moving-average.cwasm")
+        }
+    };
     let toml = work.join("edgefn.toml");
-    std::fs::write(&toml, config(&precompiled.join("threshold.cwasm")))?;
+    std::fs::write(
+        &toml,
+        config(&precompiled.join("threshold.cwasm"), &moving_average),
+    )?;
 
     // 2. Start the ARM binary under qemu.
     let log_path = work.join("gateway.log");
@@ -391,7 +438,8 @@ limits = {{ timeout_ms = 10000 }}
         bail!("{}: exit after SIGTERM: {status}\n{}", board.triple, log());
     }
     println!(
-        "xtask: smoke {} ({profile}, {}) ok: ready in {:.1} s, reading → alert + smoothed in {} ms, stopped in {} ms\n  {alert}\n  {smoothed}",
+        "xtask: smoke {} {} ({profile}, {}) ok: ready in {:.1} s, reading → alert + smoothed in {} ms, stopped in {} ms\n  {alert}\n  {smoothed}",
+        variant.name(),
         board.triple,
         board.qemu,
         ready_after.as_secs_f64(),
@@ -401,244 +449,52 @@ limits = {{ timeout_ms = 10000 }}
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The newest `GLIBC_x.y` symbol version the binary needs.
-fn glibc_needed(board: &Board, bin: &Path) -> anyhow::Result<String> {
-    let symbols = output(
-        Command::new(format!("{}objdump", board.tool_prefix))
-            .arg("-T")
-            .arg(bin),
-    )?;
-    let newest = symbols
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
-        .filter_map(|w| w.strip_prefix("GLIBC_"))
-        .filter_map(|v| {
-            let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-            Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
-        })
-        .max()
-        .context("no GLIBC symbol versions in the binary")?;
-    Ok(format!("{}.{}", newest.0, newest.1))
-}
-
-fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = to.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::copy(from, to)
-        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))?;
-    Ok(())
-}
-
-fn dir_size(dir: &Path) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let meta = entry.metadata()?;
-        total += if meta.is_dir() {
-            dir_size(&entry.path())?
-        } else {
-            meta.len()
-        };
-    }
-    Ok(total)
-}
-
-/// Packages the cross-built binary for `board`; returns the `.deb`.
-pub fn package(board: &Board, profile: &str) -> anyhow::Result<PathBuf> {
-    let version = env!("CARGO_PKG_VERSION");
-    let bin = binary(board, profile);
-    let debian = root().join("cross/debian");
-    let out_dir = target_dir().join("deb");
-    let stage = out_dir.join(format!("edgefn_{version}_{}", board.deb_arch));
-    let _ = std::fs::remove_dir_all(&stage);
-
-    let staged_bin = stage.join("usr/bin/edgefn");
-    copy(&bin, &staged_bin, 0o755)?;
-    // As dh_strip does: the package carries no debug info.
-    exec({
-        let mut c = Command::new(format!("{}strip", board.tool_prefix));
-        c.arg("--strip-unneeded").arg(&staged_bin);
+/// The runtime-only binary says what it is, and refuses a configuration
+/// with a portable `.wasm`, naming the file and the command that fixes it.
+fn refuses_portable(board: &Board, bin: &Path, config: &Path) -> anyhow::Result<()> {
+    let qemu = || {
+        let mut c = Command::new(board.qemu);
+        c.args(["-L", board.sysroot]).arg(bin);
         c
-    })?;
-    copy(
-        &debian.join("edgefn.toml"),
-        &stage.join("etc/edgefn/edgefn.toml"),
-        0o644,
-    )?;
-    copy(
-        &debian.join("edgefn.service"),
-        &stage.join("lib/systemd/system/edgefn.service"),
-        0o644,
-    )?;
-    let guests = target_dir().join("wasm32-wasip2/guest");
-    for f in PACKAGED_FUNCTIONS {
-        copy(
-            &guests.join(format!("{f}.wasm")),
-            &stage.join(format!("usr/lib/edgefn/functions/{f}.wasm")),
-            0o644,
-        )?;
-    }
-    let doc = stage.join("usr/share/doc/edgefn");
-    copy(&root().join("README.md"), &doc.join("README.md"), 0o644)?;
-    // The README links into docs/: ship them beside it.
-    for entry in std::fs::read_dir(root().join("docs"))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "md")
-            && let Some(name) = path.file_name()
-        {
-            copy(&path, &doc.join("docs").join(name), 0o644)?;
-        }
-    }
-    std::fs::write(
-        doc.join("copyright"),
-        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: edgefn\n\nFiles: *\nLicense: Apache-2.0\n On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.\n",
-    )?;
-    let installed_kib = dir_size(&stage)? / 1024;
-    let control = stage.join("DEBIAN");
-    std::fs::create_dir_all(&control)?;
-    for script in ["postinst", "prerm", "postrm"] {
-        copy(&debian.join(script), &control.join(script), 0o755)?;
-    }
-    std::fs::write(control.join("conffiles"), "/etc/edgefn/edgefn.toml\n")?;
-    std::fs::write(
-        control.join("control"),
-        format!(
-            "Package: edgefn
-Version: {version}
-Architecture: {arch}
-Maintainer: edgefn developers <edgefn@example.invalid>
-Installed-Size: {installed_kib}
-Depends: libc6 (>= {glibc}), libgcc-s1, adduser
-Recommends: mosquitto-clients
-Section: net
-Priority: optional
-Homepage: https://example.invalid/edgefn
-Description: gateway daemon running sandboxed WebAssembly functions on sensor data
- edgefn takes readings from MQTT, serial ports and I2C sensors, runs them
- through sandboxed WebAssembly functions (wasmtime; Cranelift on arm64,
- the Pulley interpreter on armhf) and forwards what they produce to the
- cloud through a durable SQLite outbox. Runs as a hardened systemd service
- (Type=notify, watchdog) with an admin endpoint for health and Prometheus
- metrics.
-",
-            arch = board.deb_arch,
-            glibc = glibc_needed(board, &staged_bin)?,
-        ),
-    )?;
-    let deb = out_dir.join(format!("edgefn_{version}_{}.deb", board.deb_arch));
-    let mut build = Command::new("dpkg-deb");
-    build
-        .args(["--build", "--root-owner-group", "-Zxz"])
-        .arg(&stage)
-        .arg(&deb);
-    output(&mut build)?;
-    println!(
-        "xtask: {} — {:.1} MiB (installed {:.1} MiB)",
-        deb.display(),
-        std::fs::metadata(&deb)?.len() as f64 / (1024.0 * 1024.0),
-        installed_kib as f64 / 1024.0
-    );
-    Ok(deb)
-}
-
-/// Checks a built package: its metadata and files, its default
-/// configuration against its own functions, its unit (verify, exposure).
-pub fn check_package(board: &Board, deb: &Path) -> anyhow::Result<()> {
-    let info = output(Command::new("dpkg-deb").arg("--field").arg(deb))?;
-    if !info.contains(&format!("Architecture: {}", board.deb_arch)) {
-        bail!("{}: wrong architecture:\n{info}", deb.display());
-    }
-    let contents = output(Command::new("dpkg-deb").arg("--contents").arg(deb))?;
-    for want in [
-        "./usr/bin/edgefn",
-        "./etc/edgefn/edgefn.toml",
-        "./lib/systemd/system/edgefn.service",
-        "./usr/lib/edgefn/functions/threshold.wasm",
-        "./usr/lib/edgefn/functions/moving_average.wasm",
-    ] {
-        if !contents.lines().any(|l| l.ends_with(want)) {
-            bail!("{}: `{want}` is missing:\n{contents}", deb.display());
-        }
-    }
-    // Unpack beside the host's systemd units, so that `verify` resolves the
-    // unit's dependencies and finds its executables in the package tree.
-    let tree = target_dir()
-        .join("deb")
-        .join(format!("root-{}", board.deb_arch));
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("lib/systemd/system"))?;
-    output(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tree))?;
-    for entry in std::fs::read_dir("/lib/systemd/system")
-        .context("systemd-analyze verify needs systemd's units in /lib/systemd/system")?
-    {
-        let entry = entry?;
-        let to = tree.join("lib/systemd/system").join(entry.file_name());
-        if entry.file_type()?.is_file() && !to.exists() {
-            std::fs::copy(entry.path(), to)?;
-        }
-    }
-    copy(Path::new("/bin/kill"), &tree.join("bin/kill"), 0o755)?;
-    let verify = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(format!("--root={}", tree.display()))
-        .arg("edgefn.service")
-        .output()
-        .context("running systemd-analyze (apt-get install systemd)")?;
-    let complaints = String::from_utf8_lossy(&verify.stderr);
-    if !verify.status.success() || !complaints.trim().is_empty() {
-        bail!("systemd-analyze verify edgefn.service:\n{complaints}");
-    }
-    let unit = tree.join("lib/systemd/system/edgefn.service");
-    let security = output(
-        Command::new("systemd-analyze")
-            .args(["security", "--offline=true", "--no-pager"])
-            .arg(&unit),
-    )?;
-    let exposure: f64 = security
-        .lines()
-        .find_map(|l| l.split_once("Overall exposure level for edgefn.service: "))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no exposure level in:\n{security}"))?;
-    if exposure > MAX_EXPOSURE {
-        bail!("edgefn.service exposure {exposure} > {MAX_EXPOSURE}:\n{security}");
-    }
-    // The default configuration is valid with the functions it ships.
-    let config = std::fs::read_to_string(tree.join("etc/edgefn/edgefn.toml"))?
-        .replace(
-            "/usr/lib/edgefn",
-            &tree.join("usr/lib/edgefn").display().to_string(),
-        )
-        .replace(
-            "/var/lib/edgefn",
-            &tree.join("var/lib/edgefn").display().to_string(),
+    };
+    let version = qemu().arg("--version").output()?;
+    let version = String::from_utf8_lossy(&version.stdout);
+    if !version.contains("runtime-only") {
+        bail!(
+            "{}: `--version` does not say runtime-only: {version}",
+            bin.display()
         );
-    let config_path = tree.join("check.toml");
-    std::fs::write(&config_path, config)?;
-    let check = output(
-        Command::new(target_dir().join("debug/edgefn"))
-            .args(["check", "--config"])
-            .arg(&config_path),
-    )?;
+    }
+    let check = qemu().args(["check", "--config"]).arg(config).output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let named = said.contains("threshold.wasm` is not precompiled")
+        && said.contains("edgefn compile --config FILE --target");
+    if check.status.success() || !named {
+        bail!(
+            "{}: a portable .wasm was not refused clearly ({}):\n{said}",
+            board.triple,
+            check.status
+        );
+    }
+    let compile = qemu()
+        .args(["compile", "--config"])
+        .arg(config)
+        .args(["--target", board.triple, "--out-dir", "/nonexistent"])
+        .output()?;
+    let said = String::from_utf8_lossy(&compile.stderr);
+    if compile.status.success() || !said.contains("runtime-only build (no compiler)") {
+        bail!(
+            "{}: `edgefn compile` was not refused clearly:\n{said}",
+            board.triple
+        );
+    }
     println!(
-        "xtask: {} checked: files, systemd-analyze verify clean, exposure {exposure} (≤ {MAX_EXPOSURE}), {}",
-        deb.display(),
-        check.trim()
+        "xtask: {} refuses a portable .wasm and `compile`: ok",
+        bin.display()
     );
     Ok(())
 }

@@ -7,7 +7,8 @@
 //!   runs the whole test suite.
 //! - `cargo xtask functions`: builds the guests only.
 //! - `cargo xtask cross | smoke | deb`: ARM cross-builds, the qemu smoke
-//!   test, the `.deb` packages (see [`board`]).
+//!   test, the `.deb` packages (see [`board`] and [`deb`]); with
+//!   `--runtime-only`, of the runtime-only board build.
 //!
 //! Guests are built with `--profile guest --target wasm32-wasip2` into the
 //! workspace's one target dir (`target/wasm32-wasip2/guest/*.wasm`).
@@ -18,6 +19,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, bail};
 
 mod board;
+mod deb;
 
 /// Every guest package: the examples and the test guests.
 const GUESTS: &[&str] = &[
@@ -66,36 +68,36 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             boards_in_test()
         }
         "cross" => {
-            let (profile, boards) = board::parse_args(rest, "dist")?;
+            let (profile, variant, boards) = board::parse_args(rest, "dist")?;
             for b in boards {
-                board::build(b, profile)?;
+                board::build(b, profile, variant)?;
             }
             Ok(())
         }
         "smoke" => {
-            let (profile, boards) = board::parse_args(rest, "dist")?;
+            let (profile, variant, boards) = board::parse_args(rest, "dist")?;
             build_functions()?;
             for b in boards {
-                board::build(b, profile)?;
-                board::smoke(b, profile)?;
+                board::build(b, profile, variant)?;
+                board::smoke(b, profile, variant)?;
             }
             Ok(())
         }
         "deb" => {
-            let (profile, boards) = board::parse_args(rest, "dist")?;
+            let (profile, variant, boards) = board::parse_args(rest, "dist")?;
             build_functions()?;
             host_binary()?;
             for b in boards {
-                board::build(b, profile)?;
-                let deb = board::package(b, profile)?;
-                board::check_package(b, &deb)?;
+                board::build(b, profile, variant)?;
+                let deb = deb::package(b, profile, variant)?;
+                deb::check_package(b, &deb, variant)?;
             }
             Ok(())
         }
         "help" | "--help" | "-h" => {
             println!(
                 "cargo xtask <demo | test | functions | cross | smoke | deb> \
-                 (cross/smoke/deb: [--profile P] [TARGET…], default profile dist)"
+                 (cross/smoke/deb: [--profile P] [--runtime-only] [TARGET…], default profile dist)"
             );
             Ok(())
         }
@@ -124,10 +126,20 @@ fn boards_in_test() -> anyhow::Result<()> {
             );
             continue;
         }
-        board::build(b, &profile)?;
-        board::smoke(b, &profile)?;
-        let deb = board::package(b, &profile)?;
-        board::check_package(b, &deb)?;
+        // The full build on both boards; the runtime-only build on 64-bit
+        // ARM (its size target), after the full one: they share the path
+        // cargo writes the binary to.
+        let variants: &[board::Variant] = if b.triple.starts_with("aarch64") {
+            &[board::Variant::Full, board::Variant::RuntimeOnly]
+        } else {
+            &[board::Variant::Full]
+        };
+        for &variant in variants {
+            board::build(b, &profile, variant)?;
+            board::smoke(b, &profile, variant)?;
+            let deb = deb::package(b, &profile, variant)?;
+            deb::check_package(b, &deb, variant)?;
+        }
     }
     Ok(())
 }

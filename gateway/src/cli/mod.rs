@@ -26,9 +26,19 @@ use crate::supervisor::{Gateway, load_functions, systemd};
 /// stopped (or its shutdown timed out).
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
+/// `edgefn --version`: says which build this is.
+const VERSION: &str = if cfg!(feature = "compiler") {
+    env!("CARGO_PKG_VERSION")
+} else {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (runtime-only: loads precompiled .cwasm, no compiler)"
+    )
+};
+
 /// edgefn: sensor events in, sandboxed WebAssembly functions, results out.
 #[derive(Debug, Parser)]
-#[command(name = "edgefn", version, about, long_about = None)]
+#[command(name = "edgefn", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EDGEFN_LOG_FORMAT")]
@@ -270,6 +280,9 @@ fn compile(
     out_dir: Option<&Path>,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
+    if !cfg!(feature = "compiler") {
+        anyhow::bail!("`edgefn compile`: {}", crate::runtime::cache::NO_COMPILER);
+    }
     let config = load_config(path)?;
     let Some(out_dir) = out_dir else {
         // For this machine: load every function through the gateway's own
@@ -315,10 +328,8 @@ fn compile(
         let result = std::fs::read(&spec.component)
             .map_err(|e| format!("cannot read `{}`: {e}", spec.component.display()))
             .and_then(|bytes| {
-                runtime
-                    .engine()
-                    .precompile_component(&bytes)
-                    .map_err(|e| format!("`{}`: {e:#}", spec.component.display()))
+                crate::runtime::cache::precompile(runtime.engine(), &bytes)
+                    .map_err(|e| format!("`{}`: {e}", spec.component.display()))
             });
         match result {
             Ok(code) => {

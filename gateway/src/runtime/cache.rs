@@ -12,7 +12,6 @@
 //! by the gateway, and precompiled `.cwasm` files named in the configuration
 //! must come from `edgefn compile` (treat them as executables).
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -27,9 +26,11 @@ pub fn content_hash(bytes: &[u8]) -> String {
 
 /// A stable (per gateway build) hash of everything in the engine's
 /// configuration that compiled code depends on.
+#[cfg(feature = "compiler")]
 pub fn engine_hash(engine: &Engine) -> String {
     // SipHash with fixed keys: the same value for the same build and
     // settings, which is all a cache key needs.
+    use std::hash::{Hash, Hasher};
     #[allow(
         deprecated,
         reason = "SipHasher's fixed keys make the hash stable across runs"
@@ -49,6 +50,7 @@ pub struct CompileCache {
 impl CompileCache {
     /// Opens (creates) `dir`; `None`, with a warning, if it cannot be used —
     /// the gateway then compiles every start.
+    #[cfg(feature = "compiler")]
     pub fn open(dir: &Path, engine: &Engine) -> Option<Self> {
         if let Err(e) = std::fs::create_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "Compile cache unavailable; components will be compiled at every start.");
@@ -58,6 +60,12 @@ impl CompileCache {
             dir: dir.to_owned(),
             engine: engine_hash(engine),
         })
+    }
+
+    /// The runtime-only build compiles nothing, so it caches nothing.
+    #[cfg(not(feature = "compiler"))]
+    pub fn open(_: &Path, _: &Engine) -> Option<Self> {
+        None
     }
 
     fn path(&self, hash: &str) -> PathBuf {
@@ -97,6 +105,23 @@ impl CompileCache {
             tracing::warn!(file = %path.display(), error = %e, "Could not write the compile cache.");
         }
     }
+}
+
+/// Why the runtime-only build cannot compile, for the commands that need to.
+pub const NO_COMPILER: &str = "this gateway is the runtime-only build (no compiler): compile and precompile with a full `edgefn` build";
+
+/// Compiles the component `bytes` into a `.cwasm` for `engine`'s target.
+#[cfg(feature = "compiler")]
+pub fn precompile(engine: &Engine, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    engine
+        .precompile_component(bytes)
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// The runtime-only build has no compiler.
+#[cfg(not(feature = "compiler"))]
+pub fn precompile(_: &Engine, _: &[u8]) -> Result<Vec<u8>, String> {
+    Err(NO_COMPILER.to_owned())
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it: a

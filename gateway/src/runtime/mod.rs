@@ -93,6 +93,19 @@ pub enum LoadError {
         /// Why (built for another target or another engine configuration).
         reason: String,
     },
+    /// A portable `.wasm` given to the runtime-only build, which has no
+    /// compiler.
+    #[error(
+        "function `{function}`: `{path}` is not precompiled, and this gateway is the runtime-only build (no compiler): precompile it with a full build, `edgefn compile --config FILE --target {target} --out-dir DIR`, and name the `.cwasm` in `component`"
+    )]
+    NotPrecompiled {
+        /// Function name.
+        function: String,
+        /// Component path.
+        path: PathBuf,
+        /// The `--target` to precompile for (this machine's).
+        target: String,
+    },
     /// The component could not be instantiated (a start function trapped,
     /// or no pool slot was free).
     #[error("function `{function}`: `{path}` could not be instantiated: {reason}")]
@@ -426,12 +439,32 @@ impl Runtime {
         if let Some(c) = self.cache.as_ref().and_then(|c| c.get(&self.engine, hash)) {
             return Ok((c, true));
         }
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| not_component(format!("{e:#}")))?;
+        let component = self.compile(function, path, bytes)?;
         if let Some(cache) = &self.cache {
             cache.put(hash, &component);
         }
         Ok((component, false))
+    }
+
+    /// Compiles a portable component with Cranelift.
+    #[cfg(feature = "compiler")]
+    fn compile(&self, function: &str, path: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
+        Component::new(&self.engine, bytes).map_err(|e| LoadError::NotAComponent {
+            function: function.to_owned(),
+            path: path.to_owned(),
+            reason: format!("{e:#}"),
+        })
+    }
+
+    /// The runtime-only build has no compiler: a portable component is
+    /// refused, naming the command that precompiles it.
+    #[cfg(not(feature = "compiler"))]
+    fn compile(&self, function: &str, path: &Path, _: &[u8]) -> Result<Component, LoadError> {
+        Err(LoadError::NotPrecompiled {
+            function: function.to_owned(),
+            path: path.to_owned(),
+            target: crate::fleet::bundle::host_target().unwrap_or_else(|| "TARGET".to_owned()),
+        })
     }
 }
 

@@ -44,9 +44,9 @@ pub fn build(
         let wasm = sha256_hex(&bytes);
         let mut precompiled = BTreeMap::new();
         for (target, runtime) in &engines {
-            let code = runtime.engine().precompile_component(&bytes).map_err(|e| {
+            let code = crate::runtime::cache::precompile(runtime.engine(), &bytes).map_err(|e| {
                 BundleError::Build(format!(
-                    "{file}: functions[{i}].component: cannot precompile `{}` for {target}: {e:#}",
+                    "{file}: functions[{i}].component: cannot precompile `{}` for {target}: {e}",
                     path.display()
                 ))
             })?;
@@ -102,6 +102,12 @@ fn rewrite_components(
 /// An engine that precompiles for `target` with the default `[runtime]`
 /// settings (as `edgefn compile --target` does with a config's).
 fn precompiler(target: &str) -> Result<crate::runtime::Runtime, BundleError> {
+    if !cfg!(feature = "compiler") {
+        return Err(BundleError::Build(format!(
+            "--target {target}: {}",
+            crate::runtime::cache::NO_COMPILER
+        )));
+    }
     let settings = crate::config::schema::RuntimeSettings::default();
     let spec = crate::config::RuntimeSpec {
         pooling: false,
