@@ -5,17 +5,25 @@
 //! `cargo bench -p edgefn-tests --bench load` (builds the release binary and
 //! needs the guests, `cargo xtask functions`, and `mosquitto`). Environment:
 //! `EDGEFN_LOAD_EVENTS` (default 200000 per throughput phase),
+//! `EDGEFN_LOAD_EMBEDDED_EVENTS` (default 100000, phase 8),
 //! `EDGEFN_LOAD_SENSORS` (default 4), `EDGEFN_LOAD_RATE` (default 5000 events/s
-//! for the latency phase), `EDGEFN_LOAD_SECONDS` (default 10).
+//! for the latency phase), `EDGEFN_LOAD_SECONDS` (default 10),
+//! `EDGEFN_LOAD_PHASES` (default `1234568`).
 //!
-//! Phases, each printed as it finishes:
-//! 1. raw broker passthrough: sensors → Mosquitto → receiver (the ceiling);
+//! Phases, each printed as it finishes; 1, 2 and 8 run at QoS 1 and QoS 0
+//! (sensors, the function's publish and the receiver at the same level):
+//! 1. raw broker passthrough: sensors → Mosquitto → receiver (the ceiling),
+//!    with Mosquitto's CPU and peak RSS;
 //! 2. MQTT → function → MQTT against that Mosquitto (`threshold`, every
 //!    reading alerts), as fast as possible: events/s with nothing lost, CPU
-//!    seconds of the gateway per 1,000 events, its peak RSS (and the steady
-//!    rate right after the flood);
+//!    µs of the gateway (and of Mosquitto) per event, peak RSS (and, at QoS
+//!    1, the steady rate right after the flood);
 //! 3. the same path at a steady rate on a fresh gateway: latency p50/p99/max
-//!    sensor → receiver;
+//!    sensor → receiver, CPU per event;
+//! 8. embedded mode: a fresh Mosquitto's passthrough of
+//!    `EDGEFN_LOAD_EMBEDDED_EVENTS` readings, then the same clients against
+//!    the gateway's own broker (no Mosquitto), flat out at both QoS levels
+//!    and at the steady rate;
 //! 4. durable path: sensors → embedded broker → `enrich` → SQLite outbox →
 //!    MQTT sink → a second Mosquitto (the cloud) → receiver: events/s with
 //!    nothing lost, latency, CPU, peak RSS;
@@ -30,15 +38,13 @@
     reason = "a benchmark harness"
 )]
 
-use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::mpsc;
+use rumqttc::QoS;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -63,6 +69,10 @@ use common::free_port;
 
 #[path = "load/soak.rs"]
 mod soak;
+
+#[path = "load/clients.rs"]
+mod clients;
+use clients::{EPOCH, Load, measure, measure_cpu, receiver, status_kib};
 
 fn wait_port(port: u16) {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -145,266 +155,7 @@ fn start_gateway(cfg: &Path, env: &[(&str, std::ffi::OsString)]) -> Proc {
     Proc(child)
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
-}
-
-/// A `/proc/<pid>/status` value in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-/// Microseconds since the benchmark started: the sensors put it in each
-/// reading, the receivers subtract it from their clock.
-fn now_us(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_micros()).unwrap()
-}
-
-/// A subscriber: reports (arrival µs, payload) for every message.
-async fn receiver(port: u16, filter: &str, qos: QoS) -> mpsc::UnboundedReceiver<(u64, Vec<u8>)> {
-    let mut opts = MqttOptions::new(format!("load-rx-{port}-{}", free_port()), "127.0.0.1", port);
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    opts.set_keep_alive(Duration::from_secs(60));
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    client.subscribe(filter, qos).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let epoch = *EPOCH.get().unwrap();
-    tokio::spawn(async move {
-        let _client = client;
-        let mut ready = Some(ready_tx);
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((now_us(epoch), p.payload.to_vec())).is_err() {
-                        break;
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        let _ = r.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("receiver on {port}: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    });
-    ready_rx.await.unwrap();
-    rx
-}
-
-static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-
-/// Readings per sensor per phase at most: `value = send_us * SEQ_SPAN + seq`.
-const SEQ_SPAN: u64 = 1_000_000;
-
-/// `sensors` clients publish `total` readings
-/// `{"value": <send µs>, "sensor": "s<k>"}` on
-/// `sensors/s<k>/temperature`, as fast as the broker takes them (QoS 1
-/// flow control) or at `rate` per second in all. Returns when the broker
-/// has acknowledged all of them.
-async fn sensors(port: u16, sensors: usize, total: usize, rate: Option<f64>) {
-    let epoch = *EPOCH.get().unwrap();
-    let mut tasks = Vec::new();
-    for k in 0..sensors {
-        let mut opts = MqttOptions::new(format!("load-sensor-{port}-{k}"), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(60));
-        opts.set_inflight(100);
-        let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-        // The broker's PUBACKs, counted: the sensor disconnects once all its
-        // readings are acknowledged.
-        let (acked_tx, mut acked) = tokio::sync::watch::channel(0usize);
-        tokio::spawn(async move {
-            let mut n = 0;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        n += 1;
-                        acked_tx.send_replace(n);
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        eprintln!("sensor {k}: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
-        let share = total / sensors + usize::from(k < total % sensors);
-        tasks.push(tokio::spawn(async move {
-            let interval = rate.map(|r| Duration::from_secs_f64(sensors as f64 / r));
-            let start = Instant::now();
-            for i in 0..share {
-                if let Some(iv) = interval {
-                    let due = start + iv * u32::try_from(i).unwrap();
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                // The send time and the sequence number in one exactly
-                // representable number (< 2^53), so any function's output
-                // that carries `value` on identifies the reading.
-                let value = now_us(epoch) * SEQ_SPAN + i as u64;
-                let payload = format!("{{\"value\": {value}, \"sensor\": \"s{k}\"}}");
-                client
-                    .publish(
-                        format!("sensors/s{k}/temperature"),
-                        QoS::AtLeastOnce,
-                        false,
-                        payload,
-                    )
-                    .await
-                    .unwrap();
-            }
-            let all_acked = matches!(
-                tokio::time::timeout(Duration::from_secs(60), acked.wait_for(|n| *n >= share))
-                    .await,
-                Ok(Ok(_))
-            );
-            assert!(all_acked, "sensor {k}: not every reading was acknowledged");
-            let _ = client.disconnect().await;
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
-/// Collects `n` messages (or gives up after `idle` without one).
-async fn collect(
-    rx: &mut mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
-    n: usize,
-    idle: Duration,
-) -> Vec<(u64, Vec<u8>)> {
-    let mut got = Vec::with_capacity(n);
-    while got.len() < n {
-        match tokio::time::timeout(idle, rx.recv()).await {
-            Ok(Some(m)) => got.push(m),
-            _ => break,
-        }
-    }
-    got
-}
-
-struct Run {
-    events: usize,
-    received: usize,
-    unique: usize,
-    secs: f64,
-    latencies_us: Vec<u64>,
-}
-
-impl Run {
-    fn rate(&self) -> f64 {
-        self.unique as f64 / self.secs
-    }
-
-    fn pct(&mut self, q: f64) -> f64 {
-        self.latencies_us.sort_unstable();
-        let n = self.latencies_us.len();
-        if n == 0 {
-            return f64::NAN;
-        }
-        self.latencies_us[((n as f64 * q) as usize).min(n - 1)] as f64 / 1000.0
-    }
-
-    fn report(&mut self, label: &str) {
-        let (p50, p99, max) = (self.pct(0.5), self.pct(0.99), self.pct(1.0));
-        println!(
-            "{label}: {:.0} events/s, {} sent, {} received ({} unique, {} lost), latency p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms",
-            self.rate(),
-            self.events,
-            self.received,
-            self.unique,
-            self.events.saturating_sub(self.unique),
-        );
-    }
-}
-
-/// The sensor, sequence number and send time (µs) of a received message,
-/// from its `field`.
-fn stamp(payload: &[u8], field: &str) -> Option<((String, u64), u64)> {
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    // Enriched records arrive inside the forwarded envelope.
-    let v = v.get("payload").unwrap_or(&v);
-    let value = v.get(field)?.as_f64()? as u64;
-    let sensor = v.get("sensor")?.as_str()?.to_owned();
-    Some(((sensor, value % SEQ_SPAN), value / SEQ_SPAN))
-}
-
-/// Sends `events` through and measures. `field` names where the send time
-/// comes back (`value` in alerts, `celsius` in enriched envelopes).
-async fn measure(
-    sensor_port: u16,
-    rx: &mut mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
-    sensors_n: usize,
-    events: usize,
-    rate: Option<f64>,
-    field: &str,
-) -> Run {
-    let epoch = *EPOCH.get().unwrap();
-    let start = now_us(epoch);
-    let send = tokio::spawn(sensors(sensor_port, sensors_n, events, rate));
-    let got = collect(rx, events, Duration::from_secs(10)).await;
-    send.await.unwrap();
-    let last = got.last().map_or(start, |(t, _)| *t);
-    let mut seen = HashSet::with_capacity(got.len());
-    let mut latencies_us = Vec::with_capacity(got.len());
-    for (arrived, payload) in &got {
-        if let Some((id, sent)) = stamp(payload, field)
-            && seen.insert(id)
-        {
-            latencies_us.push(arrived.saturating_sub(sent));
-        }
-    }
-    Run {
-        events,
-        received: got.len(),
-        unique: seen.len(),
-        secs: (last - start) as f64 / 1e6,
-        latencies_us,
-    }
-}
-
-/// Phase 2 and 4: `events` as fast as possible through `gw`, with its CPU
-/// time per event and peak RSS.
-async fn flood(
-    gw: &Proc,
-    port: u16,
-    rx: &mut mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
-    sensors_n: usize,
-    events: usize,
-    field: &str,
-    label: &str,
-) {
-    let pid = gw.0.id();
-    let cpu0 = cpu_seconds(pid);
-    let mut run = measure(port, rx, sensors_n, events, None, field).await;
-    let cpu = cpu_seconds(pid) - cpu0;
-    run.report(label);
-    println!(
-        "   gateway CPU: {cpu:.2} s = {:.3} CPU-s per 1000 events = {:.0} events per CPU-second; peak RSS {} KiB",
-        cpu * 1000.0 / run.unique.max(1) as f64,
-        run.unique as f64 / cpu,
-        status_kib(pid, "VmHWM")
-    );
-}
-
-fn threshold_functions(n: usize) -> String {
+fn threshold_functions(n: usize, qos: QoS) -> String {
     (0..n)
         .map(|i| {
             let trigger = if i == 0 {
@@ -413,11 +164,187 @@ fn threshold_functions(n: usize) -> String {
                 format!("idle/{i}/#")
             };
             format!(
-                "[[functions]]\nname = \"threshold-{i}\"\ncomponent = {}\ntriggers = [\"{trigger}\"]\npublish = [\"alerts/#\"]\nconfig = {{ limit = \"-1e18\" }}\n",
-                guest("threshold")
+                "[[functions]]\nname = \"threshold-{i}\"\ncomponent = {}\ntriggers = [\"{trigger}\"]\npublish = [\"alerts/#\"]\nconfig = {{ limit = \"-1e18\", qos = \"{}\" }}\n",
+                guest("threshold"),
+                qos as u8,
             )
         })
         .collect()
+}
+
+/// The benchmark's settings and scratch directory.
+struct Bench {
+    dir: tempfile::TempDir,
+    events: usize,
+    embedded_events: usize,
+    sensors: usize,
+    rate: f64,
+    seconds: f64,
+}
+
+impl Bench {
+    fn load(&self, events: usize, rate: Option<f64>, qos: QoS) -> Load {
+        Load {
+            sensors: self.sensors,
+            events,
+            rate,
+            qos,
+        }
+    }
+
+    fn steady(&self) -> usize {
+        (self.rate * self.seconds) as usize
+    }
+
+    /// A config's `[gateway]` and `[broker]` sections.
+    fn header(&self, id: &str, broker: &str) -> String {
+        format!(
+            "[gateway]\nid = \"{id}\"\ndata_dir = {:?}\n{broker}\n",
+            self.dir.path().join(id).display().to_string()
+        )
+    }
+
+    /// A gateway running `threshold` (every reading alerts, at `qos`) on
+    /// the external broker at `port`.
+    fn external(&self, name: &str, port: u16, qos: QoS) -> Proc {
+        let toml = format!(
+            "{}{}",
+            self.header(
+                name,
+                &format!("[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:{port}\"\n")
+            ),
+            threshold_functions(1, qos)
+        );
+        gateway(self.dir.path(), name, &toml)
+    }
+
+    /// A gateway running `threshold` on its embedded broker at `port`, its
+    /// log sized as phase 4's (10 × 10 MiB per filter), so a flood skips
+    /// nothing.
+    fn embedded(&self, name: &str, port: u16, qos: QoS) -> Proc {
+        let retention = 104_857_600;
+        let toml = format!(
+            "{}{}",
+            self.header(
+                name,
+                &format!("[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\nretention_bytes_per_filter = {retention}\n")
+            ),
+            threshold_functions(1, qos)
+        );
+        gateway(self.dir.path(), name, &toml)
+    }
+}
+
+const QOS: [QoS; 2] = [QoS::AtLeastOnce, QoS::AtMostOnce];
+
+/// Phase 1: sensors → Mosquitto → receiver, at both QoS levels.
+async fn passthrough(b: &Bench, port: u16, mosq: &Proc, events: usize, label: &str) {
+    for qos in QOS {
+        let mut rx = receiver(port, "sensors/#", qos).await;
+        measure_cpu(
+            port,
+            &mut rx,
+            b.load(events, None, qos),
+            "value",
+            label,
+            &[("Mosquitto", mosq.0.id())],
+        )
+        .await;
+    }
+}
+
+/// Phases 2 and 3: MQTT → threshold → MQTT through the external Mosquitto.
+async fn external(b: &Bench, mport: u16, mosq: &Proc, phase: impl Fn(char) -> bool) {
+    let rate = b.rate;
+    if phase('3') {
+        // A fresh gateway at a steady rate: latency and CPU per event.
+        let gw = b.external("fn-steady", mport, QoS::AtLeastOnce);
+        let mut rx = receiver(mport, "alerts/#", QoS::AtLeastOnce).await;
+        let label = format!("3. MQTT → threshold → MQTT (external Mosquitto) at a steady {rate}/s");
+        let pids = [("gateway", gw.0.id()), ("Mosquitto", mosq.0.id())];
+        measure_cpu(
+            mport,
+            &mut rx,
+            b.load(b.steady(), Some(rate), QoS::AtLeastOnce),
+            "value",
+            &label,
+            &pids,
+        )
+        .await;
+    }
+    if phase('2') {
+        for qos in QOS {
+            let gw = b.external("fn", mport, qos);
+            let mut rx = receiver(mport, "alerts/#", qos).await;
+            let label = "2. MQTT → threshold → MQTT (external Mosquitto), as fast as possible";
+            let pids = [("gateway", gw.0.id()), ("Mosquitto", mosq.0.id())];
+            measure_cpu(
+                mport,
+                &mut rx,
+                b.load(b.events, None, qos),
+                "value",
+                label,
+                &pids,
+            )
+            .await;
+            if qos == QoS::AtLeastOnce {
+                let mut run =
+                    measure(mport, &mut rx, b.load(b.steady(), Some(rate), qos), "value").await;
+                run.report(&format!(
+                    "   the same gateway at a steady {rate}/s right after that flood"
+                ));
+            }
+        }
+    }
+}
+
+/// Phase 8: embedded mode. Sensors and receiver connect to the gateway
+/// itself; Mosquitto's passthrough of the same load in the same run (a
+/// fresh Mosquitto, so its peak RSS is this phase's).
+async fn embedded(b: &Bench) {
+    let n = b.embedded_events;
+    let port = free_port();
+    {
+        let mosq = mosquitto(b.dir.path(), port);
+        passthrough(
+            b,
+            port,
+            &mosq,
+            n,
+            "8. embedded mode: Mosquitto passthrough, as fast as possible",
+        )
+        .await;
+    }
+    for qos in QOS {
+        let port = free_port();
+        let gw = b.embedded("embedded", port, qos);
+        let mut rx = receiver(port, "alerts/#", qos).await;
+        let label =
+            "8. embedded mode: sensors → gateway (threshold) → receiver, as fast as possible";
+        measure_cpu(
+            port,
+            &mut rx,
+            b.load(n, None, qos),
+            "value",
+            label,
+            &[("gateway", gw.0.id())],
+        )
+        .await;
+    }
+    let port = free_port();
+    let gw = b.embedded("embedded-steady", port, QoS::AtLeastOnce);
+    let mut rx = receiver(port, "alerts/#", QoS::AtLeastOnce).await;
+    let label = format!("8. embedded mode at a steady {}/s", b.rate);
+    let load = b.load(b.steady(), Some(b.rate), QoS::AtLeastOnce);
+    measure_cpu(
+        port,
+        &mut rx,
+        load,
+        "value",
+        &label,
+        &[("gateway", gw.0.id())],
+    )
+    .await;
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -428,59 +355,35 @@ async fn main() {
         .status()
         .unwrap();
     assert!(status.success(), "building the release gateway");
-    let events: usize = env_or("EDGEFN_LOAD_EVENTS", 200_000);
-    let sensors_n: usize = env_or("EDGEFN_LOAD_SENSORS", 4);
-    let rate: f64 = env_or("EDGEFN_LOAD_RATE", 5000.0);
-    let seconds: f64 = env_or("EDGEFN_LOAD_SECONDS", 10.0);
-    let phases: String = env_or("EDGEFN_LOAD_PHASES", "123456".to_owned());
+    let b = Bench {
+        dir: tempfile::tempdir().unwrap(),
+        events: env_or("EDGEFN_LOAD_EVENTS", 200_000),
+        embedded_events: env_or("EDGEFN_LOAD_EMBEDDED_EVENTS", 100_000),
+        sensors: env_or("EDGEFN_LOAD_SENSORS", 4),
+        rate: env_or("EDGEFN_LOAD_RATE", 5000.0),
+        seconds: env_or("EDGEFN_LOAD_SECONDS", 10.0),
+    };
+    let phases: String = env_or("EDGEFN_LOAD_PHASES", "1234568".to_owned());
     let phase = |p: char| phases.contains(p);
-    let dir = tempfile::tempdir().unwrap();
+    let (events, sensors_n, rate, seconds) = (b.events, b.sensors, b.rate, b.seconds);
     println!(
         "edgefn load benchmark: {events} events per throughput phase, {sensors_n} sensors, steady phase {rate}/s for {seconds} s"
     );
 
-    // 1. The ceiling: raw passthrough through Mosquitto, same clients, QoS 1.
+    // 1. The ceiling: raw passthrough through Mosquitto, same clients.
     let mport = free_port();
-    let _mosq = mosquitto(dir.path(), mport);
+    let mosq = mosquitto(b.dir.path(), mport);
     if phase('1') {
-        let mut rx = receiver(mport, "sensors/#", QoS::AtLeastOnce).await;
-        let mut run = measure(mport, &mut rx, sensors_n, events, None, "value").await;
-        run.report("1. raw Mosquitto passthrough (QoS 1)");
+        passthrough(&b, mport, &mosq, events, "1. raw Mosquitto passthrough").await;
     }
-
     // 2 + 3. MQTT → function → MQTT, gateway on the external Mosquitto.
-    let header = |id: &str, broker: &str| {
-        format!(
-            "[gateway]\nid = \"{id}\"\ndata_dir = {:?}\n{broker}\n",
-            dir.path().join(id).display().to_string()
-        )
-    };
-    let fn_toml = format!(
-        "{}{}",
-        header(
-            "bench-fn",
-            &format!("[broker]\nkind = \"external\"\nurl = \"mqtt://127.0.0.1:{mport}\"\n")
-        ),
-        threshold_functions(1)
-    );
-    let steady = (rate * seconds) as usize;
-    if phase('3') {
-        // A fresh gateway at a steady rate.
-        let _gw = gateway(dir.path(), "fn-steady", &fn_toml);
-        let mut rx = receiver(mport, "alerts/#", QoS::AtLeastOnce).await;
-        let mut run = measure(mport, &mut rx, sensors_n, steady, Some(rate), "value").await;
-        run.report(&format!("3. MQTT → threshold → MQTT at a steady {rate}/s"));
+    external(&b, mport, &mosq, phase).await;
+    if phase('8') {
+        embedded(&b).await;
     }
-    if phase('2') {
-        let gw = gateway(dir.path(), "fn", &fn_toml);
-        let mut rx = receiver(mport, "alerts/#", QoS::AtLeastOnce).await;
-        let label = "2. MQTT → threshold → MQTT (external Mosquitto), as fast as possible";
-        flood(&gw, mport, &mut rx, sensors_n, events, "value", label).await;
-        let mut run = measure(mport, &mut rx, sensors_n, steady, Some(rate), "value").await;
-        run.report(&format!(
-            "   the same gateway at a steady {rate}/s right after that flood"
-        ));
-    }
+    let dir = &b.dir;
+    let header = |id: &str, broker: &str| b.header(id, broker);
+    let steady = b.steady();
 
     // 4. The durable path: embedded broker → enrich → outbox → cloud.
     let cport = free_port();
@@ -506,8 +409,17 @@ async fn main() {
         let gw = gateway(dir.path(), "durable", &toml);
         let mut rx = receiver(cport, "cloud/#", QoS::AtLeastOnce).await;
         let label = "4. MQTT → enrich → outbox (SQLite, fsync) → MQTT sink → cloud Mosquitto, as fast as possible";
-        flood(&gw, eport, &mut rx, sensors_n, events, "celsius", label).await;
-        let mut run = measure(eport, &mut rx, sensors_n, steady, Some(rate), "celsius").await;
+        let q1 = QoS::AtLeastOnce;
+        measure_cpu(
+            eport,
+            &mut rx,
+            b.load(events, None, q1),
+            "celsius",
+            label,
+            &[("gateway", gw.0.id())],
+        )
+        .await;
+        let mut run = measure(eport, &mut rx, b.load(steady, Some(rate), q1), "celsius").await;
         run.report(&format!("   durable path at a steady {rate}/s"));
     }
 
@@ -522,7 +434,7 @@ async fn main() {
                     free_port()
                 )
             ),
-            threshold_functions(10)
+            threshold_functions(10, QoS::AtLeastOnce)
         );
         // First start compiles the components (and fills the compile
         // cache); a restart loads them from the cache, as a deployed board

@@ -136,6 +136,12 @@ pub fn publish(topic: &str, payload: impl AsRef<[u8]>) -> Result<(), Error> {
     Ok(host::publish(topic, payload.as_ref(), Qos::AtLeastOnce)?)
 }
 
+/// Publishes `payload` on the local broker at `qos`: `Qos::AtMostOnce` for
+/// readings where the next one replaces a lost one and every packet counts.
+pub fn publish_qos(topic: &str, payload: impl AsRef<[u8]>, qos: Qos) -> Result<(), Error> {
+    Ok(host::publish(topic, payload.as_ref(), qos)?)
+}
+
 /// Publishes `value` as JSON on the local broker at QoS 1.
 pub fn publish_json<T: Serialize + ?Sized>(topic: &str, value: &T) -> Result<(), Error> {
     publish(topic, to_json(value)?)

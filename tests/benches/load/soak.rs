@@ -13,6 +13,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+
+use super::clients::sensors;
 use super::*;
 
 /// Counts what the outside subscriber receives, per filter.
@@ -160,7 +163,13 @@ pub async fn run(dir: &Path, sensors_n: usize) {
         std::env::var("EDGEFN_SOAK_RETENTION").unwrap_or_else(|_| "default".into())
     );
     let start = Instant::now();
-    let mut send = tokio::spawn(sensors(port, sensors_n, total, Some(rate)));
+    let mut send = tokio::spawn(sensors(
+        port,
+        sensors_n,
+        total,
+        Some(rate),
+        QoS::AtLeastOnce,
+    ));
     let mut samples = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(sample_s));
     loop {

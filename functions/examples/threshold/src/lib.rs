@@ -3,9 +3,10 @@
 //!
 //! A reading on `sensors/<sensor>/<metric>` above the limit publishes
 //! `{"sensor", "metric", "value", "limit", "received_at_ms"}` on
-//! `alerts/<sensor>/<metric>`.
+//! `alerts/<sensor>/<metric>`, at QoS 1 (or 0 with `qos = "0"` in its
+//! config).
 
-use edgefn_sdk::{Event, Function, config_or, publish_json};
+use edgefn_sdk::{Event, Function, Qos, config_or, publish_qos};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -29,7 +30,12 @@ impl Function for Threshold {
                 "limit": limit,
                 "received_at_ms": event.received_at_ms,
             });
-            publish_json(&format!("alerts/{sensor}/{metric}"), &alert)?;
+            let qos = match config_or("qos", 1u8)? {
+                0 => Qos::AtMostOnce,
+                _ => Qos::AtLeastOnce,
+            };
+            let json = serde_json::to_vec(&alert).map_err(|e| e.to_string())?;
+            publish_qos(&format!("alerts/{sensor}/{metric}"), json, qos)?;
         }
         Ok(())
     }
