@@ -156,7 +156,7 @@ async fn pump(
             return;
         }
         let closing = batch.iter().any(|c| matches!(c, Command::Close));
-        let mut packets = batch
+        let mut packets: Vec<Packet> = batch
             .drain(..)
             .filter_map(|c| match c {
                 Command::Publish(m) => Some(m),
@@ -168,18 +168,11 @@ async fn pump(
                     tracing::error!(error = %e, "Local publish dropped: it cannot be encoded.");
                     Vec::new()
                 }
-            });
-        let mut last = packets.next();
-        let mut count = u64::from(last.is_some());
-        {
-            let mut buffer = tx.buffer();
-            for p in packets {
-                if let Some(previous) = last.replace(p) {
-                    buffer.push_back(previous);
-                }
-                count += 1;
-            }
-        }
+            })
+            .collect();
+        let count = packets.len() as u64;
+        let last = packets.pop();
+        tx.buffer().extend(packets);
         // `send` appends the last packet and wakes the router once.
         if let Some(p) = last {
             if let Err(e) = tx.send(p).await {
