@@ -36,7 +36,7 @@ pub struct I2cSource<B = I2cdev> {
     spec: I2cSpec,
     stats: Arc<SourceStats>,
     beat: Arc<Beat>,
-    mirror: Option<rumqttc::AsyncClient>,
+    mirror: Option<crate::publisher::LocalPublisher>,
     open: BusOpener<B>,
 }
 
@@ -49,7 +49,7 @@ pub struct I2cParts {
     /// Its progress, for the watchdog ([`crate::progress`]).
     pub beat: Arc<Beat>,
     /// The local broker, for `mirror_topic`.
-    pub local: rumqttc::AsyncClient,
+    pub local: crate::publisher::LocalPublisher,
 }
 
 /// `kind = "i2c"`.

@@ -80,7 +80,7 @@ pub struct SerialSource {
     spec: SerialSpec,
     writes: mpsc::Receiver<Bytes>,
     stats: Arc<SourceStats>,
-    mirror: Option<rumqttc::AsyncClient>,
+    mirror: Option<crate::publisher::LocalPublisher>,
     beat: Arc<Beat>,
 }
 
@@ -93,7 +93,7 @@ pub struct SerialParts {
     /// Its counters.
     pub stats: Arc<SourceStats>,
     /// The local broker, for `mirror_topic`.
-    pub local: rumqttc::AsyncClient,
+    pub local: crate::publisher::LocalPublisher,
     /// Its progress, for the watchdog ([`crate::progress`]).
     pub beat: Arc<Beat>,
 }
