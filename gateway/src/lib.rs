@@ -52,7 +52,6 @@ pub mod mqtt;
 pub mod outbox;
 pub mod output;
 pub mod progress;
-pub mod publisher;
 pub mod router;
 pub mod runtime;
 pub mod simulate;

@@ -255,9 +255,6 @@ pub struct GatewayMetrics {
     /// Times a subscriber of the embedded broker fell further behind than
     /// the broker's retention and skipped messages.
     pub broker_skips: AtomicU64,
-    /// Packets the local publisher handed to the embedded broker through
-    /// its in-process link (not a TCP connection).
-    pub link_publishes: AtomicU64,
     /// Devices logged in to the embedded broker through its guard.
     pub broker_logins: AtomicU64,
     /// Logins the embedded broker refused: wrong password, unknown user,

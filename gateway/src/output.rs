@@ -1,5 +1,5 @@
 //! Where a successful invocation's outputs go: publishes to the local broker
-//! (through the [`LocalPublisher`]), forwards into the durable outbox.
+//! (through a connection of their own), forwards into the durable outbox.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,14 +7,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::QoS;
+use rumqttc::{AsyncClient, EventLoop, QoS};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
+use crate::config::MqttEndpoint;
 use crate::event::{Event, now_ms};
-use crate::metrics::FunctionMetrics;
+use crate::metrics::{FunctionMetrics, GatewayMetrics};
 use crate::outbox::{Lane, NewRecord, Outbox};
 use crate::progress::{Activity, Beat};
-pub use crate::publisher::{LocalPublisher, local_publisher};
 use crate::sources::SourceStats;
 use crate::text::bounded;
 
@@ -65,7 +66,7 @@ pub struct Outputs {
 /// function worker.
 #[derive(Debug, Clone)]
 pub struct OutputPort {
-    local: LocalPublisher,
+    local: AsyncClient,
     outbox: Outbox,
     serial: Arc<SerialWriters>,
 }
@@ -76,7 +77,7 @@ pub type SerialWriters = HashMap<String, (mpsc::Sender<Bytes>, Arc<SourceStats>)
 impl OutputPort {
     /// A port publishing through `local`, forwarding into `outbox` and
     /// writing to the serial sources in `serial`.
-    pub fn new(local: LocalPublisher, outbox: Outbox, serial: SerialWriters) -> Self {
+    pub fn new(local: AsyncClient, outbox: Outbox, serial: SerialWriters) -> Self {
         Self {
             local,
             outbox,
@@ -109,7 +110,11 @@ impl OutputPort {
             // Counted before it goes out, so whoever receives it sees it
             // counted; taken back if it could not be queued.
             metrics.published.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.local.publish(p.topic.clone(), qos, p.payload).await {
+            if let Err(e) = self
+                .local
+                .publish(p.topic.clone(), qos, false, p.payload.to_vec())
+                .await
+            {
                 metrics.published.fetch_sub(1, Ordering::Relaxed);
                 tracing::error!(function, topic = %p.topic, error = %e, "Publish could not be queued.");
             }
@@ -241,10 +246,57 @@ impl OutputPort {
         let topic = dead_letter_topic(function.name);
         if let Err(e) = self
             .local
-            .publish(topic, QoS::AtLeastOnce, body.to_string())
+            .publish(topic, QoS::AtLeastOnce, false, body.to_string())
             .await
         {
             tracing::error!(function = %function.name, error = %e, "Dead letter could not be queued.");
+        }
+    }
+}
+
+/// Connects the local publisher: returns the client and the task that polls
+/// its event loop until the client disconnects (or, unconnected, until `stop`).
+pub fn local_publisher(
+    endpoint: &MqttEndpoint,
+    stop: CancellationToken,
+    metrics: Arc<GatewayMetrics>,
+) -> (
+    AsyncClient,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let mut opts = crate::mqtt::options(endpoint, "out", Duration::from_secs(30));
+    opts.set_clean_session(true);
+    let (client, eventloop) = AsyncClient::new(opts, 1024);
+    (client, poll_publisher(eventloop, stop, metrics))
+}
+
+async fn poll_publisher(
+    mut eventloop: EventLoop,
+    stop: CancellationToken,
+    metrics: Arc<GatewayMetrics>,
+) {
+    // Runs until the supervisor, after the last worker has finished, asks the
+    // client to disconnect: requests are handled in order, so every publish
+    // queued before that goes out first.
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => failures = 0,
+            Ok(_) => {}
+            Err(_) if stop.is_cancelled() => break,
+            Err(e) => {
+                metrics.publisher_reconnects.fetch_add(1, Ordering::Relaxed);
+                if failures == 0 {
+                    tracing::warn!(error = %e, "Local publisher lost its connection; reconnecting.");
+                }
+                let wait = crate::mqtt::backoff(failures);
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
         }
     }
 }

@@ -2,7 +2,6 @@
 //! a second ("cloud") broker, over rumqttc and Mosquitto's own clients.
 
 use std::process::Command;
-use std::sync::atomic::Ordering;
 
 use crate::support::*;
 
@@ -98,10 +97,6 @@ async fn hot_reading_raises_alert_and_is_forwarded_to_the_cloud() {
         (threshold.invocations, threshold.ok, threshold.published),
         (3, 3, 2)
     );
-    // The alerts went to the embedded broker in-process, not over TCP.
-    let m = gw.metrics();
-    assert!(m.link_publishes.load(Ordering::Relaxed) >= 2);
-    assert_eq!(m.publisher_reconnects.load(Ordering::Relaxed), 0);
     assert!(gw.shutdown(WAIT).await, "clean shutdown");
 }
 
@@ -219,7 +214,6 @@ publish = ["alerts/#"]
     };
     assert_eq!(topic, "alerts/garage/temperature");
     assert_eq!(alert["value"], 30.5);
-    assert_eq!(gw.metrics().link_publishes.load(Ordering::Relaxed), 0);
     assert!(gw.shutdown(WAIT).await);
 }
 

@@ -166,13 +166,6 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "Times a subscriber of the embedded broker fell further behind than broker.retention_bytes_per_filter and skipped the oldest messages.",
     )
     .sample(&[], get(&m.broker_skips));
-    Family::new(
-        &mut out,
-        "edgefn_broker_link_publishes_total",
-        "counter",
-        "Packets the gateway's local publisher handed to the embedded broker in-process (no TCP connection).",
-    )
-    .sample(&[], get(&m.link_publishes));
     broker_access(&mut out, m);
     if let Some(f) = &state.fleet {
         fleet(&mut out, f);

@@ -21,15 +21,9 @@
 //! configured listeners: it logs devices in, checks every publish and
 //! subscribe against their rights, and forwards what is allowed.
 //! [`start`] chooses between the two shapes.
-//!
-//! The gateway's own local publisher does not connect over TCP: it is an
-//! in-process rumqttd [`link`], opened with the broker. A link bypasses the
-//! guard (device ACL, password file, TLS), which is right for the
-//! gateway's own connection and changes nothing for devices.
 
 pub mod acl;
 pub mod guard;
-pub mod link;
 pub mod passwd;
 pub mod tls;
 
@@ -106,8 +100,6 @@ pub struct Running {
     pub login: Option<(String, String)>,
     /// The enforcement layer, when `[broker]` asks for logins.
     pub guard: Option<Arc<guard::Guard>>,
-    /// The local publisher's in-process link.
-    pub link: link::LinkPublisher,
 }
 
 impl Running {
@@ -174,7 +166,6 @@ pub async fn start(
         addr: broker.addr(),
         login,
         guard,
-        link: broker.link,
     })
 }
 
@@ -191,10 +182,9 @@ fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
 }
 
 /// A running rumqttd.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct EmbeddedBroker {
     addr: SocketAddr,
-    link: link::LinkPublisher,
 }
 
 impl EmbeddedBroker {
@@ -202,8 +192,6 @@ impl EmbeddedBroker {
     /// subscription filter, and waits (up to 10 s) until it accepts
     /// connections. With `login`, rumqttd accepts only that user name and
     /// password. Subscribers that skip messages are counted in `metrics`.
-    /// The local publisher's [`link`] is opened here (rumqttd can open
-    /// links only before it starts).
     pub fn start(
         listen: SocketAddr,
         login: Option<(String, String)>,
@@ -224,8 +212,6 @@ impl EmbeddedBroker {
             rumqttd_config(addr, login, retention_bytes_per_filter).map_err(start_error)?;
         let mut broker = rumqttd::Broker::new(config);
         let alerts = broker.alerts().map_err(|e| start_error(e.to_string()))?;
-        let link = link::open(&broker, &link::client_id(), metrics.clone())
-            .map_err(|e| start_error(e.to_string()))?;
         std::thread::Builder::new()
             .name("edgefn-broker-alerts".into())
             .spawn(move || watch_skips(&alerts, &metrics, retention_bytes_per_filter))
@@ -247,17 +233,12 @@ impl EmbeddedBroker {
             }
         }
         tracing::info!(%addr, retention_bytes_per_filter, "Embedded MQTT broker listening.");
-        Ok(Self { addr, link })
+        Ok(Self { addr })
     }
 
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// The local publisher's in-process link.
-    pub fn link(&self) -> &link::LinkPublisher {
-        &self.link
     }
 }
 

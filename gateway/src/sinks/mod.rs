@@ -61,7 +61,7 @@ pub struct SinkContext {
     /// Per-sink delivery counters.
     pub stats: Arc<DeliveryStats>,
     /// The local broker, for dead letters.
-    pub local: crate::publisher::LocalPublisher,
+    pub local: rumqttc::AsyncClient,
     /// Where cloud commands go: the functions' router, for an MQTT sink
     /// with `subscribe` (`None` otherwise: holding it would keep the
     /// workers from stopping). Dropped when `cancel` fires.
@@ -192,7 +192,7 @@ pub async fn dead_letter(ctx: &SinkContext, sink: &str, reason: &str, records: &
     let topic = dead_letter_topic(sink);
     if let Err(e) = ctx
         .local
-        .publish(topic, rumqttc::QoS::AtLeastOnce, body.to_string())
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
         .await
     {
         tracing::error!(sink, error = %e, "Dead letter could not be published.");

@@ -106,13 +106,13 @@ pub struct SourceStats {
 /// through the local publisher (QoS 0: a mirror is for watching, and must
 /// never hold a device back).
 pub(crate) async fn mirror(
-    local: &crate::publisher::LocalPublisher,
+    local: &rumqttc::AsyncClient,
     source: &str,
     topic: &str,
     payload: &[u8],
 ) {
     if let Err(e) = local
-        .publish(topic, rumqttc::QoS::AtMostOnce, payload.to_vec())
+        .publish(topic, rumqttc::QoS::AtMostOnce, false, payload.to_vec())
         .await
     {
         tracing::warn!(source, error = %e, "Frame not mirrored.");

@@ -61,7 +61,7 @@ pub struct Common<'a> {
 #[derive(Clone)]
 pub struct BuildEnv {
     /// The local broker, for `mirror_topic`.
-    pub local: crate::publisher::LocalPublisher,
+    pub local: rumqttc::AsyncClient,
     /// The watchdog's registry ([`crate::progress`]).
     pub progress: Arc<Progress>,
     /// `gateway.data_dir`, for state a source keeps across restarts.

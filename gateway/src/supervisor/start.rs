@@ -49,9 +49,8 @@ impl Gateway {
         })?;
         let progress = Arc::new(Progress::default());
         let publisher_stop = CancellationToken::new();
-        let link = embedded.as_ref().map(|b| b.link.clone());
         let (publisher, publisher_poll) =
-            local_publisher(&local, link, publisher_stop.clone(), metrics.clone());
+            local_publisher(&local, publisher_stop.clone(), metrics.clone());
 
         let (routes, prepared) = prepare_functions(loaded, config);
         let cancel = CancellationToken::new();
@@ -275,7 +274,7 @@ struct Drain {
     cancel: CancellationToken,
     sources: TaskTracker,
     workers: TaskTracker,
-    publisher: crate::publisher::LocalPublisher,
+    publisher: rumqttc::AsyncClient,
     publisher_stop: CancellationToken,
     outbox: Outbox,
     sinks_stop: CancellationToken,

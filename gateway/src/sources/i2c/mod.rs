@@ -36,7 +36,7 @@ pub struct I2cSource<B = I2cdev> {
     spec: I2cSpec,
     stats: Arc<SourceStats>,
     beat: Arc<Beat>,
-    mirror: Option<crate::publisher::LocalPublisher>,
+    mirror: Option<rumqttc::AsyncClient>,
     open: BusOpener<B>,
 }
 
@@ -49,7 +49,7 @@ pub struct I2cParts {
     /// Its progress, for the watchdog ([`crate::progress`]).
     pub beat: Arc<Beat>,
     /// The local broker, for `mirror_topic`.
-    pub local: crate::publisher::LocalPublisher,
+    pub local: rumqttc::AsyncClient,
 }
 
 /// `kind = "i2c"`.

@@ -166,12 +166,8 @@ async fn a_bme280_bridge_reads_calibration_once_and_mirrors_every_reading() {
         tls: None,
     };
     let ctx = context();
-    let (local, poll) = crate::output::local_publisher(
-        &endpoint,
-        Some(broker.link().clone()),
-        ctx.cancel.clone(),
-        ctx.metrics.clone(),
-    );
+    let (local, poll) =
+        crate::output::local_publisher(&endpoint, ctx.cancel.clone(), ctx.metrics.clone());
     tokio::spawn(poll);
     let mut mirrored = subscribe(port, "mirror/#").await;
 
@@ -224,7 +220,7 @@ async fn crc_errors_count_as_invalid_readings_at_once() {
             "climate",
             Duration::from_secs(5),
         ),
-        local: crate::publisher::LocalPublisher::Mqtt(local),
+        local,
     };
     let source = I2cSource::with_bus(parts, Arc::new(|_: &Path| Ok(BadCrcSht3x)));
     let running = tokio::spawn(source.poll_until_cancelled(ctx.clone()));

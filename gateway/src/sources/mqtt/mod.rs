@@ -49,32 +49,9 @@
 //! duplicate, like any QoS 1 redelivery). After a reconnect it subscribes to
 //! the current set.
 //!
-//! This connection only receives; functions publish through the separate
-//! local publisher ([`crate::publisher`]), so a function whose queue is full
-//! can never block the connection its own publishes go through.
-//!
-//! # Why not an in-process link
-//! With the embedded broker the local publisher is a rumqttd link; this
-//! source still connects over TCP loopback: with rumqttd 0.20's link API it
-//! would lose one guarantee above and rest the others on internals:
-//! - Links exist only for the broker's lifetime: `Broker::link` works only
-//!   before `Broker::start()` (which blocks, holding the broker), and the
-//!   router's channel is private, so a link the router dropped (a device
-//!   connecting with its client id) cannot be replaced: where this source
-//!   reconnects and resumes its session today, it would stop for good.
-//! - QoS 1 through a link relies on internals: `LinkTx::subscribe` is QoS 0
-//!   only; a QoS 1 SUBSCRIBE, and every PUBACK, would be hand-built packets
-//!   sent with `LinkTx::send`; packet ids cycle 1..=100 in the
-//!   router's fixed in-flight window; when the link's outgoing buffer holds
-//!   200 notifications the router sends `Unschedule` and forwards nothing
-//!   more until the link sends `Ready` (`LinkRx::wake`), a hand-off no
-//!   documented API promises to keep.
-//! - `LinkTx::send` blocks its thread on the router's bounded channel, so
-//!   acks would need a thread of their own, beside the poller's.
-//!
-//! Rebuilding the intake, the in-order acker ([`intake`]) and the
-//! subscription switch on those internals is a change of its own, with its
-//! own tests; it is not done.
+//! This connection only receives; functions publish through a separate
+//! connection ([`crate::output`]), so a function whose queue is full can never
+//! block the connection its own publishes go through.
 
 pub(crate) mod intake;
 mod sequencer;

@@ -80,7 +80,7 @@ pub struct SerialSource {
     spec: SerialSpec,
     writes: mpsc::Receiver<Bytes>,
     stats: Arc<SourceStats>,
-    mirror: Option<crate::publisher::LocalPublisher>,
+    mirror: Option<rumqttc::AsyncClient>,
     beat: Arc<Beat>,
 }
 
@@ -93,7 +93,7 @@ pub struct SerialParts {
     /// Its counters.
     pub stats: Arc<SourceStats>,
     /// The local broker, for `mirror_topic`.
-    pub local: crate::publisher::LocalPublisher,
+    pub local: rumqttc::AsyncClient,
     /// Its progress, for the watchdog ([`crate::progress`]).
     pub beat: Arc<Beat>,
 }
