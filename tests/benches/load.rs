@@ -8,7 +8,8 @@
 //! `EDGEFN_LOAD_EMBEDDED_EVENTS` (default 100000, phase 8),
 //! `EDGEFN_LOAD_SENSORS` (default 4), `EDGEFN_LOAD_RATE` (default 5000 events/s
 //! for the latency phase), `EDGEFN_LOAD_SECONDS` (default 10),
-//! `EDGEFN_LOAD_PHASES` (default `1234568`).
+//! `EDGEFN_LOAD_PHASES` (default `1234568`), `EDGEFN_LOAD_BINARY` (measure
+//! this gateway binary instead of building the release one: A/B runs).
 //!
 //! Phases, each printed as it finishes; 1, 2 and 8 run at QoS 1 and QoS 0
 //! (sensors, the function's publish and the receiver at the same level):
@@ -54,6 +55,14 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
+}
+
+/// The gateway under test: `EDGEFN_LOAD_BINARY` (another build to compare,
+/// used as it is), else the release build.
+fn gateway_binary() -> PathBuf {
+    std::env::var_os("EDGEFN_LOAD_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/edgefn"))
 }
 
 fn guest(name: &str) -> String {
@@ -126,7 +135,7 @@ fn gateway(dir: &Path, name: &str, toml: &str) -> Proc {
 /// The release gateway on the config file `cfg`, with `env` added to its
 /// environment; returns once it logged that it started.
 fn start_gateway(cfg: &Path, env: &[(&str, std::ffi::OsString)]) -> Proc {
-    let mut child = Command::new(target_dir().join("release/edgefn"))
+    let mut child = Command::new(gateway_binary())
         .args(["run", "--config"])
         .arg(cfg)
         .env("EDGEFN_LOG", "warn,edgefn::supervisor=info")
@@ -350,11 +359,13 @@ async fn embedded(b: &Bench) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     EPOCH.set(Instant::now()).unwrap();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "edgefn"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the release gateway");
+    if std::env::var_os("EDGEFN_LOAD_BINARY").is_none() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "-p", "edgefn"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the release gateway");
+    }
     let b = Bench {
         dir: tempfile::tempdir().unwrap(),
         events: env_or("EDGEFN_LOAD_EVENTS", 200_000),
@@ -458,7 +469,7 @@ async fn main() {
     }
 
     // 6. Binary size.
-    let bin = target_dir().join("release/edgefn");
+    let bin = gateway_binary();
     println!(
         "6. release binary: {} bytes ({:.1} MiB)",
         std::fs::metadata(&bin).unwrap().len(),

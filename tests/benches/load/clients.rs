@@ -66,6 +66,8 @@ pub async fn receiver(
                     }
                 }
                 Ok(_) => {}
+                // Its phase is over (the receiving end is gone).
+                Err(_) if tx.is_closed() => break,
                 Err(e) => {
                     eprintln!("receiver on {port}: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::{mpsc, watch};
@@ -188,6 +189,8 @@ pub(crate) fn start(
         counters: options.counters,
         next: 0,
         dropping: false,
+        drop_warned: None,
+        drop_warnings: 0,
     };
     (intaker, Acker { task, handled })
 }
@@ -209,7 +212,14 @@ pub(crate) struct Intaker {
     next: u64,
     /// QoS 0 messages are being dropped (logged once per stall).
     dropping: bool,
+    /// When the last drop warning was logged.
+    drop_warned: Option<Instant>,
+    /// Drop warnings logged so far.
+    drop_warnings: u64,
 }
+
+/// Least time between two warnings about dropped QoS 0 messages.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 impl Intaker {
     /// Stops taking messages in; the dispatcher drops the router once it has
@@ -250,10 +260,19 @@ impl Intaker {
             && !self.held.admit(len)
         {
             self.counters.dropped(&self.metrics);
-            if !self.dropping {
-                tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up.");
-                self.dropping = true;
+            // Once per stall, and at most every DROP_WARNING_EVERY: under a
+            // flood the held count hovers at its limit, and every message
+            // admitted in between would start a new "stall". The metric
+            // counts every drop.
+            let due = self
+                .drop_warned
+                .is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY);
+            if !self.dropping && due {
+                tracing::warn!(topic = %p.topic, held = MAX_HELD_QOS0, "Functions are held back: QoS 0 messages dropped until they catch up (counted in the dropped-messages metric).");
+                self.drop_warned = Some(Instant::now());
+                self.drop_warnings += 1;
             }
+            self.dropping = true;
             return;
         }
         self.dropping = false;
@@ -424,5 +443,19 @@ mod tests {
         let dropped = stats.commands_dropped.load(Ordering::Relaxed);
         assert_eq!(dropped, 2 + extra as u64);
         assert_eq!(metrics.source_dropped.load(Ordering::Relaxed), 0);
+
+        // A flood keeps the held count at its limit: each slot the
+        // dispatcher frees is taken by the next message and the one after
+        // is dropped. That is one stall to the log, not one per slot.
+        for _ in 0..100 {
+            intaker.held.release(1);
+            intaker.take(Publish::new("commands/gw/set", QoS::AtMostOnce, "x"));
+            intaker.take(Publish::new("commands/gw/set", QoS::AtMostOnce, "x"));
+        }
+        assert_eq!(
+            stats.commands_dropped.load(Ordering::Relaxed),
+            2 + extra as u64 + 100
+        );
+        assert_eq!(intaker.drop_warnings, 1, "one warning per 10 s");
     }
 }
