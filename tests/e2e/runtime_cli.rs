@@ -203,14 +203,23 @@ pub(crate) fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::
 /// Waits (up to [`WAIT`]) for a line containing every one of `parts`.
 pub(crate) fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, parts: &[&str]) -> String {
     let deadline = Instant::now() + WAIT;
+    // What the process said instead, for the failure message.
+    let mut seen: Vec<String> = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no log line with {parts:?}"));
+        let line = lines.recv_timeout(left).unwrap_or_else(|e| {
+            panic!(
+                "no log line with {parts:?} ({e}); the last lines:\n{}",
+                seen.join("\n")
+            )
+        });
         if parts.iter().all(|p| line.contains(p)) {
             return line;
         }
+        if seen.len() == 20 {
+            seen.remove(0);
+        }
+        seen.push(line);
     }
 }
 
