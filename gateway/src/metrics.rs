@@ -238,6 +238,15 @@ pub struct GatewayMetrics {
     /// QoS 0 messages the MQTT source dropped while the functions were held
     /// back (see `sources::mqtt`, Back-pressure).
     pub source_dropped: AtomicU64,
+    /// Times the MQTT source stopped reading because QoS 1 messages waited
+    /// for the functions (see `sources::mqtt`, Back-pressure).
+    pub source_paused: AtomicU64,
+    /// QoS 1 messages the MQTT source left with the broker, to fetch again,
+    /// because the functions were behind (see `sources::mqtt`,
+    /// Back-pressure).
+    pub source_deferred: AtomicU64,
+    /// Times the MQTT source resumed its session to fetch deferred messages.
+    pub source_resyncs: AtomicU64,
     /// Reconnects of the local publisher's connection.
     pub publisher_reconnects: AtomicU64,
     /// Configuration reloads (`SIGHUP`) applied (in part: see

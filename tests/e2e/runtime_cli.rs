@@ -166,12 +166,23 @@ async fn compile_fills_the_cache_and_precompiles_for_other_targets() {
     assert!(out.contains("publish alerts/a/temperature"), "{out}");
 }
 
-/// Lines of a child's stderr, read on a thread.
 /// The real binary running `config` (`EDGEFN_LOG=info`) once it has logged
 /// `Gateway started.`, and its stderr lines from then on.
 pub(crate) fn run_binary(
     config: &std::path::Path,
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let (child, lines, _) = start_binary(config);
+    (child, lines)
+}
+
+/// [`run_binary`], and its `Gateway started.` line.
+pub(crate) fn start_binary(
+    config: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    String,
+) {
     let mut child = Command::new(edgefn_bin())
         .args(["run", "--config"])
         .arg(config)
@@ -181,10 +192,11 @@ pub(crate) fn run_binary(
         .spawn()
         .unwrap();
     let lines = stderr_lines(&mut child);
-    wait_for_line(&lines, &["Gateway started."]);
-    (child, lines)
+    let started = wait_for_line(&lines, &["Gateway started."]);
+    (child, lines, started)
 }
 
+/// Lines of a child's stderr, read on a thread.
 pub(crate) fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
     let stderr = child.stderr.take().unwrap();
@@ -278,4 +290,24 @@ async fn sighup_reloads_changed_functions_and_keeps_serving_through_a_bad_config
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// `gateway.io_threads` sizes the binary's async runtime: one by default.
+#[test]
+fn io_threads_size_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgefn.toml");
+    for (line, want) in [("", "io_threads=1"), ("io_threads = 3\n", "io_threads=3")] {
+        std::fs::write(
+            &config,
+            format!(
+                "[gateway]\nid = \"gw-io\"\ndata_dir = \"data\"\n{line}[broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:{}\"\n",
+                free_port()
+            ),
+        )
+        .unwrap();
+        let (child, _lines, started) = start_binary(&config);
+        let _child = KillOnDrop(child);
+        assert!(started.contains(want), "{started}");
+    }
 }

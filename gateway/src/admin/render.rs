@@ -140,6 +140,27 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
         "QoS 0 messages the MQTT source dropped while the functions were held back.",
     )
     .sample(&[("source", "mqtt")], get(&m.source_dropped));
+    Family::new(
+        &mut out,
+        "edgefn_source_paused_total",
+        "counter",
+        "Times the MQTT source stopped reading while QoS 1 messages waited for the functions.",
+    )
+    .sample(&[("source", "mqtt")], get(&m.source_paused));
+    Family::new(
+        &mut out,
+        "edgefn_source_deferred_total",
+        "counter",
+        "QoS 1 messages the MQTT source left with the broker to fetch again, while the functions were behind.",
+    )
+    .sample(&[("source", "mqtt")], get(&m.source_deferred));
+    Family::new(
+        &mut out,
+        "edgefn_source_resyncs_total",
+        "counter",
+        "Times the MQTT source resumed its session to fetch deferred messages.",
+    )
+    .sample(&[("source", "mqtt")], get(&m.source_resyncs));
     per_source(
         &mut out,
         "edgefn_source_writes_dropped_total",

@@ -230,6 +230,7 @@ pub fn execute(command: Command, out: &mut dyn Write) -> anyhow::Result<ExitCode
         } => {
             let config = load_config(&config)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.io_threads)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

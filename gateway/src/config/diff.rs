@@ -122,6 +122,8 @@ pub fn restart_needed(running: &ValidConfig, new: &ValidConfig) -> Vec<RestartNe
     d.key("gateway", "data_dir", &running.data_dir, &new.data_dir);
     let (ta, tb) = (&running.shutdown_timeout, &new.shutdown_timeout);
     d.key("gateway", "shutdown_timeout_s", ta, tb);
+    let (ia, ib) = (&running.io_threads, &new.io_threads);
+    d.key("gateway", "io_threads", ia, ib);
     // The fleet agent and its connection are built at start.
     d.key("fleet", "*", &running.fleet, &new.fleet);
     match (&running.broker, &new.broker) {

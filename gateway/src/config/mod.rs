@@ -499,6 +499,9 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             "must be between 1 and 3600 seconds",
         );
     }
+    if !(1..=64).contains(&config.gateway.io_threads) {
+        p.add("gateway.io_threads", "must be between 1 and 64");
+    }
 
     match (p.list.is_empty(), broker) {
         (true, Some(broker)) => Ok(ValidConfig {
@@ -514,6 +517,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
             runtime,
             admin: admin.flatten(),
             shutdown_timeout: Duration::from_secs(config.gateway.shutdown_timeout_s),
+            io_threads: config.gateway.io_threads,
             raw: std::sync::Arc::default(),
             fleet: fleet.flatten(),
         }),

@@ -46,6 +46,8 @@ pub struct ValidConfig {
     pub admin: Option<AdminSpec>,
     /// `gateway.shutdown_timeout_s`.
     pub shutdown_timeout: Duration,
+    /// `gateway.io_threads`: the async runtime's worker threads.
+    pub io_threads: usize,
     /// The file's table after `${VAR}` interpolation, kept so that a fleet
     /// bundle's functions can be validated together with the file's
     /// ([`super::with_functions`]).

@@ -475,6 +475,12 @@ fn admin_and_shutdown_settings() {
 
     let e = errors(&MINIMAL.replace("id = \"gw1\"", "id = \"gw1\"\nshutdown_timeout_s = 0"));
     assert_eq!(e[0].key, "gateway.shutdown_timeout_s");
+    // One network thread unless the file asks for more.
+    assert_eq!(parse_str(MINIMAL).expect("valid").io_threads, 1);
+    let two = MINIMAL.replace("id = \"gw1\"", "id = \"gw1\"\nio_threads = 2");
+    assert_eq!(parse_str(&two).expect("valid").io_threads, 2);
+    let e = errors(&MINIMAL.replace("id = \"gw1\"", "id = \"gw1\"\nio_threads = 0"));
+    assert_eq!(e[0].key, "gateway.io_threads");
     let e = errors(&format!("{MINIMAL}\n[admin]\nlisten = \"[::]:9180\"\n"));
     assert_eq!(e[0].key, "admin.token");
     assert!(

@@ -212,6 +212,7 @@ impl Gateway {
             functions = self.functions.list().len(),
             sinks = config.sinks.len(),
             broker = %broker,
+            io_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "Gateway started."
         );
     }

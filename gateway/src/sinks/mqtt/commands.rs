@@ -60,6 +60,9 @@ impl Commands {
                 ack_point: AckPoint::Handled,
                 attributes: vec![("sink".to_owned(), sink.to_owned())],
                 counters: ctx.stats.clone(),
+                // The connection also carries the sink's deliveries: it
+                // cannot be replaced to fetch deferred commands again.
+                defer_when_full: false,
             },
         );
         Some(Self {
@@ -112,7 +115,7 @@ impl Commands {
 
     /// The connection was lost: its commands are not acknowledged any more
     /// (the cloud broker sends them again).
-    pub(super) fn connection_lost(&self) {
+    pub(super) fn connection_lost(&mut self) {
         self.intaker.connection_lost();
     }
 

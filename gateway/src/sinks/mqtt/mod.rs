@@ -225,7 +225,7 @@ impl Sink for MqttSink {
                 }
             };
             // A stopping connection is still up, for the last acks.
-            if let Some(c) = &commands
+            if let Some(c) = &mut commands
                 && stopping_since.is_none()
             {
                 c.connection_lost();

@@ -13,7 +13,7 @@
 //! function workers drain.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Publish, QoS};
@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::held::Held;
 use super::sequencer::AckSequencer;
-use super::{AckPoint, MAX_HELD_QOS0, MAX_HELD_QOS0_BYTES};
+use super::{AckPoint, MAX_HELD_QOS0, MAX_HELD_QOS1};
 use crate::event::{AckGuard, Event, SourceKind};
 use crate::metrics::GatewayMetrics;
 use crate::router::Router;
@@ -58,6 +59,10 @@ pub(crate) struct IntakeOptions {
     pub attributes: Vec<(String, String)>,
     /// Extra counters.
     pub counters: Arc<dyn IntakeCounters>,
+    /// Defer QoS 1 and 2 messages beyond [`MAX_HELD_QOS1`] waiting for the
+    /// dispatcher, for the broker to redeliver after a resync (the MQTT
+    /// source); `false` holds every one (cloud commands).
+    pub defer_when_full: bool,
 }
 
 /// The client a message is acknowledged through: of either protocol
@@ -71,8 +76,11 @@ pub(crate) enum AckClient {
 }
 
 impl AckClient {
-    /// Queues the acknowledgement of message `pkid` (at `qos`) on `topic`.
-    async fn ack(&self, topic: &str, qos: QoS, pkid: u16) -> Result<(), String> {
+    /// Queues the acknowledgement of message `pkid` (at `qos`). rumqttc
+    /// reads only those two of the message it is given, so no topic is kept
+    /// per message waiting for its turn.
+    async fn ack(&self, qos: QoS, pkid: u16) -> Result<(), String> {
+        let topic = "";
         match self {
             Self::V4(c) => {
                 let mut p = Publish::new(topic, qos, Vec::new());
@@ -98,9 +106,9 @@ impl AckClient {
 struct Pending {
     n: u64,
     generation: u64,
-    /// The client of the connection it came on; the topic, QoS and packet
-    /// id of the message.
-    ack: Option<(AckClient, String, QoS, u16)>,
+    /// The client of the connection it came on; the QoS and packet id of
+    /// the message.
+    ack: Option<(AckClient, QoS, u16)>,
 }
 
 /// A received message on its way to the router.
@@ -109,33 +117,10 @@ struct Intake {
     /// `None` for a message refused at intake (acknowledged, not
     /// dispatched).
     event: Option<Event>,
-    /// Payload bytes if it is a QoS 0 message (counted in [`Held`]).
-    qos0: Option<usize>,
-}
-
-/// What waits for the dispatcher without an in-flight window to bound it.
-#[derive(Default)]
-struct Held {
-    count: AtomicUsize,
-    bytes: AtomicUsize,
-}
-
-impl Held {
-    /// Takes room for a QoS 0 message of `len` bytes, if there is any.
-    fn admit(&self, len: usize) -> bool {
-        let full = self.count.load(Ordering::Relaxed) >= MAX_HELD_QOS0
-            || self.bytes.load(Ordering::Relaxed) + len > MAX_HELD_QOS0_BYTES;
-        if !full {
-            self.count.fetch_add(1, Ordering::Relaxed);
-            self.bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        !full
-    }
-
-    fn release(&self, len: usize) {
-        self.count.fetch_sub(1, Ordering::Relaxed);
-        self.bytes.fetch_sub(len, Ordering::Relaxed);
-    }
+    /// Whether it is a QoS 0 message, and its payload bytes (counted in
+    /// [`Held`] until it reaches the dispatcher).
+    qos0: bool,
+    len: usize,
 }
 
 /// The acker task and how far it got.
@@ -191,6 +176,9 @@ pub(crate) fn start(
         dropping: false,
         drop_warned: None,
         drop_warnings: 0,
+        defer: options.defer_when_full,
+        deferring: false,
+        defer_warned: None,
     };
     (intaker, Acker { task, handled })
 }
@@ -216,6 +204,14 @@ pub(crate) struct Intaker {
     drop_warned: Option<Instant>,
     /// Drop warnings logged so far.
     drop_warnings: u64,
+    /// Whether QoS 1 and 2 messages beyond the limit are deferred (the MQTT
+    /// source) or held however many arrive (cloud commands, whose connection
+    /// also carries the sink's deliveries).
+    defer: bool,
+    /// QoS 1 and 2 messages are being deferred until the next resync.
+    deferring: bool,
+    /// When the last deferral warning was logged.
+    defer_warned: Option<Instant>,
 }
 
 /// Least time between two warnings about dropped QoS 0 messages.
@@ -238,14 +234,43 @@ impl Intaker {
         self.next
     }
 
-    /// The connection was lost: acknowledgements of its messages are void.
-    pub(crate) fn connection_lost(&self) {
+    /// The connection was lost (or replaced by a resync): acknowledgements
+    /// of its messages are void, and the next one redelivers the deferred
+    /// ones.
+    pub(crate) fn connection_lost(&mut self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
+        self.deferring = false;
     }
 
     /// Messages from now on come on the connection of `client`.
     pub(crate) fn connected(&mut self, client: AckClient) {
         self.client = Some(client);
+    }
+
+    /// Whether the QoS 1 and 2 messages waiting for the dispatcher reached
+    /// their limit: the poller should stop reading (see the MQTT source's
+    /// Back-pressure).
+    pub(crate) fn full(&self) -> bool {
+        self.held.full()
+    }
+
+    /// Waits until half of the held QoS 1 and 2 messages have gone to the
+    /// dispatcher. Cancel-safe.
+    pub(crate) async fn room(&self) {
+        self.held.room().await;
+    }
+
+    /// From now on, defers every QoS 1 and 2 message until the next
+    /// connection: the poller must read on (a pause has lasted too long).
+    pub(crate) fn defer(&mut self) {
+        self.start_deferring(None);
+    }
+
+    /// Whether QoS 1 and 2 messages are being deferred: left unacknowledged
+    /// and not dispatched, for the broker to send again on the next
+    /// connection ([`Intaker::connection_lost`]).
+    pub(crate) fn deferring(&self) -> bool {
+        self.deferring
     }
 
     /// Takes one received message in.
@@ -255,10 +280,8 @@ impl Intaker {
             // the next run.
             return;
         };
-        let qos0 = (p.qos == QoS::AtMostOnce).then_some(p.payload.len());
-        if let Some(len) = qos0
-            && !self.held.admit(len)
-        {
+        let (qos0, len) = (p.qos == QoS::AtMostOnce, p.payload.len());
+        if qos0 && !self.held.admit(len) {
             self.counters.dropped(&self.metrics);
             // Once per stall, and at most every DROP_WARNING_EVERY: under a
             // flood the held count hovers at its limit, and every message
@@ -276,13 +299,16 @@ impl Intaker {
             return;
         }
         self.dropping = false;
+        if !qos0 && (self.deferring || !self.held.hold(len, self.defer)) {
+            self.metrics.source_deferred.fetch_add(1, Ordering::Relaxed);
+            self.start_deferring(Some(&p.topic));
+            return;
+        }
         self.counters.taken(&self.metrics);
         let n = self.next;
         self.next += 1;
         let ack = match &self.client {
-            Some(client) if p.qos != QoS::AtMostOnce => {
-                Some((client.clone(), p.topic.clone(), p.qos, p.pkid))
-            }
+            Some(client) if p.qos != QoS::AtMostOnce => Some((client.clone(), p.qos, p.pkid)),
             _ => None,
         };
         let _ = self.received.send(Pending {
@@ -298,7 +324,33 @@ impl Intaker {
             event.attributes.extend(self.attributes.iter().cloned());
             event
         });
-        let _ = intake.send(Intake { n, event, qos0 });
+        let _ = intake.send(Intake {
+            n,
+            event,
+            qos0,
+            len,
+        });
+    }
+}
+
+impl Intaker {
+    /// Leaves QoS 1 and 2 messages unacknowledged and undispatched from now
+    /// on, until the next connection (the broker redelivers them all, in
+    /// order, on the resumed session).
+    fn start_deferring(&mut self, topic: Option<&str>) {
+        if !self.deferring
+            && self
+                .defer_warned
+                .is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY)
+        {
+            tracing::warn!(
+                topic,
+                held = MAX_HELD_QOS1,
+                "Functions are behind: QoS 1 messages are left with the broker and fetched again once they catch up."
+            );
+            self.defer_warned = Some(Instant::now());
+        }
+        self.deferring = true;
     }
 }
 
@@ -331,9 +383,17 @@ async fn dispatch(
     ack_point: AckPoint,
     held: Arc<Held>,
 ) {
-    while let Some(Intake { n, event, qos0 }) = intake.recv().await {
-        if let Some(len) = qos0 {
+    while let Some(Intake {
+        n,
+        event,
+        qos0,
+        len,
+    }) = intake.recv().await
+    {
+        if qos0 {
             held.release(len);
+        } else {
+            held.dispatched(len);
         }
         if cancel.is_cancelled() {
             let _ = done.send((n, false));
@@ -380,13 +440,13 @@ async fn ack_in_order(
             },
         }
         for p in order.release() {
-            let Some((client, topic, qos, pkid)) = p.ack else {
+            let Some((client, qos, pkid)) = p.ack else {
                 continue;
             };
             if p.generation != generation.load(Ordering::Relaxed) {
                 continue;
             }
-            match client.ack(&topic, qos, pkid).await {
+            match client.ack(qos, pkid).await {
                 Ok(()) => counters.acked(),
                 Err(e) => tracing::warn!(error = %e, "Acknowledgement could not be queued."),
             }
@@ -406,34 +466,45 @@ mod tests {
     use crate::runtime::queue::queue;
     use crate::sinks::DeliveryStats;
 
-    /// QoS 0 cloud commands dropped while a full `block` queue holds the
-    /// intake back count for their sink, not as the MQTT source's drops.
-    #[tokio::test]
-    async fn dropped_qos0_commands_count_for_their_sink() {
+    /// An intake whose router sends `filter` to a one-slot `block` queue
+    /// that no worker drains, counting into `counters`.
+    fn stuck_intake(
+        filter: &str,
+        counters: Arc<dyn IntakeCounters>,
+        defer_when_full: bool,
+    ) -> (Intaker, Acker, Arc<GatewayMetrics>) {
         let metrics = Arc::new(GatewayMetrics::default());
-        // One slot and no worker: nothing drains the queue.
         let (tx, _rx) = queue(1, QueuePolicy::Block, Arc::default());
         let route = Route {
             function: "f".into(),
             triggers: crate::topic::FilterSet::new(vec![
-                crate::topic::TopicFilter::parse("commands/#").expect("filter"),
+                crate::topic::TopicFilter::parse(filter).expect("filter"),
             ]),
             queue: Arc::new(tx),
         };
         let router = Arc::new(Router::new(vec![route], metrics.clone()));
-        let stats = Arc::new(DeliveryStats::default());
         let options = IntakeOptions {
             ack_point: AckPoint::Handled,
             attributes: Vec::new(),
-            counters: stats.clone(),
+            counters,
+            defer_when_full,
         };
-        let (mut intaker, _acker) = start(
+        let (intaker, acker) = start(
             router,
             CancellationToken::new(),
             None,
             metrics.clone(),
             options,
         );
+        (intaker, acker, metrics)
+    }
+
+    /// QoS 0 cloud commands dropped while a full `block` queue holds the
+    /// intake back count for their sink, not as the MQTT source's drops.
+    #[tokio::test]
+    async fn dropped_qos0_commands_count_for_their_sink() {
+        let stats = Arc::new(DeliveryStats::default());
+        let (mut intaker, _acker, metrics) = stuck_intake("commands/#", stats.clone(), false);
         let extra = 10usize;
         for _ in 0..MAX_HELD_QOS0 + 2 + extra {
             intaker.take(Publish::new("commands/gw/set", QoS::AtMostOnce, "x"));
@@ -457,5 +528,40 @@ mod tests {
             2 + extra as u64 + 100
         );
         assert_eq!(intaker.drop_warnings, 1, "one warning per 10 s");
+    }
+
+    /// QoS 1 messages beyond the held limit are deferred: neither taken in
+    /// nor dispatched, counted; so is every QoS 1 message after them, until
+    /// the next connection. QoS 0 messages still go through.
+    #[tokio::test]
+    async fn qos1_beyond_the_limit_is_deferred_until_the_next_connection() {
+        let (mut intaker, _acker, metrics) =
+            stuck_intake("sensors/#", Arc::new(SourceCounters), true);
+        let qos1 = || Publish::new("sensors/a", QoS::AtLeastOnce, "x");
+        let deferred = || metrics.source_deferred.load(Ordering::Relaxed);
+        // Taken without a pause: the dispatcher has not run yet.
+        for _ in 0..MAX_HELD_QOS1 {
+            intaker.take(qos1());
+        }
+        assert!(intaker.full() && !intaker.deferring());
+        intaker.take(qos1());
+        assert!(intaker.deferring());
+        assert_eq!((intaker.taken(), deferred()), (MAX_HELD_QOS1 as u64, 1));
+
+        // Room again, but nothing after a deferred message may be taken
+        // in: its ack would pass the deferred one.
+        for _ in 0..10 {
+            intaker.held.dispatched(1);
+        }
+        intaker.take(qos1());
+        assert_eq!((intaker.taken(), deferred()), (MAX_HELD_QOS1 as u64, 2));
+        intaker.take(Publish::new("sensors/a", QoS::AtMostOnce, "x"));
+        assert_eq!(intaker.taken(), MAX_HELD_QOS1 as u64 + 1, "QoS 0 goes on");
+
+        // The next connection redelivers the deferred ones.
+        intaker.connection_lost();
+        assert!(!intaker.deferring());
+        intaker.take(qos1());
+        assert_eq!((intaker.taken(), deferred()), (MAX_HELD_QOS1 as u64 + 2, 2));
     }
 }

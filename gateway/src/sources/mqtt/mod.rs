@@ -31,11 +31,29 @@
 //! # Back-pressure
 //! The task polling rumqttc's event loop never waits on the functions: it
 //! hands each message to a dispatcher task and polls on, so keep-alive pings
-//! go out however long a full queue or a full outbox (`refuse`) holds the
-//! intake back. Holding back means not dispatching and not acknowledging:
-//! the broker stops sending QoS 1 messages once its in-flight window of
-//! unacknowledged ones is full, and keeps the rest. QoS 0 messages have no
-//! such window: at most [`MAX_HELD_QOS0`] of them ([`MAX_HELD_QOS0_BYTES`]
+//! and acknowledgements go out while a full queue or a full outbox
+//! (`refuse`) holds the intake back. Holding back means not dispatching and
+//! not acknowledging.
+//!
+//! A broker's in-flight window does not bound what arrives: Mosquitto
+//! 2.0.11 with `max_inflight_messages 1000` was measured sending a client
+//! that acknowledges slowly 18,000 unacknowledged messages, and the gateway
+//! held 28,679 of them in memory under a flood (138 MB). So at most
+//! [`MAX_HELD_QOS1`] QoS 1 and 2 messages ([`MAX_HELD_QOS1_BYTES`] of
+//! payload) wait for the dispatcher. At that limit the source stops reading
+//! (`edgefn_source_paused_total`) until half of them have been dispatched:
+//! the broker keeps the rest (TCP back-pressure). A pause lasts at most a
+//! quarter of the keep-alive period, so that acknowledgements and pings keep
+//! the connection alive; if the functions are still stalled then (a full
+//! outbox under `refuse`, say), the source reads on but **defers** QoS 1
+//! and 2 messages: it neither dispatches nor acknowledges them, nor any
+//! after them. Once everything taken in before has been handled and
+//! acknowledged, it disconnects cleanly and resumes its session, and the
+//! broker sends the deferred messages again, in order
+//! (`edgefn_source_deferred_total`, `edgefn_source_resyncs_total`). Nothing
+//! is lost or handled twice: no acknowledgement is ever sent past a deferred
+//! message. QoS 0 messages have
+//! no redelivery: at most [`MAX_HELD_QOS0`] of them ([`MAX_HELD_QOS0_BYTES`]
 //! of payload) wait for the dispatcher; beyond that they are dropped,
 //! counted and logged (QoS 0 is at-most-once by contract).
 //!
@@ -53,6 +71,7 @@
 //! connection ([`crate::output`]), so a function whose queue is full can never
 //! block the connection its own publishes go through.
 
+mod held;
 pub(crate) mod intake;
 mod sequencer;
 
@@ -65,12 +84,22 @@ use tokio::sync::watch;
 
 use super::{Source, SourceContext, SourceError};
 use crate::config::MqttEndpoint;
-use intake::IntakeOptions;
+use intake::{IntakeOptions, Intaker};
 
 /// QoS 0 messages waiting for the dispatcher at most (see Back-pressure).
 pub const MAX_HELD_QOS0: usize = 1024;
 /// Payload bytes of the QoS 0 messages waiting for the dispatcher at most.
 pub const MAX_HELD_QOS0_BYTES: usize = 16 * 1024 * 1024;
+/// How long the broker has to close the connection after a resync's
+/// DISCONNECT.
+const RESYNC_CLOSE: Duration = Duration::from_secs(5);
+
+/// QoS 1 and 2 messages waiting for the dispatcher at most: the source
+/// defers the ones beyond (see Back-pressure).
+pub const MAX_HELD_QOS1: usize = 1024;
+/// Payload bytes of the QoS 1 and 2 messages waiting for the dispatcher at
+/// most.
+pub const MAX_HELD_QOS1_BYTES: usize = 16 * 1024 * 1024;
 
 /// Settings of the MQTT source.
 #[derive(Debug, Clone)]
@@ -140,8 +169,21 @@ impl Source for MqttSource {
     }
 
     async fn run(mut self, ctx: SourceContext) {
+        let SourceContext {
+            cancel,
+            router,
+            metrics,
+            ready,
+        } = ctx;
+        // The router goes to the intake alone, so that the workers drain
+        // once it lets go.
+        let ctx = Links {
+            cancel,
+            metrics,
+            ready,
+        };
         let (mut intaker, mut acker) = intake::start(
-            ctx.router.clone(),
+            router,
             ctx.cancel.clone(),
             Some(intake::AckClient::V4(self.client.clone())),
             ctx.metrics.clone(),
@@ -149,12 +191,30 @@ impl Source for MqttSource {
                 ack_point: self.ack_point,
                 attributes: Vec::new(),
                 counters: Arc::new(intake::SourceCounters),
+                defer_when_full: true,
             },
         );
-        drop(ctx.router);
         let mut failures = 0u32;
+        // A resync's DISCONNECT is queued (until when the broker has to
+        // close the connection): the connection that follows resumes the
+        // session; it was not lost.
+        let mut resyncing: Option<tokio::time::Instant> = None;
+        // The DISCONNECT found the request channel full: try after a poll.
+        let mut retry = false;
+        // When reading stopped because the held messages reached their
+        // limit; reading stops at most a quarter of the keep-alive, so the
+        // acks and pings keep the connection alive.
+        let mut paused: Option<tokio::time::Instant> = None;
+        let longest_pause = self.eventloop.mqtt_options.keep_alive() / 4;
         loop {
             let stopping = intaker.stopped();
+            let resync = intaker.deferring() && resyncing.is_none() && !retry && !stopping;
+            let full = !stopping && !intaker.deferring() && intaker.full();
+            if full && paused.is_none() {
+                paused = Some(tokio::time::Instant::now());
+                ctx.metrics.source_paused.fetch_add(1, Ordering::Relaxed);
+            }
+            let until = paused.map(|at| at + longest_pause);
             let polled = tokio::select! {
                 () = ctx.cancel.cancelled(), if !stopping => {
                     // Stop dispatching: the dispatcher drops the router once
@@ -165,9 +225,24 @@ impl Source for MqttSource {
                     continue;
                 }
                 // Every dispatched message has had its turn at the acker.
-                r = acker.handled.wait_for(|handled| *handled >= intaker.taken()), if stopping => {
+                r = acker.handled.wait_for(|handled| *handled >= intaker.taken()), if stopping || resync => {
                     let _ = r;
-                    break;
+                    if stopping {
+                        break;
+                    }
+                    // Everything before the deferred messages is acked (the
+                    // DISCONNECT goes out after those acks): resume the
+                    // session, and the broker sends the deferred ones again.
+                    retry = self.client.try_disconnect().is_err();
+                    resyncing = (!retry).then(|| tokio::time::Instant::now() + RESYNC_CLOSE);
+                    continue;
+                }
+                // The broker did not close the connection: drop it.
+                () = sleep_until(resyncing) => {
+                    self.eventloop.clean();
+                    self.resynced(&mut intaker, &ctx);
+                    resyncing = None;
+                    continue;
                 }
                 changed = changed(&mut self.subs), if !stopping => {
                     match changed {
@@ -176,43 +251,26 @@ impl Source for MqttSource {
                     }
                     continue;
                 }
-                polled = self.eventloop.poll() => polled,
+                // Half the held messages have been dispatched: read again.
+                () = intaker.room(), if full => {
+                    paused = None;
+                    continue;
+                }
+                // The functions are stalled: read on, deferring QoS 1.
+                () = sleep_until(until), if full => {
+                    paused = None;
+                    intaker.defer();
+                    continue;
+                }
+                polled = self.eventloop.poll(), if !full => polled,
             };
-            match polled {
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => intaker.take(p),
-                Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
-                    failures = 0;
-                    self.subscribe(&ctx.ready, c.session_present);
-                }
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                    ctx.ready.send_replace(true);
-                    self.acknowledged();
-                }
-                Ok(MqttEvent::Incoming(Packet::UnsubAck(_))) => self.acknowledged(),
-                Ok(_) => {}
-                Err(e) => {
-                    // Acks of this connection's messages are void now.
-                    intaker.connection_lost();
-                    ctx.ready.send_replace(false);
-                    self.live.send_replace(Vec::new());
-                    if intaker.stopped() {
-                        break;
-                    }
-                    ctx.metrics
-                        .source_reconnects
-                        .fetch_add(1, Ordering::Relaxed);
-                    let wait = crate::mqtt::backoff(failures);
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!(error = %e, "MQTT source lost its connection; reconnecting.");
-                    } else {
-                        tracing::debug!(error = %e, attempt = failures, "MQTT source reconnect failed.");
-                    }
-                    tokio::select! {
-                        () = ctx.cancel.cancelled() => { intaker.stop(); }
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
+            paused = None;
+            retry = false;
+            if self
+                .polled(polled, &mut intaker, &ctx, &mut resyncing, &mut failures)
+                .await
+            {
+                break;
             }
         }
         drop(intaker);
@@ -223,7 +281,107 @@ impl Source for MqttSource {
     }
 }
 
+/// The connection was lost: counts it and waits before the next attempt.
+/// Returns whether to stop (the source is stopping).
+async fn lost(
+    e: rumqttc::ConnectionError,
+    intaker: &mut Intaker,
+    ctx: &Links,
+    failures: &mut u32,
+) -> bool {
+    if intaker.stopped() {
+        return true;
+    }
+    ctx.metrics
+        .source_reconnects
+        .fetch_add(1, Ordering::Relaxed);
+    let wait = crate::mqtt::backoff(*failures);
+    *failures = failures.saturating_add(1);
+    if *failures == 1 {
+        tracing::warn!(error = %e, "MQTT source lost its connection; reconnecting.");
+    } else {
+        tracing::debug!(error = %e, attempt = *failures, "MQTT source reconnect failed.");
+    }
+    tokio::select! {
+        () = ctx.cancel.cancelled() => { intaker.stop(); }
+        () = tokio::time::sleep(wait) => {}
+    }
+    false
+}
+
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the source's connection handling needs of its context.
+struct Links {
+    cancel: tokio_util::sync::CancellationToken,
+    metrics: Arc<crate::metrics::GatewayMetrics>,
+    ready: Arc<watch::Sender<bool>>,
+}
+
 impl MqttSource {
+    /// Handles what the event loop returned. `resyncing`: set while a
+    /// resync's DISCONNECT waits for the broker to close the connection.
+    /// Returns whether to stop (the connection is lost and the source is
+    /// stopping).
+    async fn polled(
+        &mut self,
+        polled: Result<MqttEvent, rumqttc::ConnectionError>,
+        intaker: &mut Intaker,
+        ctx: &Links,
+        resyncing: &mut Option<tokio::time::Instant>,
+        failures: &mut u32,
+    ) -> bool {
+        match polled {
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => intaker.take(p),
+            Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => {
+                *failures = 0;
+                self.subscribe(&ctx.ready, c.session_present);
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                ctx.ready.send_replace(true);
+                self.acknowledged();
+            }
+            Ok(MqttEvent::Incoming(Packet::UnsubAck(_))) => self.acknowledged(),
+            Ok(_) => {}
+            // The broker closed the connection after the resync's
+            // DISCONNECT, having taken every ack before it. (Dropping the
+            // socket first would lose them: Mosquitto 2.0.11 stops reading
+            // once a write to it fails.)
+            Err(_) if resyncing.is_some() => {
+                *resyncing = None;
+                self.resynced(intaker, ctx);
+            }
+            Err(e) => {
+                self.disconnected(intaker, ctx);
+                return lost(e, intaker, ctx, failures).await;
+            }
+        }
+        false
+    }
+
+    /// The connection was closed to fetch the deferred messages again.
+    fn resynced(&self, intaker: &mut Intaker, ctx: &Links) {
+        self.disconnected(intaker, ctx);
+        ctx.metrics.source_resyncs.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "MQTT source: the functions caught up; resuming the session for the messages left with the broker."
+        );
+    }
+
+    /// The connection is gone (lost, or replaced by a resync).
+    fn disconnected(&self, intaker: &mut Intaker, ctx: &Links) {
+        // Acks of this connection's messages are void now.
+        intaker.connection_lost();
+        ctx.ready.send_replace(false);
+        self.live.send_replace(Vec::new());
+    }
+
     /// Disconnects cleanly, waiting up to 2 s for the DISCONNECT to go out.
     async fn disconnect(&mut self) {
         let _ = self.client.try_disconnect();
