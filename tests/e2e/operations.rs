@@ -169,6 +169,13 @@ async fn admin_endpoint_reports_health_and_counters_that_move() {
         v(r#"edgefn_source_events_total{source="mqtt",kind="mqtt"}"#),
         5.0
     );
+    // The source's back-pressure counters are exposed (nothing held back).
+    for name in ["paused", "deferred", "resyncs"] {
+        assert_eq!(
+            v(&format!(r#"edgefn_source_{name}_total{{source="mqtt"}}"#)),
+            0.0
+        );
+    }
     assert_eq!(
         v(&format!("edgefn_function_invocations_total{threshold}")),
         5.0

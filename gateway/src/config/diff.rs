@@ -283,6 +283,18 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_thread_count_needs_a_restart() {
+        let running = parse("");
+        let mut new = running.clone();
+        new.io_threads = 2;
+        let found: Vec<String> = restart_needed(&running, &new)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(found, ["gateway.io_threads changed"]);
+    }
+
+    #[test]
     fn a_function_naming_a_sink_that_is_not_running_is_refused() {
         let running = parse(SINK);
         let new = parse(&format!(

@@ -9,8 +9,8 @@ use tokio::sync::Notify;
 use super::{MAX_HELD_QOS0, MAX_HELD_QOS0_BYTES, MAX_HELD_QOS1, MAX_HELD_QOS1_BYTES};
 
 /// What waits for the dispatcher: QoS 0 messages (dropped beyond their
-/// limit) and QoS 1 and 2 ones (deferred beyond theirs, see
-/// [`Intaker::take`]).
+/// limit) and QoS 1 and 2 ones (the poller pauses, then defers, beyond
+/// theirs: see `Intaker::take`).
 #[derive(Default)]
 pub(super) struct Held {
     count: AtomicUsize,
