@@ -22,3 +22,16 @@ pub fn bound(s: &mut String, max: usize) {
         *s = cut;
     }
 }
+
+/// `error` and its sources, joined by `: ` (a client library's top-level
+/// message alone, such as "builder error", does not say what is wrong).
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}

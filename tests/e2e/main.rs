@@ -26,6 +26,7 @@ mod fleet_link;
 mod funcset;
 mod guest_limits;
 mod memory;
+mod modbus;
 mod operations;
 mod passwd;
 mod pipeline;

@@ -118,14 +118,26 @@ pub fn prometheus(state: &AdminState, oldest_ms: &[Option<u64>]) -> String {
     per_source(
         &mut out,
         "edgefn_source_invalid_frames_total",
-        "Malformed or overlong frames (serial) and malformed readings (I2C CRC errors) skipped, per source.",
+        "Malformed or overlong frames (serial), malformed readings (I2C CRC errors) and garbled Modbus answers skipped, per source.",
         &|s| get(&s.invalid) + get(&s.oversize),
     );
     per_source(
         &mut out,
         "edgefn_source_failures_total",
-        "Failed opens, read errors and failed polls, per serial or I2C source.",
+        "Failed opens, read errors and failed polls, per serial, I2C or Modbus source.",
         &|s| get(&s.failures),
+    );
+    per_source(
+        &mut out,
+        "edgefn_source_timeouts_total",
+        "Requests a Modbus device did not answer within timeout_ms, per source.",
+        &|s| get(&s.timeouts),
+    );
+    per_source(
+        &mut out,
+        "edgefn_source_exceptions_total",
+        "Requests a Modbus device answered with an exception, per source.",
+        &|s| get(&s.exceptions),
     );
     per_source(
         &mut out,

@@ -526,4 +526,4 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

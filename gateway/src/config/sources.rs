@@ -3,7 +3,7 @@
 //! its own keys ([`crate::sources::SourcePlugin::validate`]).
 
 use super::*;
-use crate::sources::SourceSpec;
+use crate::sources::{Common, SourceSpec};
 use crate::topic::validate_topic_name;
 
 pub(super) fn sources(
@@ -11,7 +11,7 @@ pub(super) fn sources(
     config: &Config,
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Vec<SourceSpec> {
-    let mut out = Vec::new();
+    let mut out: Vec<SourceSpec> = Vec::new();
     let mut names = BTreeSet::new();
     for (i, source) in config.sources.iter().enumerate() {
         let key = format!("sources[{i}]");
@@ -35,7 +35,27 @@ pub(super) fn sources(
         {
             p.add(format!("{key}.mirror_topic"), format!("`{m}`: {e}"));
         }
+        if let Some(why) = port_clash(&common, &out) {
+            p.add(format!("{key}.path"), why);
+        }
         out.push(spec);
     }
     out
+}
+
+/// Why `source` cannot open its serial port beside the entries before it:
+/// only Modbus RTU units on one bus, with the same line settings, share one.
+fn port_clash(source: &Common<'_>, before: &[SourceSpec]) -> Option<String> {
+    let port = source.port?;
+    let (other, theirs) = before
+        .iter()
+        .find_map(|s| Some((s.common(), s.common().port?)).filter(|(_, p)| p.path == port.path))?;
+    let shared = matches!((port.shared, theirs.shared), (Some(a), Some(b)) if a == b);
+    (!shared).then(|| {
+        format!(
+            "`{}` is also opened by source `{}`; only Modbus sources with the same serial settings can share a port",
+            port.path.display(),
+            other.name
+        )
+    })
 }

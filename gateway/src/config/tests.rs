@@ -13,7 +13,8 @@ fn no_env(_: &str) -> Option<String> {
     None
 }
 
-fn parse_str(text: &str) -> Result<ValidConfig, ConfigErrors> {
+/// `text` as the config file `/etc/edgefn/test.toml`, with no environment.
+pub(crate) fn parse_str(text: &str) -> Result<ValidConfig, ConfigErrors> {
     parse(Path::new("/etc/edgefn/test.toml"), text, &no_env)
 }
 

@@ -81,7 +81,7 @@ pub type BuiltSink =
 
 /// Why a sink could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("sinks.{sink}: {what}: {}", chain(.source.as_ref()))]
+#[error("sinks.{sink}: {what}: {}", crate::text::chain(.source.as_ref()))]
 pub struct SinkError {
     /// Which sink.
     pub sink: String,
@@ -176,16 +176,3 @@ macro_rules! sink_kinds {
     };
 }
 pub(crate) use sink_kinds;
-
-/// `error` and its sources, joined by `: ` (a client library's top-level
-/// message alone, such as "builder error", does not say what is wrong).
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(e) = next {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        next = e.source();
-    }
-    text
-}

@@ -8,19 +8,20 @@
 //! dispatch on `kind` (see `docs/adding-a-kind.md`).
 //!
 //! Kinds: [`serial`] (framed serial ports, with write-back), [`i2c`]
-//! (polled embedded-hal sensor drivers) and [`timer`] (ticks at an interval
-//! or at cron times). The [`mqtt`] source, the local
+//! (polled embedded-hal sensor drivers), [`timer`] (ticks at an interval
+//! or at cron times) and [`modbus`] (polled registers over TCP or RS-485). The [`mqtt`] source, the local
 //! broker subscribed to the functions' triggers, is not a `[[sources]]`
 //! entry: every gateway has exactly one.
 
 pub mod i2c;
+pub mod modbus;
 pub mod mqtt;
 mod plugin;
 pub mod serial;
 pub mod timer;
 
 use plugin::source_kinds;
-pub use plugin::{BuildEnv, BuiltSource, Common, SourcePlugin};
+pub use plugin::{BuildEnv, BuiltSource, Common, Port, SourcePlugin};
 
 // The kinds of `[[sources]]`: adding one is its folder, one line here, and
 // its docs (see docs/adding-a-kind.md).
@@ -28,6 +29,7 @@ source_kinds! {
     Serial(serial::Kind),
     I2c(i2c::Kind),
     Timer(timer::Kind),
+    Modbus(modbus::Kind),
 }
 
 use std::future::Future;
@@ -100,6 +102,10 @@ pub struct SourceStats {
     /// (dropped under `catch_up = "skip"`, folded into one late tick under
     /// `"once"`).
     pub ticks_skipped: AtomicU64,
+    /// Polls a device answered with a Modbus exception.
+    pub exceptions: AtomicU64,
+    /// Polls a device did not answer in time.
+    pub timeouts: AtomicU64,
 }
 
 /// Publishes a serial frame or I2C reading on its source's `mirror_topic`

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::{SourceContext, SourceError, SourceStats};
 use crate::config::{KeyChanges, Scope};
 use crate::progress::Progress;
+use crate::sources::serial::config::Line;
 
 /// A kind of `[[sources]]` entry, chosen by its `kind` key.
 pub trait SourcePlugin {
@@ -55,6 +56,18 @@ pub struct Common<'a> {
     pub mirror_topic: Option<&'a str>,
     /// Whether functions may write to it (`serial_ports`).
     pub writable: bool,
+    /// The serial port it opens, if any.
+    pub port: Option<Port<'a>>,
+}
+
+/// A serial port a source opens.
+#[derive(Debug, Clone, Copy)]
+pub struct Port<'a> {
+    /// Its device path.
+    pub path: &'a Path,
+    /// The line settings under which entries may share it (Modbus RTU units
+    /// on one bus); `None`: the entry needs the port to itself.
+    pub shared: Option<Line>,
 }
 
 /// What building a source may use besides its spec.

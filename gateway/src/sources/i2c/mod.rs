@@ -77,6 +77,7 @@ impl SourcePlugin for Kind {
             topic: &spec.topic,
             mirror_topic: spec.mirror_topic.as_deref(),
             writable: false,
+            port: None,
         }
     }
 

@@ -144,18 +144,87 @@ pub struct SerialSpec {
     pub mirror_topic: Option<String>,
 }
 
+/// How a serial line is driven: what the serial and Modbus RTU sources
+/// share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Line {
+    /// Line speed.
+    pub baud: u32,
+    /// 5..=8.
+    pub data_bits: u8,
+    /// Parity.
+    pub parity: Parity,
+    /// 1 or 2.
+    pub stop_bits: u8,
+    /// Flow control.
+    pub flow_control: FlowControl,
+}
+
+impl Line {
+    /// Checks the line's keys (`baud`, `data_bits`, `stop_bits`).
+    pub fn check(&self, scope: &mut Scope<'_, '_>) {
+        if !(50..=4_000_000).contains(&self.baud) {
+            scope.add("baud", "must be between 50 and 4000000");
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            scope.add("data_bits", "must be 5, 6, 7 or 8");
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            scope.add("stop_bits", "must be 1 or 2");
+        }
+    }
+
+    /// The port at `path` with these settings, ready to open.
+    pub fn builder(&self, path: &str) -> tokio_serial::SerialPortBuilder {
+        tokio_serial::new(path, self.baud)
+            .data_bits(match self.data_bits {
+                5 => tokio_serial::DataBits::Five,
+                6 => tokio_serial::DataBits::Six,
+                7 => tokio_serial::DataBits::Seven,
+                _ => tokio_serial::DataBits::Eight,
+            })
+            .parity(match self.parity {
+                Parity::None => tokio_serial::Parity::None,
+                Parity::Odd => tokio_serial::Parity::Odd,
+                Parity::Even => tokio_serial::Parity::Even,
+            })
+            .stop_bits(if self.stop_bits == 2 {
+                tokio_serial::StopBits::Two
+            } else {
+                tokio_serial::StopBits::One
+            })
+            .flow_control(match self.flow_control {
+                FlowControl::None => tokio_serial::FlowControl::None,
+                FlowControl::Software => tokio_serial::FlowControl::Software,
+                FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
+            })
+    }
+}
+
+impl SerialSpec {
+    /// The line settings.
+    pub fn line(&self) -> Line {
+        Line {
+            baud: self.baud,
+            data_bits: self.data_bits,
+            parity: self.parity,
+            stop_bits: self.stop_bits,
+            flow_control: self.flow_control,
+        }
+    }
+}
+
 /// Checks the serial keys of `c`.
 pub(super) fn validate(c: &SerialSourceConfig, scope: &mut Scope<'_, '_>) -> Option<SerialSpec> {
     use edgefn_drivers::codec::{Endian, Framing, Width};
-    if !(50..=4_000_000).contains(&c.baud) {
-        scope.add("baud", "must be between 50 and 4000000");
+    Line {
+        baud: c.baud,
+        data_bits: c.data_bits,
+        parity: c.parity,
+        stop_bits: c.stop_bits,
+        flow_control: c.flow_control,
     }
-    if !(5..=8).contains(&c.data_bits) {
-        scope.add("data_bits", "must be 5, 6, 7 or 8");
-    }
-    if !(1..=2).contains(&c.stop_bits) {
-        scope.add("stop_bits", "must be 1 or 2");
-    }
+    .check(scope);
     let default_max = if c.framing == FramingKind::Nmea {
         82
     } else {

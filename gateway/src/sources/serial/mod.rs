@@ -24,11 +24,13 @@ use tokio_util::codec::{Decoder, FramedRead};
 pub mod config;
 
 use super::SourceStats;
-use super::{BuildEnv, BuiltSource, Common, Source, SourceContext, SourceError, SourcePlugin};
+use super::{
+    BuildEnv, BuiltSource, Common, Port, Source, SourceContext, SourceError, SourcePlugin,
+};
 use crate::config::KeyChanges;
 use crate::event::{Event, SourceKind};
 use crate::progress::{Activity, Beat};
-use config::{FlowControl, Parity, SerialSourceConfig, SerialSpec};
+use config::{SerialSourceConfig, SerialSpec};
 
 impl SourceStats {
     fn add_codec_delta(&self, now: CodecStats, before: &mut CodecStats) {
@@ -123,6 +125,10 @@ impl SourcePlugin for Kind {
             topic: &spec.topic,
             mirror_topic: spec.mirror_topic.as_deref(),
             writable: true,
+            port: Some(Port {
+                path: &spec.path,
+                shared: None,
+            }),
         }
     }
 
@@ -178,28 +184,7 @@ impl Source for SerialSource {
         let path = self.spec.path.display().to_string();
         let mut failures = 0u32;
         'open: while !ctx.cancel.is_cancelled() {
-            let builder = tokio_serial::new(path.clone(), self.spec.baud)
-                .data_bits(match self.spec.data_bits {
-                    5 => tokio_serial::DataBits::Five,
-                    6 => tokio_serial::DataBits::Six,
-                    7 => tokio_serial::DataBits::Seven,
-                    _ => tokio_serial::DataBits::Eight,
-                })
-                .parity(match self.spec.parity {
-                    Parity::None => tokio_serial::Parity::None,
-                    Parity::Odd => tokio_serial::Parity::Odd,
-                    Parity::Even => tokio_serial::Parity::Even,
-                })
-                .stop_bits(if self.spec.stop_bits == 2 {
-                    tokio_serial::StopBits::Two
-                } else {
-                    tokio_serial::StopBits::One
-                })
-                .flow_control(match self.spec.flow_control {
-                    FlowControl::None => tokio_serial::FlowControl::None,
-                    FlowControl::Software => tokio_serial::FlowControl::Software,
-                    FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
-                });
+            let builder = self.spec.line().builder(&path);
             let reason = match builder.open_native_async() {
                 Ok(port) => {
                     failures = 0;

@@ -74,6 +74,7 @@ impl SourcePlugin for Kind {
             topic: &spec.topic,
             mirror_topic: None,
             writable: false,
+            port: None,
         }
     }
 

@@ -36,9 +36,7 @@ topic = "timers/heartbeat"
 "#;
 
 fn parse(extra: &str) -> Result<ValidConfig, Vec<ConfigError>> {
-    let no_env = |_: &str| None;
-    let text = format!("{CONFIG}{extra}");
-    crate::config::parse(Path::new("/etc/edgefn/test.toml"), &text, &no_env).map_err(|e| e.0)
+    crate::config::tests::parse_str(&format!("{CONFIG}{extra}")).map_err(|e| e.0)
 }
 
 /// The one problem of a timer with `extra` keys: (key, reason).

@@ -1,0 +1,269 @@
+//! The connection under a Modbus source: its own TCP connection, or its
+//! share of an RS-485 bus. Sources naming the same serial `path` share one
+//! open port through a process-wide registry; a fair lock makes them take
+//! turns, so two units are never asked at once.
+//!
+//! Each call is bounded by the source's `timeout_ms`. The bytes that arrive
+//! are counted, so a call that timed out can be told apart: nothing came
+//! (the device is silent) or something came that never decoded (a bad CRC
+//! or a garbled frame: tokio-modbus skips such bytes and waits on).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+use tokio_serial::SerialPortBuilderExt;
+
+use super::config::{Table, Transport};
+use super::registers::{Answer, Read};
+use crate::sources::serial::config::Line;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The device answered with a Modbus exception.
+    #[error("exception from the device: {0}")]
+    Exception(ExceptionCode),
+    /// No answer within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// An answer came that did not decode: a CRC error, a garbled or
+    /// mismatched frame.
+    #[error("invalid answer: {0}")]
+    Invalid(String),
+    /// The connection failed (and is dropped: the next poll reconnects).
+    #[error("connection failed")]
+    Transport(#[source] io::Error),
+}
+
+/// A connection, opened on first use and after a failure.
+pub struct Link {
+    transport: Transport,
+    unit: u8,
+    timeout: Duration,
+    /// The TCP connection, or the shared serial bus.
+    conn: Conn,
+}
+
+enum Conn {
+    Tcp(Option<Connected>),
+    Rtu(Arc<Bus>),
+}
+
+/// An open Modbus context with the counter of bytes read through it.
+struct Connected {
+    ctx: Context,
+    received: Arc<AtomicU64>,
+}
+
+/// One serial port shared by the sources on it.
+pub struct Bus {
+    line: Line,
+    port: tokio::sync::Mutex<Option<Connected>>,
+}
+
+/// The buses open in this process, by path.
+static BUSES: LazyLock<Mutex<HashMap<PathBuf, Weak<Bus>>>> = LazyLock::new(Default::default);
+
+/// The bus at `path`, shared with every other live source on it.
+fn bus(path: &PathBuf, line: Line) -> Arc<Bus> {
+    let mut buses = BUSES.lock().unwrap_or_else(|p| p.into_inner());
+    buses.retain(|_, b| b.strong_count() > 0);
+    if let Some(bus) = buses.get(path).and_then(Weak::upgrade)
+        && bus.line == line
+    {
+        return bus;
+    }
+    // Different settings for the same port are refused by the config check;
+    // a reload that changes them gets a bus of its own once the old sources
+    // are gone (until then the port is locked and opening fails, retried).
+    let bus = Arc::new(Bus {
+        line,
+        port: tokio::sync::Mutex::new(None),
+    });
+    buses.insert(path.clone(), Arc::downgrade(&bus));
+    bus
+}
+
+impl Link {
+    /// A link for the device of `transport`, not yet connected.
+    pub fn new(transport: &Transport, unit: u8, timeout: Duration) -> Self {
+        let conn = match transport {
+            Transport::Tcp { .. } => Conn::Tcp(None),
+            Transport::Rtu { path, line } => Conn::Rtu(bus(path, *line)),
+        };
+        Self {
+            transport: transport.clone(),
+            unit,
+            timeout,
+            conn,
+        }
+    }
+
+    /// Runs `reads` in turn (holding the bus for all of them), handing each
+    /// answer to `each`. Stops at the first failure: a device that does not
+    /// answer one request would make the rest wait out their timeouts too.
+    /// Returns `Ok(opened)`, `opened` telling whether a connection was made.
+    pub async fn poll(
+        &mut self,
+        reads: &[Read],
+        mut each: impl FnMut(&Read, Answer) -> Result<(), String>,
+    ) -> Result<bool, CallError> {
+        let (unit, timeout) = (self.unit, self.timeout);
+        let mut bus_guard;
+        let slot = match &mut self.conn {
+            Conn::Tcp(slot) => slot,
+            Conn::Rtu(bus) => {
+                bus_guard = bus.port.lock().await;
+                &mut *bus_guard
+            }
+        };
+        let opened = slot.is_none();
+        if slot.is_none() {
+            *slot = Some(open(&self.transport, unit, timeout).await?);
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Err(CallError::Transport(io::ErrorKind::NotConnected.into()));
+        };
+        conn.ctx.set_slave(Slave(unit));
+        for read in reads {
+            let result = match call(conn, read, timeout).await {
+                Ok(answer) => each(read, answer).map_err(CallError::Invalid),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                // A broken connection (or, over TCP, one whose answers may
+                // now arrive late and out of step) is opened afresh.
+                let tcp = matches!(self.transport, Transport::Tcp { .. });
+                if matches!(e, CallError::Transport(_))
+                    || (tcp && !matches!(e, CallError::Exception(_)))
+                {
+                    *slot = None;
+                }
+                return Err(e);
+            }
+        }
+        Ok(opened)
+    }
+}
+
+/// Connects (TCP) or opens the port (RTU), within `timeout` for TCP.
+async fn open(transport: &Transport, unit: u8, timeout: Duration) -> Result<Connected, CallError> {
+    let received = Arc::new(AtomicU64::new(0));
+    let ctx = match transport {
+        Transport::Tcp { host, port } => {
+            let stream = tokio::time::timeout(
+                timeout,
+                tokio::net::TcpStream::connect((host.as_str(), *port)),
+            )
+            .await
+            .map_err(|_| CallError::Timeout(timeout))?
+            .map_err(CallError::Transport)?;
+            // Requests are small and answered one at a time.
+            stream.set_nodelay(true).map_err(CallError::Transport)?;
+            let counted = Counted {
+                inner: stream,
+                received: received.clone(),
+            };
+            tokio_modbus::client::tcp::attach_slave(counted, Slave(unit))
+        }
+        Transport::Rtu { path, line } => {
+            let port = line
+                .builder(&path.display().to_string())
+                .open_native_async()
+                .map_err(|e| CallError::Transport(io::Error::other(e)))?;
+            let counted = Counted {
+                inner: port,
+                received: received.clone(),
+            };
+            tokio_modbus::client::rtu::attach_slave(counted, Slave(unit))
+        }
+    };
+    Ok(Connected { ctx, received })
+}
+
+/// One request, classified.
+async fn call(conn: &mut Connected, read: &Read, timeout: Duration) -> Result<Answer, CallError> {
+    let before = conn.received.load(Ordering::Relaxed);
+    let ctx = &mut conn.ctx;
+    let (start, count) = (read.start, read.count);
+    let answer = tokio::time::timeout(timeout, async move {
+        Ok::<_, tokio_modbus::Error>(match read.table {
+            Table::Holding => ctx
+                .read_holding_registers(start, count)
+                .await?
+                .map(Answer::Words),
+            Table::Input => ctx
+                .read_input_registers(start, count)
+                .await?
+                .map(Answer::Words),
+            Table::Coil => ctx.read_coils(start, count).await?.map(Answer::Bits),
+            Table::Discrete => ctx
+                .read_discrete_inputs(start, count)
+                .await?
+                .map(Answer::Bits),
+        })
+    })
+    .await;
+    match answer {
+        Ok(Ok(Ok(answer))) => Ok(answer),
+        Ok(Ok(Err(code))) => Err(CallError::Exception(code)),
+        Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(CallError::Invalid(e.to_string())),
+        Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(CallError::Invalid(e.to_string()))
+        }
+        Ok(Err(tokio_modbus::Error::Transport(e))) => Err(CallError::Transport(e)),
+        Err(_) if conn.received.load(Ordering::Relaxed) != before => Err(CallError::Invalid(
+            "bytes arrived but never formed a valid frame (bad CRC or garbled)".into(),
+        )),
+        Err(_) => Err(CallError::Timeout(timeout)),
+    }
+}
+
+/// A transport that counts the bytes read through it.
+#[derive(Debug)]
+struct Counted<T> {
+    inner: T,
+    received: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
