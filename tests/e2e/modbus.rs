@@ -269,3 +269,100 @@ async fn two_units_share_an_rtu_bus_and_survive_exceptions_silence_and_bad_crcs(
     );
     assert!(gw.shutdown(WAIT).await);
 }
+
+/// A Modbus TCP peer that misbehaves in turn, one way per connection:
+/// garbage for an answer; a header announcing a 64 KiB frame, then a
+/// trickle; a connection closed at once; a silent peer.
+async fn hostile(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut n = 0u32;
+    while let Ok((mut stream, _)) = listener.accept().await {
+        n += 1;
+        let way = n % 4;
+        tokio::spawn(async move {
+            let mut req = [0u8; 12];
+            if stream.read_exact(&mut req).await.is_err() {
+                return;
+            }
+            match way {
+                1 => {
+                    let _ = stream.write_all(&[0xde; 4096]).await;
+                }
+                2 => {
+                    // Transaction id echoed, protocol 0, length 0xffff.
+                    let _ = stream
+                        .write_all(&[req[0], req[1], 0, 0, 0xff, 0xff, 1, 3])
+                        .await;
+                    for _ in 0..100 {
+                        if stream.write_all(&[0]).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                }
+                3 => drop(stream),
+                _ => {
+                    let mut sink = Vec::new();
+                    let _ = stream.read_to_end(&mut sink).await;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_modbus_peer_is_counted_and_never_holds_up_a_healthy_meter() {
+    let bad = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad_addr = bad.local_addr().unwrap();
+    let peer = tokio::spawn(hostile(bad));
+    let good_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let server = serve(good_addr).await;
+    let source = |name: &str, addr: SocketAddr| {
+        format!(
+            "[[sources]]\nkind = \"modbus\"\nname = \"{name}\"\nurl = \"tcp://{addr}\"\ninterval_ms = 20\ntimeout_ms = 300\ntopic = \"meters/{name}\"\n{METER_REGISTERS}"
+        )
+    };
+    let toml = format!(
+        "{}{}{}{}",
+        gateway_header("gw-modbus-hostile"),
+        echo_function(),
+        source("bad", bad_addr),
+        source("good", good_addr)
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    let bad = gw.source_stats("bad").unwrap().clone();
+    let good = gw.source_stats("good").unwrap().clone();
+    // Every misbehaviour once: the trickle is an invalid answer,
+    // the silent peer times out, garbage followed by a close and a closed
+    // connection are lost connections; each connection is made afresh.
+    let counted =
+        |f: fn(&edgefn::sources::SourceStats) -> &AtomicU64| f(&bad).load(Ordering::Relaxed);
+    let counts = || {
+        ["opened", "invalid", "timeouts", "failures"].map(|k| match k {
+            "opened" => counted(|s| &s.opened),
+            "invalid" => counted(|s| &s.invalid),
+            "timeouts" => counted(|s| &s.timeouts),
+            _ => counted(|s| &s.failures),
+        })
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !matches!(counts(), [_, i, t, f] if i >= 1 && t >= 1 && f >= 4) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every misbehaviour not counted: opened, invalid, timeouts, failures = {:?}",
+            counts()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(counted(|s| &s.opened) >= 4);
+    assert_eq!(counted(|s| &s.frames), 0);
+    // Meanwhile the healthy meter was polled on time.
+    assert!(
+        good.frames.load(Ordering::Relaxed) >= 20,
+        "the healthy meter kept its pace"
+    );
+    assert_eq!(good.failures.load(Ordering::Relaxed), 0);
+    peer.abort();
+    server.abort();
+    assert!(gw.shutdown(WAIT).await);
+}

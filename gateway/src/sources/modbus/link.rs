@@ -25,6 +25,7 @@ use tokio_serial::SerialPortBuilderExt;
 
 use super::config::{Table, Transport};
 use super::registers::{Answer, Read};
+use crate::sources::SourceStats;
 use crate::sources::serial::config::Line;
 
 /// Why a request failed.
@@ -52,6 +53,8 @@ pub struct Link {
     timeout: Duration,
     /// The TCP connection, or the shared serial bus.
     conn: Conn,
+    /// Counts the connections made (`opened`).
+    stats: Arc<SourceStats>,
 }
 
 enum Conn {
@@ -96,7 +99,12 @@ fn bus(path: &PathBuf, line: Line) -> Arc<Bus> {
 
 impl Link {
     /// A link for the device of `transport`, not yet connected.
-    pub fn new(transport: &Transport, unit: u8, timeout: Duration) -> Self {
+    pub fn new(
+        transport: &Transport,
+        unit: u8,
+        timeout: Duration,
+        stats: Arc<SourceStats>,
+    ) -> Self {
         let conn = match transport {
             Transport::Tcp { .. } => Conn::Tcp(None),
             Transport::Rtu { path, line } => Conn::Rtu(bus(path, *line)),
@@ -106,18 +114,18 @@ impl Link {
             unit,
             timeout,
             conn,
+            stats,
         }
     }
 
     /// Runs `reads` in turn (holding the bus for all of them), handing each
     /// answer to `each`. Stops at the first failure: a device that does not
     /// answer one request would make the rest wait out their timeouts too.
-    /// Returns `Ok(opened)`, `opened` telling whether a connection was made.
     pub async fn poll(
         &mut self,
         reads: &[Read],
         mut each: impl FnMut(&Read, Answer) -> Result<(), String>,
-    ) -> Result<bool, CallError> {
+    ) -> Result<(), CallError> {
         let (unit, timeout) = (self.unit, self.timeout);
         let mut bus_guard;
         let slot = match &mut self.conn {
@@ -127,9 +135,9 @@ impl Link {
                 &mut *bus_guard
             }
         };
-        let opened = slot.is_none();
         if slot.is_none() {
             *slot = Some(open(&self.transport, unit, timeout).await?);
+            self.stats.opened.fetch_add(1, Ordering::Relaxed);
         }
         let Some(conn) = slot.as_mut() else {
             return Err(CallError::Transport(io::ErrorKind::NotConnected.into()));
@@ -152,7 +160,7 @@ impl Link {
                 return Err(e);
             }
         }
-        Ok(opened)
+        Ok(())
     }
 }
 

@@ -89,7 +89,7 @@ impl SourcePlugin for Kind {
         let steps = u32::try_from(reads.len() + 1).unwrap_or(u32::MAX);
         let limit = crate::progress::SOURCE_LIMIT + spec.timeout.saturating_mul(steps);
         let source = ModbusSource {
-            link: Link::new(&spec.transport, spec.unit, spec.timeout),
+            link: Link::new(&spec.transport, spec.unit, spec.timeout, stats.clone()),
             device: spec.transport.describe(),
             spec: spec.clone(),
             reads,
@@ -142,10 +142,7 @@ impl Source for ModbusSource {
                 .await;
             self.beat.idle();
             match polled {
-                Ok(opened) => {
-                    if opened {
-                        self.stats.opened.fetch_add(1, Ordering::Relaxed);
-                    }
+                Ok(()) => {
                     health.answered(&self.spec.name, &self.device);
                     self.stats.frames.fetch_add(1, Ordering::Relaxed);
                     let payload = serde_json::Value::Object(event).to_string();
