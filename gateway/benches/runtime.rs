@@ -108,6 +108,7 @@ fn invocations(c: &mut Criterion) {
         publish: Default::default(),
         sinks: Default::default(),
         serial_ports: Default::default(),
+        modbus: Default::default(),
         config: Default::default(),
         max_calls: 64,
         max_payload_bytes: 1024,

@@ -1,5 +1,6 @@
 //! Where a successful invocation's outputs go: publishes to the local broker
-//! (through a connection of their own), forwards into the durable outbox.
+//! (through a connection of their own), forwards into the durable outbox,
+//! writes to the queues of the serial and Modbus sources.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +52,26 @@ pub struct SerialWrite {
     pub data: Bytes,
 }
 
+/// Values the function asked to write to a Modbus device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModbusValues {
+    /// Holding registers (function 16).
+    Registers(Vec<u16>),
+    /// Coils (function 15).
+    Coils(Vec<bool>),
+}
+
+/// A write the function asked for on a Modbus source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModbusWrite {
+    /// The Modbus source's name.
+    pub device: String,
+    /// The first register or coil.
+    pub address: u16,
+    /// What to write there.
+    pub values: ModbusValues,
+}
+
 /// Everything one successful invocation produced, in call order per kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outputs {
@@ -60,6 +81,8 @@ pub struct Outputs {
     pub forwards: Vec<Forward>,
     /// Writes to serial ports.
     pub serial_writes: Vec<SerialWrite>,
+    /// Writes to Modbus devices.
+    pub modbus_writes: Vec<ModbusWrite>,
 }
 
 /// Hands outputs to the local broker and the outbox. Cloned into every
@@ -68,20 +91,63 @@ pub struct Outputs {
 pub struct OutputPort {
     local: AsyncClient,
     outbox: Outbox,
-    serial: Arc<SerialWriters>,
+    writers: Arc<Writers>,
 }
 
-/// Write queues of the serial sources, by source name.
-pub type SerialWriters = HashMap<String, (mpsc::Sender<Bytes>, Arc<SourceStats>)>;
+/// The write queue of a writable source.
+#[derive(Debug)]
+pub enum Writes {
+    /// Bytes for a serial port.
+    Serial(mpsc::Sender<Bytes>),
+    /// Register and coil writes for a Modbus device.
+    Modbus(mpsc::Sender<ModbusWrite>),
+}
+
+/// Write queues of the writable sources, by source name, with their
+/// counters.
+#[derive(Debug, Default)]
+pub struct Writers {
+    /// Serial sources.
+    pub serial: HashMap<String, (mpsc::Sender<Bytes>, Arc<SourceStats>)>,
+    /// Modbus sources.
+    pub modbus: HashMap<String, (mpsc::Sender<ModbusWrite>, Arc<SourceStats>)>,
+}
+
+impl Writers {
+    /// Adds the queue of the source `name`.
+    pub fn insert(&mut self, name: String, writes: Writes, stats: Arc<SourceStats>) {
+        match writes {
+            Writes::Serial(q) => {
+                self.serial.insert(name, (q, stats));
+            }
+            Writes::Modbus(q) => {
+                self.modbus.insert(name, (q, stats));
+            }
+        }
+    }
+}
+
+/// Queues `item` for a device without waiting: a full queue drops it (an
+/// actuator command should not fire late) and counts the drop.
+fn offer<T>(queue: &mpsc::Sender<T>, stats: &SourceStats, item: T, function: &str, source: &str) {
+    if queue.try_send(item).is_err() {
+        stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            function,
+            source,
+            "Write dropped: the device's queue is full."
+        );
+    }
+}
 
 impl OutputPort {
     /// A port publishing through `local`, forwarding into `outbox` and
-    /// writing to the serial sources in `serial`.
-    pub fn new(local: AsyncClient, outbox: Outbox, serial: SerialWriters) -> Self {
+    /// writing to the sources in `writers`.
+    pub fn new(local: AsyncClient, outbox: Outbox, writers: Writers) -> Self {
         Self {
             local,
             outbox,
-            serial: Arc::new(serial),
+            writers: Arc::new(writers),
         }
     }
 
@@ -119,14 +185,16 @@ impl OutputPort {
                 tracing::error!(function, topic = %p.topic, error = %e, "Publish could not be queued.");
             }
         }
+        // Never wait on a device: a full queue drops the command.
         for w in outputs.serial_writes {
-            let Some((queue, stats)) = self.serial.get(&w.port) else {
-                continue;
-            };
-            // Never wait on a device: a full queue drops the command.
-            if queue.try_send(w.data).is_err() {
-                stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(function, port = %w.port, "Serial write dropped: the port's queue is full.");
+            if let Some((queue, stats)) = self.writers.serial.get(&w.port) {
+                offer(queue, stats, w.data, function, &w.port);
+            }
+        }
+        for w in outputs.modbus_writes {
+            if let Some((queue, stats)) = self.writers.modbus.get(&w.device) {
+                let device = w.device.clone();
+                offer(queue, stats, w, function, &device);
             }
         }
         if outputs.forwards.is_empty() {

@@ -18,9 +18,12 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use crate::support::*;
 
 /// A meter: input registers 0–1 hold 229.8 as an `f32`, holding register 2
-/// holds 2298 (decivolts), coil 0 is on.
-#[derive(Clone)]
-struct Meter;
+/// holds 2298 (decivolts), coil 0 is on. Writes are recorded, as
+/// `registers ADDRESS [VALUES]` and `coils ADDRESS [VALUES]`.
+#[derive(Clone, Default)]
+struct Meter {
+    writes: Arc<std::sync::Mutex<Vec<String>>>,
+}
 
 impl tokio_modbus::server::Service for Meter {
     type Request = Request<'static>;
@@ -48,19 +51,44 @@ impl tokio_modbus::server::Service for Meter {
                 words(a, n, &[0, 0, 2298]).map(Response::ReadHoldingRegisters)
             }
             Request::ReadCoils(0, 1) => Ok(Response::ReadCoils(vec![true])),
+            Request::WriteMultipleRegisters(a, words) => {
+                self.record(format!("registers {a} {words:?}"));
+                Ok(Response::WriteMultipleRegisters(a, words.len() as u16))
+            }
+            Request::WriteMultipleCoils(a, coils) => {
+                self.record(format!("coils {a} {coils:?}"));
+                Ok(Response::WriteMultipleCoils(a, coils.len() as u16))
+            }
             _ => Err(ExceptionCode::IllegalFunction),
         };
         std::future::ready(answer)
     }
 }
 
-/// Serves [`Meter`] on `addr` until the returned task is aborted.
+impl Meter {
+    fn record(&self, write: String) {
+        self.writes.lock().unwrap().push(write);
+    }
+
+    fn writes(&self) -> Vec<String> {
+        self.writes.lock().unwrap().clone()
+    }
+}
+
+/// Serves a [`Meter`] on `addr` until the returned task is aborted.
 async fn serve(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    serve_meter(addr, Meter::default()).await
+}
+
+/// Serves `meter` on `addr` until the returned task is aborted.
+async fn serve_meter(addr: SocketAddr, meter: Meter) -> tokio::task::JoinHandle<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
         let server = Server::new(listener);
-        let on_connected =
-            |stream, addr| async move { accept_tcp_connection(stream, addr, |_| Ok(Some(Meter))) };
+        let on_connected = |stream, addr| {
+            let meter = meter.clone();
+            async move { accept_tcp_connection(stream, addr, |_| Ok(Some(meter.clone()))) }
+        };
         let _ = server.serve(&on_connected, |_| {}).await;
     })
 }
@@ -363,6 +391,64 @@ async fn a_hostile_modbus_peer_is_counted_and_never_holds_up_a_healthy_meter() {
     );
     assert_eq!(good.failures.load(Ordering::Relaxed), 0);
     peer.abort();
+    server.abort();
+    assert!(gw.shutdown(WAIT).await);
+}
+
+fn writer(name: &str, mode: &str, grant: &str, address: u16) -> String {
+    format!(
+        "[[functions]]\nname = \"{name}\"\ncomponent = {}\ntriggers = [\"meters/#\"]\npublish = [\"allowed/#\"]\nmodbus = [\"{grant}\"]\nconfig = {{ mode = \"{mode}\", address = \"{address}\" }}\n",
+        lit(&guest("misbehave"))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_write_registers_and_coils_only_on_ok_and_within_their_range() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let meter = Meter::default();
+    let server = serve_meter(addr, meter.clone()).await;
+    let toml = format!(
+        "{}{}{}{}[[sources]]\nkind = \"modbus\"\nname = \"meter\"\nurl = \"tcp://{addr}\"\ninterval_ms = 50\ntopic = \"meters/meter\"\n{METER_REGISTERS}",
+        gateway_header("gw-modbus-write"),
+        writer("writer", "modbus-write", "meter:10-11", 10),
+        writer("failer", "modbus-write-then-fail", "meter", 20),
+        writer("outside", "modbus-write", "meter:10-11", 11),
+    );
+    let (gw, _dir) = gateway(&toml).await;
+    let (host, port) = gw.local_broker();
+    let mut reports = Subscriber::connect(host, port, &["allowed/modbus"]).await;
+    // `outside` asked for 11..=12 with 10..=11 allowed: refused, and said so.
+    let refused = async {
+        loop {
+            let (_, report) = reports.next().await;
+            let report = String::from_utf8_lossy(&report).into_owned();
+            if report != "ok" {
+                return report;
+            }
+        }
+    };
+    let refused = tokio::time::timeout(WAIT, refused)
+        .await
+        .expect("a refusal");
+    assert!(
+        refused.contains(
+            "addresses 11..=12 of Modbus device `meter` is not allowed (allowed: 10..=11)"
+        ),
+        "{refused}"
+    );
+    // `writer`'s writes reach the device, in call order.
+    let stats = gw.source_stats("meter").unwrap().clone();
+    eventually("writes sent", || stats.written.load(Ordering::Relaxed) >= 6).await;
+    let writes = meter.writes();
+    assert_eq!(writes[..2], ["registers 10 [7, 8]", "coils 10 [true]"]);
+    // Only `writer`'s: nothing from the failed handler (20) or the refused
+    // call (11), however many events all three handled.
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.starts_with("registers 10 ") || w.starts_with("coils 10 ")),
+        "{writes:?}"
+    );
     server.abort();
     assert!(gw.shutdown(WAIT).await);
 }

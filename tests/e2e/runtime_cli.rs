@@ -311,3 +311,35 @@ fn io_threads_size_the_runtime() {
         assert!(started.contains(want), "{started}");
     }
 }
+
+/// WIT additions are semver-compatible: a function built against
+/// `edgefn:function@0.1.2` (kept as built in `tests/fixtures/`) runs on a
+/// gateway whose WIT is newer.
+#[test]
+fn a_function_built_against_an_older_wit_still_runs() {
+    let component = root().join("tests/fixtures/threshold-wit-0.1.2.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgefn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nid = \"gw-compat\"\ndata_dir = \"data\"\n[[functions]]\nname = \"threshold\"\ncomponent = {}\ntriggers = [\"sensors/#\"]\npublish = [\"alerts/#\"]\n",
+            lit(&component)
+        ),
+    )
+    .unwrap();
+    let c = config.display().to_string();
+    let args = [
+        "invoke",
+        "-c",
+        &c,
+        "threshold",
+        "--topic",
+        "sensors/a/temperature",
+        "--payload",
+        r#"{"value": 31}"#,
+    ];
+    let (ok, out, err) = run_cli(&args, None);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("publish alerts/a/temperature"), "{out}");
+}

@@ -53,7 +53,7 @@ pub use bindings::Guest as Function;
 /// One input event.
 pub use bindings::edgefn::function::types::Event;
 pub use bindings::edgefn::function::types::{CallError, Level, Qos, SourceKind};
-pub use bindings::edgefn::function::{host, serial};
+pub use bindings::edgefn::function::{host, modbus, serial};
 
 pub mod kv;
 /// Exports a type implementing [`Function`] as the component's handler:
@@ -161,6 +161,20 @@ pub fn forward_json<T: Serialize + ?Sized>(sink: &str, value: &T) -> Result<(), 
 /// controller…); the function must list the port in `serial_ports`.
 pub fn serial_write(port: &str, data: impl AsRef<[u8]>) -> Result<(), Error> {
     Ok(serial::write(port, data.as_ref())?)
+}
+
+/// Writes `values` to the holding registers from `address` on the Modbus
+/// source named `device`; the function must list the device in `modbus`.
+/// Sent only if the handler returns `Ok`.
+pub fn modbus_write_registers(device: &str, address: u16, values: &[u16]) -> Result<(), Error> {
+    Ok(modbus::write_registers(device, address, values)?)
+}
+
+/// Sets the coils from `address` on the Modbus source named `device`; the
+/// function must list the device in `modbus`. Sent only if the handler
+/// returns `Ok`.
+pub fn modbus_write_coils(device: &str, address: u16, values: &[bool]) -> Result<(), Error> {
+    Ok(modbus::write_coils(device, address, values)?)
 }
 
 /// A string from the function's `config` table.

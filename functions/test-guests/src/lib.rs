@@ -17,9 +17,13 @@
 //! value on `count/<topic>`), `count-then-fail` (increments, then fails: the
 //! write must not be kept), `compute:<n>` (n rounds of arithmetic, for
 //! benchmarks; publishes nothing), `warm` (publishes how many events this
-//! instance has handled, on `warm/<topic>`) and `answer` (forwards
+//! instance has handled, on `warm/<topic>`), `answer` (forwards
 //! `[topic, payload, attributes]` as JSON to the sink named by the `sink`
-//! config key, default `cloud`).
+//! config key, default `cloud`), `modbus-write` (writes holding registers
+//! `[7, 8]` and coil `true` at the `address` config key on the Modbus
+//! source named by `device`, then publishes `ok` or the refusal on
+//! `allowed/modbus`) and `modbus-write-then-fail` (writes, then fails: the
+//! writes must not be sent).
 //!
 //! Waits and output: `sleep` (`std::thread::sleep` for an hour), `poll`
 //! (`wasi:io/poll` on an hour-long clock pollable), `nap` (sleeps 5 ms, then
@@ -109,6 +113,17 @@ impl Function for Misbehave {
                 edgefn_sdk::forward_json(&sink, &(&event.topic, payload, &event.attributes))?;
             }
             "error" => return Err("this function always fails".into()),
+            "modbus-write" | "modbus-write-then-fail" => {
+                let device = config("device").unwrap_or_else(|| "meter".into());
+                let address = edgefn_sdk::config_or("address", 10u16)?;
+                let written = edgefn_sdk::modbus_write_registers(&device, address, &[7, 8])
+                    .and_then(|()| edgefn_sdk::modbus_write_coils(&device, address, &[true]));
+                if mode == "modbus-write-then-fail" {
+                    return Err("failed after writing".into());
+                }
+                let report = written.map_or_else(|e| e.to_string(), |()| "ok".into());
+                publish("allowed/modbus", report)?;
+            }
             "serial-echo" => {
                 let port = config("port").unwrap_or_else(|| "motor".into());
                 edgefn_sdk::serial_write(&port, [b"ack:".as_slice(), &event.payload].concat())?;

@@ -241,6 +241,14 @@ pub fn missing_targets(running: &ValidConfig, new: &ValidConfig) -> Vec<String> 
                 ));
             }
         }
+        for device in f.modbus.keys() {
+            if !running.sources.iter().any(|s| s.common().name == device) {
+                problems.push(format!(
+                    "functions.{}: Modbus device `{device}` is not running (sources are added at a restart)",
+                    f.name
+                ));
+            }
+        }
     }
     problems
 }
@@ -303,6 +311,21 @@ mod tests {
         let problems = missing_targets(&running, &new);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("sink `cloud2`"), "{problems:?}");
+        assert!(missing_targets(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_function_naming_a_modbus_device_that_is_not_running_is_refused() {
+        let running = parse("");
+        let new = parse(
+            "[[sources]]\nkind = \"modbus\"\nname = \"pump\"\nurl = \"tcp://127.0.0.1:1\"\ntopic = \"m/pump\"\n[[sources.registers]]\nname = \"v\"\ntable = \"holding\"\naddress = 0\n[[functions]]\nname = \"f\"\ncomponent = \"/tmp/f.wasm\"\ntriggers = [\"a/#\"]\nmodbus = [\"pump\"]\n",
+        );
+        let problems = missing_targets(&running, &new);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("Modbus device `pump` is not running"),
+            "{problems:?}"
+        );
         assert!(missing_targets(&new, &new).is_empty());
     }
 

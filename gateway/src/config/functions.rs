@@ -1,7 +1,8 @@
 //! `[[functions]]` validated: triggers, allowlists, limits, and the sink
 //! topic templates they forward through.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 
 use super::schema::FunctionConfig;
 use super::*;
@@ -25,6 +26,7 @@ pub(super) fn functions(
     config: &Config,
     sink_names: &BTreeSet<String>,
     serial_names: &BTreeSet<String>,
+    modbus_names: &BTreeSet<String>,
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Vec<FunctionSpec> {
     let mut functions = Vec::new();
@@ -46,7 +48,8 @@ pub(super) fn functions(
                 );
             }
         }
-        if let Some(spec) = function(
+        let modbus = modbus_grants(p, &key, &f.modbus, modbus_names);
+        if let Some(mut spec) = function(
             p,
             &key,
             f,
@@ -54,6 +57,7 @@ pub(super) fn functions(
             resolve,
             config.runtime.max_memory_mib,
         ) {
+            spec.modbus = modbus;
             functions.push(spec);
         }
     }
@@ -168,6 +172,7 @@ fn function(
         publish,
         sinks: f.sinks.iter().cloned().collect(),
         serial_ports: f.serial_ports.iter().cloned().collect(),
+        modbus: BTreeMap::new(),
         config: f.config.clone(),
         limits: Limits::from(l),
         instance: f.instance,
@@ -215,4 +220,45 @@ pub fn render_topic(
         .replace("{function}", function)
         .replace("{sink}", sink)
         .replace("{topic}", topic)
+}
+
+/// The `modbus` list of a function: `"meter"` (every address) or
+/// `"meter:100-109"`, each naming a Modbus source.
+fn modbus_grants(
+    p: &mut Problems<'_>,
+    key: &str,
+    grants: &[String],
+    modbus_names: &BTreeSet<String>,
+) -> BTreeMap<String, RangeInclusive<u16>> {
+    let mut out = BTreeMap::new();
+    for (j, grant) in grants.iter().enumerate() {
+        let key = format!("{key}.modbus[{j}]");
+        let (device, range) = match grant.split_once(':') {
+            None => (grant.as_str(), Some(0..=u16::MAX)),
+            Some((device, range)) => (device, parse_range(range)),
+        };
+        let Some(range) = range else {
+            p.add(
+                key,
+                format!("`{grant}`: give `DEVICE` or `DEVICE:FIRST-LAST`, as in `meter:100-109`"),
+            );
+            continue;
+        };
+        if !modbus_names.contains(device) {
+            p.add(
+                key,
+                format!("no Modbus source named `{device}` is configured under [[sources]]"),
+            );
+        } else if out.insert(device.to_owned(), range).is_some() {
+            p.add(key, format!("`{device}` is listed twice"));
+        }
+    }
+    out
+}
+
+/// `FIRST-LAST` (or one address) as an inclusive range.
+fn parse_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (first <= last).then_some(first..=last)
 }

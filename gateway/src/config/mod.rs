@@ -476,8 +476,21 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         .map(|c| c.name.to_owned())
         .collect();
 
+    let modbus_names: BTreeSet<String> = sources
+        .iter()
+        .filter(|s| matches!(s, SourceSpec::Modbus(_)))
+        .map(|s| s.common().name.to_owned())
+        .collect();
+
     let runtime = runtime_spec(&mut p, &config);
-    let functions = functions(&mut p, &config, &sink_names, &serial_names, &resolve);
+    let functions = functions(
+        &mut p,
+        &config,
+        &sink_names,
+        &serial_names,
+        &modbus_names,
+        &resolve,
+    );
     check_reach(&mut p, &config, &sinks, &functions);
     // A mirrored frame must not come back in as an MQTT event.
     for (i, s) in sources.iter().enumerate() {

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -152,6 +153,8 @@ pub struct FunctionSpec {
     pub sinks: BTreeSet<String>,
     /// Serial sources it may write to.
     pub serial_ports: BTreeSet<String>,
+    /// Modbus sources it may write to, with the addresses allowed.
+    pub modbus: BTreeMap<String, RangeInclusive<u16>>,
     /// Its `config(key)` values.
     pub config: BTreeMap<String, String>,
     /// Its limits.

@@ -16,9 +16,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::edgefn::function::host::Host;
 use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
-use crate::bindings::edgefn::function::{kv, serial};
+use crate::bindings::edgefn::function::{kv, modbus, serial};
 use crate::config::Limits;
-use crate::output::{Forward, Outputs, Publish, SerialWrite};
+use crate::output::{Forward, ModbusValues, ModbusWrite, Outputs, Publish, SerialWrite};
 use crate::runtime::logs::{LogBudget, LogRate};
 use crate::runtime::state::{KvRefusal, KvTxn};
 use crate::runtime::wasi::{self, Capture, Deadline};
@@ -37,6 +37,8 @@ pub struct Capabilities {
     pub sinks: BTreeSet<String>,
     /// Serial sources it may write to.
     pub serial_ports: BTreeSet<String>,
+    /// Modbus sources it may write to, with the addresses allowed.
+    pub modbus: BTreeMap<String, std::ops::RangeInclusive<u16>>,
     /// `config(key)` values.
     pub config: BTreeMap<String, String>,
     /// publish + forward calls per invocation.
@@ -306,7 +308,69 @@ impl serial::Host for HostState {
     }
 }
 
+impl modbus::Host for HostState {
+    fn write_registers(
+        &mut self,
+        device: String,
+        address: u16,
+        values: Vec<u16>,
+    ) -> Result<(), CallError> {
+        let n = values.len();
+        self.modbus_write(device, address, n, 123, ModbusValues::Registers(values))
+    }
+
+    fn write_coils(
+        &mut self,
+        device: String,
+        address: u16,
+        values: Vec<bool>,
+    ) -> Result<(), CallError> {
+        let n = values.len();
+        self.modbus_write(device, address, n, 1968, ModbusValues::Coils(values))
+    }
+}
+
 impl HostState {
+    /// Checks a Modbus write against the function's `modbus` list and the
+    /// protocol's limit of `max` values, and queues it with the outputs.
+    fn modbus_write(
+        &mut self,
+        device: String,
+        address: u16,
+        n: usize,
+        max: usize,
+        values: ModbusValues,
+    ) -> Result<(), CallError> {
+        let Some(allowed) = self.caps.modbus.get(&device).cloned() else {
+            return Err(self.deny(format!(
+                "writing to Modbus device {} is not allowed (allowed: {})",
+                shown(&device),
+                list(self.caps.modbus.keys().map(String::as_str))
+            )));
+        };
+        if !(1..=max).contains(&n) {
+            return Err(CallError::Invalid(format!(
+                "a Modbus write takes 1 to {max} values, not {n}"
+            )));
+        }
+        let last = usize::from(address) + n - 1;
+        if !allowed.contains(&address) || last > usize::from(*allowed.end()) {
+            return Err(self.deny(format!(
+                "writing addresses {address}..={last} of Modbus device {} is not allowed (allowed: {}..={})",
+                shown(&device),
+                allowed.start(),
+                allowed.end()
+            )));
+        }
+        self.charge(2 * n)?;
+        self.outputs.modbus_writes.push(ModbusWrite {
+            device,
+            address,
+            values,
+        });
+        Ok(())
+    }
+
     fn kv_refused(&mut self, r: KvRefusal) -> CallError {
         match r {
             KvRefusal::OverLimit(m) => self.over(format!("state: {m}")),

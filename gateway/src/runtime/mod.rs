@@ -312,6 +312,7 @@ impl Runtime {
                 publish: spec.publish.clone(),
                 sinks: spec.sinks.clone(),
                 serial_ports: spec.serial_ports.clone(),
+                modbus: spec.modbus.clone(),
                 config: spec.config.clone(),
                 max_calls: spec.limits.max_calls,
                 max_payload_bytes: spec.limits.max_payload_bytes,

@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tokio::sync::mpsc;
-
 use super::{SourceContext, SourceError, SourceStats};
 use crate::config::{KeyChanges, Scope};
+use crate::output::Writes;
 use crate::progress::Progress;
 use crate::sources::serial::config::Line;
 
@@ -86,7 +84,7 @@ pub struct BuiltSource {
     /// Its counters (admin endpoint, metrics).
     pub stats: Arc<SourceStats>,
     /// Where functions' writes to it go, for writable kinds.
-    pub writes: Option<mpsc::Sender<Bytes>>,
+    pub writes: Option<Writes>,
     /// Reads and dispatches until cancelled.
     pub run: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
@@ -105,7 +103,7 @@ impl BuiltSource {
     pub fn new<S: super::Source>(
         source: S,
         stats: Arc<SourceStats>,
-        writes: Option<mpsc::Sender<Bytes>>,
+        writes: Option<Writes>,
         ctx: &SourceContext,
     ) -> Self {
         Self {

@@ -14,7 +14,7 @@ use crate::admin::{AdminState, Named};
 use crate::config::{Broker, MqttEndpoint, ValidConfig};
 use crate::metrics::{FunctionTable, GatewayMetrics};
 use crate::outbox::{Outbox, OutboxConfig};
-use crate::output::{OutputPort, SerialWriters, local_publisher};
+use crate::output::{OutputPort, Writers, local_publisher};
 use crate::progress::Progress;
 use crate::router::{Route, Router};
 use crate::runtime::funcset::Workers;
@@ -94,8 +94,8 @@ impl Gateway {
             router: commands.then(|| ctx.router.clone()),
             cancel: cancel.clone(),
         });
-        let (device_sources, serial, source_stats) = spawn_sources(sources);
-        let port = OutputPort::new(publisher.clone(), outbox.clone(), serial);
+        let (device_sources, writers, source_stats) = spawn_sources(sources);
+        let port = OutputPort::new(publisher.clone(), outbox.clone(), writers);
         let workers = Workers {
             tracker: TaskTracker::new(),
             port,
@@ -364,13 +364,13 @@ fn prepare_functions(
 /// writable ones, and their counters.
 fn spawn_sources(
     sources: Vec<(String, &'static str, BuiltSource)>,
-) -> (TaskTracker, SerialWriters, Vec<Named<SourceStats>>) {
+) -> (TaskTracker, Writers, Vec<Named<SourceStats>>) {
     let tracker = TaskTracker::new();
-    let mut writers = SerialWriters::new();
+    let mut writers = Writers::default();
     let mut stats = Vec::new();
     for (name, kind, built) in sources {
         if let Some(writes) = built.writes {
-            writers.insert(name.clone(), (writes, built.stats.clone()));
+            writers.insert(name.clone(), writes, built.stats.clone());
         }
         stats.push((name, kind, built.stats));
         tracker.spawn(built.run);

@@ -23,6 +23,11 @@ pub struct FunctionConfig {
     /// `serial.write`; anything else is denied.
     #[serde(default)]
     pub serial_ports: Vec<String>,
+    /// Modbus sources (by name) the function may write registers and coils
+    /// of, each as `"meter"` (any address) or `"meter:100-109"` (only
+    /// addresses 100 to 109); anything else is denied.
+    #[serde(default)]
+    pub modbus: Vec<String>,
     /// Free-form settings the function reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,

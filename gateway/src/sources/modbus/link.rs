@@ -18,13 +18,14 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 use tokio_serial::SerialPortBuilderExt;
 
 use super::config::{Table, Transport};
 use super::registers::{Answer, Read};
+use crate::output::{ModbusValues, ModbusWrite};
 use crate::sources::SourceStats;
 use crate::sources::serial::config::Line;
 
@@ -51,15 +52,10 @@ pub struct Link {
     transport: Transport,
     unit: u8,
     timeout: Duration,
-    /// The TCP connection, or the shared serial bus.
-    conn: Conn,
+    /// The connection: the source's own (TCP) or its serial bus's.
+    bus: Arc<Bus>,
     /// Counts the connections made (`opened`).
     stats: Arc<SourceStats>,
-}
-
-enum Conn {
-    Tcp(Option<Connected>),
-    Rtu(Arc<Bus>),
 }
 
 /// An open Modbus context with the counter of bytes read through it.
@@ -68,10 +64,20 @@ struct Connected {
     received: Arc<AtomicU64>,
 }
 
-/// One serial port shared by the sources on it.
+/// One connection, shared by the sources on a serial port; a TCP source
+/// has one of its own.
 pub struct Bus {
-    line: Line,
+    line: Option<Line>,
     port: tokio::sync::Mutex<Option<Connected>>,
+}
+
+impl Bus {
+    fn new(line: Option<Line>) -> Arc<Self> {
+        Arc::new(Self {
+            line,
+            port: tokio::sync::Mutex::new(None),
+        })
+    }
 }
 
 /// The buses open in this process, by path.
@@ -82,20 +88,19 @@ fn bus(path: &PathBuf, line: Line) -> Arc<Bus> {
     let mut buses = BUSES.lock().unwrap_or_else(|p| p.into_inner());
     buses.retain(|_, b| b.strong_count() > 0);
     if let Some(bus) = buses.get(path).and_then(Weak::upgrade)
-        && bus.line == line
+        && bus.line == Some(line)
     {
         return bus;
     }
     // Different settings for the same port are refused by the config check;
     // a reload that changes them gets a bus of its own once the old sources
     // are gone (until then the port is locked and opening fails, retried).
-    let bus = Arc::new(Bus {
-        line,
-        port: tokio::sync::Mutex::new(None),
-    });
+    let bus = Bus::new(Some(line));
     buses.insert(path.clone(), Arc::downgrade(&bus));
     bus
 }
+
+type Slot<'a> = tokio::sync::MutexGuard<'a, Option<Connected>>;
 
 impl Link {
     /// A link for the device of `transport`, not yet connected.
@@ -105,16 +110,39 @@ impl Link {
         timeout: Duration,
         stats: Arc<SourceStats>,
     ) -> Self {
-        let conn = match transport {
-            Transport::Tcp { .. } => Conn::Tcp(None),
-            Transport::Rtu { path, line } => Conn::Rtu(bus(path, *line)),
+        let bus = match transport {
+            Transport::Tcp { .. } => Bus::new(None),
+            Transport::Rtu { path, line } => bus(path, *line),
         };
         Self {
             transport: transport.clone(),
             unit,
             timeout,
-            conn,
+            bus,
             stats,
+        }
+    }
+
+    /// The connection, held until the guard drops (other units on the bus
+    /// wait their turn), opened first if need be.
+    async fn session(&self) -> Result<Slot<'_>, CallError> {
+        let mut slot = self.bus.port.lock().await;
+        if slot.is_none() {
+            *slot = Some(open(&self.transport, self.unit, self.timeout).await?);
+            self.stats.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(conn) = slot.as_mut() {
+            conn.ctx.set_slave(Slave(self.unit));
+        }
+        Ok(slot)
+    }
+
+    /// After a failed request: a broken connection (or, over TCP, one whose
+    /// answers may now arrive late and out of step) is opened afresh.
+    fn after(&self, e: &CallError, slot: &mut Slot<'_>) {
+        let tcp = matches!(self.transport, Transport::Tcp { .. });
+        if matches!(e, CallError::Transport(_)) || (tcp && !matches!(e, CallError::Exception(_))) {
+            **slot = None;
         }
     }
 
@@ -122,45 +150,47 @@ impl Link {
     /// answer to `each`. Stops at the first failure: a device that does not
     /// answer one request would make the rest wait out their timeouts too.
     pub async fn poll(
-        &mut self,
+        &self,
         reads: &[Read],
         mut each: impl FnMut(&Read, Answer) -> Result<(), String>,
     ) -> Result<(), CallError> {
-        let (unit, timeout) = (self.unit, self.timeout);
-        let mut bus_guard;
-        let slot = match &mut self.conn {
-            Conn::Tcp(slot) => slot,
-            Conn::Rtu(bus) => {
-                bus_guard = bus.port.lock().await;
-                &mut *bus_guard
-            }
-        };
-        if slot.is_none() {
-            *slot = Some(open(&self.transport, unit, timeout).await?);
-            self.stats.opened.fetch_add(1, Ordering::Relaxed);
-        }
-        let Some(conn) = slot.as_mut() else {
-            return Err(CallError::Transport(io::ErrorKind::NotConnected.into()));
-        };
-        conn.ctx.set_slave(Slave(unit));
+        let mut slot = self.session().await?;
         for read in reads {
-            let result = match call(conn, read, timeout).await {
-                Ok(answer) => each(read, answer).map_err(CallError::Invalid),
-                Err(e) => Err(e),
+            let result = match slot.as_mut() {
+                Some(conn) => match call(conn, read, self.timeout).await {
+                    Ok(answer) => each(read, answer).map_err(CallError::Invalid),
+                    Err(e) => Err(e),
+                },
+                None => Err(CallError::Transport(io::ErrorKind::NotConnected.into())),
             };
             if let Err(e) = result {
-                // A broken connection (or, over TCP, one whose answers may
-                // now arrive late and out of step) is opened afresh.
-                let tcp = matches!(self.transport, Transport::Tcp { .. });
-                if matches!(e, CallError::Transport(_))
-                    || (tcp && !matches!(e, CallError::Exception(_)))
-                {
-                    *slot = None;
-                }
+                self.after(&e, &mut slot);
                 return Err(e);
             }
         }
         Ok(())
+    }
+
+    /// Writes what a function asked for, within the timeout.
+    pub async fn write(&self, w: &ModbusWrite) -> Result<(), CallError> {
+        let mut slot = self.session().await?;
+        let Some(conn) = slot.as_mut() else {
+            return Err(CallError::Transport(io::ErrorKind::NotConnected.into()));
+        };
+        let before = conn.received.load(Ordering::Relaxed);
+        let ctx = &mut conn.ctx;
+        let done = tokio::time::timeout(self.timeout, async move {
+            match &w.values {
+                ModbusValues::Registers(v) => ctx.write_multiple_registers(w.address, v).await,
+                ModbusValues::Coils(v) => ctx.write_multiple_coils(w.address, v).await,
+            }
+        })
+        .await;
+        let result = classify(done, conn, before, self.timeout);
+        if let Err(e) = &result {
+            self.after(e, &mut slot);
+        }
+        result
     }
 }
 
@@ -222,7 +252,17 @@ async fn call(conn: &mut Connected, read: &Read, timeout: Duration) -> Result<An
         })
     })
     .await;
-    match answer {
+    classify(answer, conn, before, timeout)
+}
+
+/// What came of a request that was given `timeout`.
+fn classify<T>(
+    done: Result<tokio_modbus::Result<T>, tokio::time::error::Elapsed>,
+    conn: &Connected,
+    before: u64,
+    timeout: Duration,
+) -> Result<T, CallError> {
+    match done {
         Ok(Ok(Ok(answer))) => Ok(answer),
         Ok(Ok(Err(code))) => Err(CallError::Exception(code)),
         Ok(Err(tokio_modbus::Error::Protocol(e))) => Err(CallError::Invalid(e.to_string())),

@@ -6,6 +6,8 @@
 //! A failed poll (an exception, a timeout, a garbled answer or a CRC error,
 //! a lost connection) is counted and logged, and the next interval tries
 //! again; a connection that cannot be made is retried with back-off.
+//! Functions listing the source in `modbus` write registers and coils
+//! through its queue (sent once, between polls, never retried).
 //! Several sources on one serial path share the port and are polled in turn
 //! ([`link`]). Functions see these events with `source-kind::serial` and the
 //! attribute `protocol = "modbus"`: WIT 0.1.x cannot grow its `source-kind`
@@ -16,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Map;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub mod config;
@@ -28,6 +31,7 @@ use super::{
 };
 use crate::config::KeyChanges;
 use crate::event::{Event, SourceKind};
+use crate::output::{ModbusWrite, Writes};
 use crate::progress::{Activity, Beat};
 use config::{ModbusSourceConfig, ModbusSpec, Transport};
 use link::{CallError, Link};
@@ -88,7 +92,10 @@ impl SourcePlugin for Kind {
         // One poll waits at most for its connection and each request.
         let steps = u32::try_from(reads.len() + 1).unwrap_or(u32::MAX);
         let limit = crate::progress::SOURCE_LIMIT + spec.timeout.saturating_mul(steps);
+        // Like a serial port's: a full queue drops the write (counted).
+        let (tx, writes) = mpsc::channel(WRITE_QUEUE);
         let source = ModbusSource {
+            writes,
             link: Link::new(&spec.transport, spec.unit, spec.timeout, stats.clone()),
             device: spec.transport.describe(),
             spec: spec.clone(),
@@ -97,13 +104,22 @@ impl SourcePlugin for Kind {
             beat: env.progress.watch("source", &spec.name, limit),
             mirror: spec.mirror_topic.is_some().then(|| env.local.clone()),
         };
-        Ok(BuiltSource::new(source, stats, None, ctx))
+        Ok(BuiltSource::new(
+            source,
+            stats,
+            Some(Writes::Modbus(tx)),
+            ctx,
+        ))
     }
 }
+
+/// Functions' writes waiting for the device.
+const WRITE_QUEUE: usize = 64;
 
 /// A running Modbus source.
 pub struct ModbusSource {
     spec: ModbusSpec,
+    writes: mpsc::Receiver<ModbusWrite>,
     device: String,
     reads: Vec<Read>,
     link: Link,
@@ -126,39 +142,58 @@ impl Source for ModbusSource {
         loop {
             tokio::select! {
                 () = ctx.cancel.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            if health.retry_at.is_some_and(|at| Instant::now() < at) {
-                continue;
-            }
-            let mut event = Map::new();
-            let registers = &self.spec.registers;
-            self.beat.busy(Activity::Polling);
-            let polled = self
-                .link
-                .poll(&self.reads, |read, answer| {
-                    registers::decode(registers, read, &answer, &mut event)
-                })
-                .await;
-            self.beat.idle();
-            match polled {
-                Ok(()) => {
-                    health.answered(&self.spec.name, &self.device);
-                    self.stats.frames.fetch_add(1, Ordering::Relaxed);
-                    let payload = serde_json::Value::Object(event).to_string();
-                    dispatch(
-                        &self.spec,
-                        &self.device,
-                        self.mirror.as_ref(),
-                        payload,
-                        &ctx,
-                    )
-                    .await;
+                Some(w) = self.writes.recv() => self.write(&w).await,
+                _ = ticker.tick() => {
+                    if health.retry_at.is_none_or(|at| Instant::now() >= at) {
+                        self.poll(&mut health, &ctx).await;
+                    }
                 }
-                Err(e) => self.failed(&e, &mut health),
             }
         }
         tracing::debug!(source = %self.spec.name, "Modbus source stopped.");
+    }
+}
+
+impl ModbusSource {
+    /// One poll: an event if the device answered every request.
+    async fn poll(&self, health: &mut Health, ctx: &SourceContext) {
+        let mut event = Map::new();
+        let registers = &self.spec.registers;
+        self.beat.busy(Activity::Polling);
+        let polled = self
+            .link
+            .poll(&self.reads, |read, answer| {
+                registers::decode(registers, read, &answer, &mut event)
+            })
+            .await;
+        self.beat.idle();
+        match polled {
+            Ok(()) => {
+                health.answered(&self.spec.name, &self.device);
+                self.stats.frames.fetch_add(1, Ordering::Relaxed);
+                let payload = serde_json::Value::Object(event).to_string();
+                dispatch(&self.spec, &self.device, self.mirror.as_ref(), payload, ctx).await;
+            }
+            Err(e) => self.failed(&e, health),
+        }
+    }
+
+    /// A function's write: sent once; a failure is counted and logged, not
+    /// retried (an actuator command should not fire late).
+    async fn write(&self, w: &ModbusWrite) {
+        self.beat.busy(Activity::Writing);
+        let written = self.link.write(w).await;
+        self.beat.idle();
+        match written {
+            Ok(()) => {
+                self.stats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
+                let error = crate::text::chain(&e);
+                tracing::warn!(source = %self.spec.name, device = %self.device, address = w.address, error = %error, "Modbus write failed.");
+            }
+        }
     }
 }
 
@@ -182,6 +217,7 @@ impl Health {
 }
 
 impl ModbusSource {
+    /// Counts and logs a failed poll; a lost connection backs off.
     fn failed(&self, e: &CallError, health: &mut Health) {
         let s = &self.stats;
         s.failures.fetch_add(1, Ordering::Relaxed);

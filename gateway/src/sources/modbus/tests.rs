@@ -300,3 +300,34 @@ fn values_decode_with_their_type_word_order_and_scale() {
     .expect("decoded");
     assert_eq!(event["f"], serde_json::Value::Null);
 }
+
+#[test]
+fn functions_may_write_to_modbus_sources_they_list_with_a_range() {
+    let with = |grants: &str| format!("modbus = [{grants}]\n{METER}");
+    let config = parse(&with("\"meter:100-109\"")).expect("valid");
+    assert_eq!(config.functions[0].modbus["meter"], 100..=109);
+    let config = parse(&with("\"meter\"")).expect("valid");
+    assert_eq!(config.functions[0].modbus["meter"], 0..=u16::MAX);
+    let cases = [
+        (
+            "\"pump\"",
+            "functions[0].modbus[0]: no Modbus source named `pump`",
+        ),
+        (
+            "\"meter:9-1\"",
+            "functions[0].modbus[0]: `meter:9-1`: give `DEVICE` or `DEVICE:FIRST-LAST`",
+        ),
+        ("\"meter:x\"", "functions[0].modbus[0]: `meter:x`: give"),
+        (
+            "\"meter\", \"meter:1-2\"",
+            "functions[0].modbus[1]: `meter` is listed twice",
+        ),
+    ];
+    for (grants, want) in cases {
+        let got = problems(&with(grants));
+        assert!(
+            got.iter().any(|p| p.starts_with(want)),
+            "want `{want}` in {got:?}"
+        );
+    }
+}

@@ -29,6 +29,7 @@ use super::{
 };
 use crate::config::KeyChanges;
 use crate::event::{Event, SourceKind};
+use crate::output::Writes;
 use crate::progress::{Activity, Beat};
 use config::{SerialSourceConfig, SerialSpec};
 
@@ -161,7 +162,12 @@ impl SourcePlugin for Kind {
             },
             ctx,
         )?;
-        Ok(BuiltSource::new(source, stats, Some(tx), ctx))
+        Ok(BuiltSource::new(
+            source,
+            stats,
+            Some(Writes::Serial(tx)),
+            ctx,
+        ))
     }
 }
 
