@@ -9,10 +9,12 @@
 //!
 //! Kinds: [`serial`] (framed serial ports, with write-back), [`i2c`]
 //! (polled embedded-hal sensor drivers), [`timer`] (ticks at an interval
-//! or at cron times) and [`modbus`] (polled registers over TCP or RS-485). The [`mqtt`] source, the local
+//! or at cron times), [`modbus`] (polled registers over TCP or RS-485)
+//! and [`gpio`] (edges of a GPIO input line). The [`mqtt`] source, the local
 //! broker subscribed to the functions' triggers, is not a `[[sources]]`
 //! entry: every gateway has exactly one.
 
+pub mod gpio;
 pub mod i2c;
 pub mod modbus;
 pub mod mqtt;
@@ -30,6 +32,7 @@ source_kinds! {
     I2c(i2c::Kind),
     Timer(timer::Kind),
     Modbus(modbus::Kind),
+    Gpio(gpio::Kind),
 }
 
 use std::future::Future;

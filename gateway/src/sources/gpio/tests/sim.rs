@@ -1,0 +1,134 @@
+//! The GPIO source on a real character device: a `gpio-sim` chip made
+//! through configfs, its line pulled up and down from sysfs. Where the
+//! kernel has no `gpio-sim` (or configfs is not mounted), the test reports
+//! itself as skipped, with the wording of the end-to-end suite.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+const GPIO_SIM: &str = "/sys/kernel/config/gpio-sim";
+
+/// Reports the running test as skipped: a `SKIPPED <test>: <reason>` line
+/// written straight to stdout (libtest captures only `print!`), as
+/// `tests/e2e/support::skip` does.
+fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unknown");
+    let _ = writeln!(std::io::stdout().lock(), "SKIPPED {test}: {reason}");
+}
+
+/// A live `gpio-sim` chip of 8 lines, line 3 named `EDGEFN_BTN`; removed
+/// when dropped.
+struct SimChip {
+    dir: PathBuf,
+    /// `/dev/gpiochipN`.
+    dev: PathBuf,
+    /// `/sys/devices/platform/<dev_name>/<chip_name>`.
+    sysfs: PathBuf,
+}
+
+impl SimChip {
+    fn new() -> io::Result<Self> {
+        let dir = Path::new(GPIO_SIM).join(format!("edgefn-test-{}", std::process::id()));
+        fs::create_dir(&dir)?;
+        let bank = dir.join("bank0");
+        fs::create_dir(&bank)?;
+        fs::write(bank.join("num_lines"), "8")?;
+        let line = bank.join("line3");
+        fs::create_dir(&line)?;
+        fs::write(line.join("name"), "EDGEFN_BTN")?;
+        fs::write(dir.join("live"), "1")?;
+        let chip = fs::read_to_string(bank.join("chip_name"))?
+            .trim()
+            .to_owned();
+        let device = fs::read_to_string(dir.join("dev_name"))?.trim().to_owned();
+        Ok(Self {
+            dev: Path::new("/dev").join(&chip),
+            sysfs: Path::new("/sys/devices/platform").join(device).join(chip),
+            dir,
+        })
+    }
+
+    /// Pulls line `offset` up (`true`) or down, as a button would.
+    fn pull(&self, offset: u32, up: bool) -> io::Result<()> {
+        let pull = if up { "pull-up" } else { "pull-down" };
+        fs::write(
+            self.sysfs.join(format!("sim_gpio{offset}")).join("pull"),
+            pull,
+        )
+    }
+}
+
+impl Drop for SimChip {
+    fn drop(&mut self) {
+        let _ = fs::write(self.dir.join("live"), "0");
+        let _ = fs::remove_dir(self.dir.join("bank0/line3"));
+        let _ = fs::remove_dir(self.dir.join("bank0"));
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+fn sim_spec(chip: &SimChip, line: LineId) -> GpioSpec {
+    GpioSpec {
+        chip: Some(chip.dev.clone()),
+        bias: BiasSetting::AsIs,
+        ..spec(line)
+    }
+}
+
+#[tokio::test]
+async fn a_gpio_sim_line_pulled_up_is_a_rising_edge() {
+    if !Path::new(GPIO_SIM).is_dir() {
+        skip("gpio-sim not available (no /sys/kernel/config/gpio-sim)");
+        return;
+    }
+    let chip = SimChip::new().expect("a gpio-sim chip (needs root)");
+    let (ctx, mut rx) = context();
+
+    // A line that does not exist, by offset and by name, fails the build.
+    let Err(e) = GpioSource::build(parts(sim_spec(&chip, LineId::Offset(8))), &ctx) else {
+        panic!("line 8 of 8 must fail");
+    };
+    assert!(e.to_string().contains("line: 8 does not exist"), "{e}");
+    let missing = LineId::Name("NO_SUCH_LINE".into());
+    let Err(e) = GpioSource::build(parts(sim_spec(&chip, missing)), &ctx) else {
+        panic!("an unknown name must fail");
+    };
+    assert!(
+        e.to_string().contains("line: no line named `NO_SUCH_LINE`"),
+        "{e}"
+    );
+
+    // The line by name; a second request of it finds it busy.
+    let named = sim_spec(&chip, LineId::Name("EDGEFN_BTN".into()));
+    let source = GpioSource::build(parts(named.clone()), &ctx).expect("requested");
+    let Err(e) = GpioSource::build(parts(named), &ctx) else {
+        panic!("a busy line must fail");
+    };
+    assert!(e.to_string().contains("cannot request line 3"), "{e}");
+
+    let task = tokio::spawn(source.read(ctx.clone()));
+    chip.pull(3, true).expect("pull up");
+    let event = next_event(&mut rx).await;
+    let payload = json(&event);
+    assert_eq!(
+        (&payload["line"], &payload["value"], &payload["edge"]),
+        (
+            &serde_json::json!("EDGEFN_BTN"),
+            &serde_json::json!(1),
+            &serde_json::json!("rising")
+        )
+    );
+    assert!(payload["timestamp_ns"].as_u64().is_some_and(|t| t > 0));
+    chip.pull(3, false).expect("pull down");
+    let event = next_event(&mut rx).await;
+    assert_eq!(json(&event)["edge"], "falling");
+    ctx.cancel.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
