@@ -13,6 +13,18 @@ fn no_env(_: &str) -> Option<String> {
     None
 }
 
+/// Every problem of `text`, which must be rejected, as `key: reason`.
+pub(crate) fn problems(text: &str) -> Vec<String> {
+    match parse_str(text) {
+        Ok(_) => panic!("should be rejected:\n{text}"),
+        Err(e) => {
+            e.0.iter()
+                .map(|e| format!("{}: {}", e.key, e.reason))
+                .collect()
+        }
+    }
+}
+
 /// `text` as the config file `/etc/edgefn/test.toml`, with no environment.
 pub(crate) fn parse_str(text: &str) -> Result<ValidConfig, ConfigErrors> {
     parse(Path::new("/etc/edgefn/test.toml"), text, &no_env)
