@@ -179,24 +179,49 @@ fn crc16(bytes: &[u8]) -> u16 {
 }
 
 /// An RS-485 bus with units 1 and 2 on the master side of a pty: reads
-/// 8-byte read requests and answers them as `mode` says. Holding register
-/// `a` of unit `u` holds `u * 100 + a`. Requests from two masters talking
-/// at once would interleave and be answered out of step.
-fn rtu_bus(mut master: File, mode: Arc<AtomicU8>) {
+/// read requests (8 bytes) and write requests (functions 15 and 16, which
+/// it records in `writes` as `unit N registers|coils ADDRESS BYTES`) and
+/// answers them as `mode` says. Holding register `a` of unit `u` holds
+/// `u * 100 + a`. Requests from two masters talking at once would
+/// interleave and be answered out of step.
+fn rtu_bus(mut master: File, mode: Arc<AtomicU8>, writes: Arc<std::sync::Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
-        let mut req = [0u8; 8];
-        while master.read_exact(&mut req).is_ok() {
+        let mut req = vec![0u8; 8];
+        while master.read_exact(&mut req[..8]).is_ok() {
             let (unit, function) = (req[0], req[1]);
-            let crc_ok = crc16(&req[..6]).to_le_bytes() == req[6..];
+            let write = matches!(function, 15 | 16);
+            if write {
+                // The byte count is the 7th byte; the first data byte and
+                // the rest, then the CRC, follow.
+                let more = usize::from(req[6]) + 1;
+                req.resize(8 + more, 0);
+                if master.read_exact(&mut req[8..]).is_err() {
+                    return;
+                }
+            }
+            let n = req.len();
+            let crc_ok = crc16(&req[..n - 2]).to_le_bytes() == req[n - 2..];
             if !crc_ok || !(1..=2).contains(&unit) {
+                req.truncate(8);
                 continue;
             }
             let addr = u16::from_be_bytes([req[2], req[3]]);
             let count = u16::from_be_bytes([req[4], req[5]]);
             let mut answer = vec![unit];
             match mode.load(Ordering::Relaxed) {
-                SILENT => continue,
+                SILENT => {
+                    req.truncate(8);
+                    continue;
+                }
                 EXCEPTION => answer.extend([function | 0x80, 0x02]),
+                _ if write => {
+                    let table = if function == 16 { "registers" } else { "coils" };
+                    writes
+                        .lock()
+                        .unwrap()
+                        .push(format!("unit {unit} {table} {addr} {:?}", &req[7..n - 2]));
+                    answer.extend(&req[1..6]);
+                }
                 _ => {
                     answer.extend([function, (count * 2) as u8]);
                     for a in addr..addr + count {
@@ -212,6 +237,7 @@ fn rtu_bus(mut master: File, mode: Arc<AtomicU8>) {
             if master.write_all(&answer).is_err() {
                 return;
             }
+            req.truncate(8);
         }
     });
 }
@@ -222,17 +248,20 @@ async fn two_units_share_an_rtu_bus_and_survive_exceptions_silence_and_bad_crcs(
     let path: PathBuf = nix::unistd::ttyname(&pty.slave).unwrap();
     let _slave: OwnedFd = pty.slave;
     let mode = Arc::new(AtomicU8::new(NORMAL));
-    rtu_bus(File::from(pty.master), mode.clone());
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    rtu_bus(File::from(pty.master), mode.clone(), writes.clone());
     let unit = |name: &str, unit: u8| {
         format!(
             "[[sources]]\nkind = \"modbus\"\nname = \"{name}\"\npath = {}\nbaud = 19200\nunit = {unit}\ninterval_ms = 20\ntimeout_ms = 200\ntopic = \"meters/{name}\"\n[[sources.registers]]\nname = \"a\"\ntable = \"holding\"\naddress = 0\n[[sources.registers]]\nname = \"b\"\ntable = \"holding\"\naddress = 1\n",
             lit(&path)
         )
     };
+    // Unit 2 is also written to, on every reading, between the polls.
     let toml = format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         gateway_header("gw-modbus-rtu"),
         echo_function(),
+        writer("writer", "modbus-write", "u2:10-11", 10),
         unit("u1", 1),
         unit("u2", 2)
     );
@@ -264,11 +293,21 @@ async fn two_units_share_an_rtu_bus_and_survive_exceptions_silence_and_bad_crcs(
                 .all(|s| f(s).load(Ordering::Relaxed) >= at_least)
         }
     };
-    // Many polls of both units in turn: none answered out of step.
+    // Many polls of both units in turn, and writes between them: none
+    // answered out of step.
     eventually("20 polls each", each(|s| &s.frames, 20)).await;
+    eventually("writes sent", || {
+        stats[1].written.load(Ordering::Relaxed) >= 4
+    })
+    .await;
     for s in &stats {
         assert_eq!(s.invalid.load(Ordering::Relaxed), 0, "answers out of step");
     }
+    let written = writes.lock().unwrap().clone();
+    assert_eq!(
+        written[..2],
+        ["unit 2 registers 10 [0, 7, 0, 8]", "unit 2 coils 10 [1]"]
+    );
     mode.store(EXCEPTION, Ordering::Relaxed);
     eventually("exceptions counted", each(|s| &s.exceptions, 1)).await;
     mode.store(SILENT, Ordering::Relaxed);
@@ -395,9 +434,12 @@ async fn a_hostile_modbus_peer_is_counted_and_never_holds_up_a_healthy_meter() {
     assert!(gw.shutdown(WAIT).await);
 }
 
+/// A `misbehave` function in `mode` with `modbus = [grant]`, writing at
+/// `address` of the grant's device.
 fn writer(name: &str, mode: &str, grant: &str, address: u16) -> String {
+    let device = grant.split(':').next().unwrap_or(grant);
     format!(
-        "[[functions]]\nname = \"{name}\"\ncomponent = {}\ntriggers = [\"meters/#\"]\npublish = [\"allowed/#\"]\nmodbus = [\"{grant}\"]\nconfig = {{ mode = \"{mode}\", address = \"{address}\" }}\n",
+        "[[functions]]\nname = \"{name}\"\ncomponent = {}\ntriggers = [\"meters/#\"]\npublish = [\"allowed/#\"]\nmodbus = [\"{grant}\"]\nconfig = {{ mode = \"{mode}\", address = \"{address}\", device = \"{device}\" }}\n",
         lit(&guest("misbehave"))
     )
 }
