@@ -165,6 +165,11 @@ limits = {{ timeout_ms = 5000, max_payload_bytes = 65536 }}
         report.contains("key: Some(\"over limit: state: key of 10485760 bytes"),
         "{report}"
     );
+    assert!(
+        report.contains("device: Some(\"denied: writing to Modbus device `xxx")
+            && report.contains("(10485760 bytes) is not allowed (allowed: none)"),
+        "{report}"
+    );
     assert!(*during.iter().max().unwrap() < Duration::from_millis(100));
 
     let m = gw.function_metrics("hostile").unwrap().snapshot();

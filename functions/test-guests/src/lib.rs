@@ -92,10 +92,15 @@ impl Function for Misbehave {
                 let payload = publish("allowed/huge", &big).err().map(|e| e.to_string());
                 let topic = publish(&big, b"x").err().map(|e| e.to_string());
                 let key = kv::set(&big, b"x").err().map(|e| e.to_string());
+                let device = edgefn_sdk::modbus_write_registers(&big, 0, &[1])
+                    .err()
+                    .map(|e| e.to_string());
                 log(Level::Info, &big);
                 publish(
                     "allowed/huge",
-                    format!("payload: {payload:?}; topic: {topic:?}; key: {key:?}"),
+                    format!(
+                        "payload: {payload:?}; topic: {topic:?}; key: {key:?}; device: {device:?}"
+                    ),
                 )?;
             }
             "count" => {
