@@ -109,6 +109,7 @@ fn invocations(c: &mut Criterion) {
         sinks: Default::default(),
         serial_ports: Default::default(),
         modbus: Default::default(),
+        gpio: Default::default(),
         config: Default::default(),
         max_calls: 64,
         max_payload_bytes: 1024,

@@ -1,6 +1,6 @@
 //! Where a successful invocation's outputs go: publishes to the local broker
 //! (through a connection of their own), forwards into the durable outbox,
-//! writes to the queues of the serial and Modbus sources.
+//! writes to the queues of the serial, Modbus and GPIO output sources.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,6 +72,15 @@ pub struct ModbusWrite {
     pub values: ModbusValues,
 }
 
+/// A value the function asked to set on a GPIO output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpioWrite {
+    /// The GPIO output source's name.
+    pub line: String,
+    /// The value (`true`: active).
+    pub value: bool,
+}
+
 /// Everything one successful invocation produced, in call order per kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outputs {
@@ -83,6 +92,8 @@ pub struct Outputs {
     pub serial_writes: Vec<SerialWrite>,
     /// Writes to Modbus devices.
     pub modbus_writes: Vec<ModbusWrite>,
+    /// Values for GPIO outputs.
+    pub gpio_writes: Vec<GpioWrite>,
 }
 
 /// Hands outputs to the local broker and the outbox. Cloned into every
@@ -101,6 +112,8 @@ pub enum Writes {
     Serial(mpsc::Sender<Bytes>),
     /// Register and coil writes for a Modbus device.
     Modbus(mpsc::Sender<ModbusWrite>),
+    /// Values for a GPIO output.
+    Gpio(mpsc::Sender<bool>),
 }
 
 /// Write queues of the writable sources, by source name, with their
@@ -111,6 +124,8 @@ pub struct Writers {
     pub serial: HashMap<String, (mpsc::Sender<Bytes>, Arc<SourceStats>)>,
     /// Modbus sources.
     pub modbus: HashMap<String, (mpsc::Sender<ModbusWrite>, Arc<SourceStats>)>,
+    /// GPIO outputs.
+    pub gpio: HashMap<String, (mpsc::Sender<bool>, Arc<SourceStats>)>,
 }
 
 impl Writers {
@@ -123,13 +138,22 @@ impl Writers {
             Writes::Modbus(q) => {
                 self.modbus.insert(name, (q, stats));
             }
+            Writes::Gpio(q) => {
+                self.gpio.insert(name, (q, stats));
+            }
         }
     }
 }
 
 /// Queues `item` for a device without waiting: a full queue drops it (an
 /// actuator command should not fire late) and counts the drop.
-fn offer<T>(queue: &mpsc::Sender<T>, stats: &SourceStats, item: T, function: &str, source: &str) {
+pub(crate) fn offer<T>(
+    queue: &mpsc::Sender<T>,
+    stats: &SourceStats,
+    item: T,
+    function: &str,
+    source: &str,
+) {
     if queue.try_send(item).is_err() {
         stats.writes_dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -195,6 +219,11 @@ impl OutputPort {
             if let Some((queue, stats)) = self.writers.modbus.get(&w.device) {
                 let device = w.device.clone();
                 offer(queue, stats, w, function, &device);
+            }
+        }
+        for w in outputs.gpio_writes {
+            if let Some((queue, stats)) = self.writers.gpio.get(&w.line) {
+                offer(queue, stats, w.value, function, &w.line);
             }
         }
         if outputs.forwards.is_empty() {

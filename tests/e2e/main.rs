@@ -24,6 +24,7 @@ mod fleet;
 mod fleet_bundle;
 mod fleet_link;
 mod funcset;
+mod gpio_output;
 mod guest_limits;
 mod memory;
 mod modbus;

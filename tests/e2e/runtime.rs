@@ -170,6 +170,14 @@ limits = {{ timeout_ms = 5000, max_payload_bytes = 65536 }}
             && report.contains("(10485760 bytes) is not allowed (allowed: none)"),
         "{report}"
     );
+    assert!(
+        report.contains("line: Some(\"denied: setting GPIO line `xxx")
+            && report
+                .matches("(10485760 bytes) is not allowed (allowed: none)")
+                .count()
+                == 2,
+        "{report}"
+    );
     assert!(*during.iter().max().unwrap() < Duration::from_millis(100));
 
     let m = gw.function_metrics("hostile").unwrap().snapshot();

@@ -53,7 +53,7 @@ pub use bindings::Guest as Function;
 /// One input event.
 pub use bindings::edgefn::function::types::Event;
 pub use bindings::edgefn::function::types::{CallError, Level, Qos, SourceKind};
-pub use bindings::edgefn::function::{host, modbus, serial};
+pub use bindings::edgefn::function::{gpio, host, modbus, serial};
 
 pub mod kv;
 /// Exports a type implementing [`Function`] as the component's handler:
@@ -175,6 +175,13 @@ pub fn modbus_write_registers(device: &str, address: u16, values: &[u16]) -> Res
 /// returns `Ok`.
 pub fn modbus_write_coils(device: &str, address: u16, values: &[bool]) -> Result<(), Error> {
     Ok(modbus::write_coils(device, address, values)?)
+}
+
+/// Sets the GPIO output named `line` (a `gpio_output` source) to `value`;
+/// the function must list the line in `gpio`. Sent only if the handler
+/// returns `Ok`.
+pub fn gpio_set(line: &str, value: bool) -> Result<(), Error> {
+    Ok(gpio::set(line, value)?)
 }
 
 /// A string from the function's `config` table.

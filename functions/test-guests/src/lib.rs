@@ -22,8 +22,10 @@
 //! config key, default `cloud`), `modbus-write` (writes holding registers
 //! `[7, 8]` and coil `true` at the `address` config key on the Modbus
 //! source named by `device`, then publishes `ok` or the refusal on
-//! `allowed/modbus`) and `modbus-write-then-fail` (writes, then fails: the
-//! writes must not be sent).
+//! `allowed/modbus`), `modbus-write-then-fail` (writes, then fails: the
+//! writes must not be sent) and `gpio-set` (sets the GPIO output named by
+//! the `line` config key, default `relay`, to `true`, then publishes `ok` or
+//! the refusal on `allowed/gpio`).
 //!
 //! Waits and output: `sleep` (`std::thread::sleep` for an hour), `poll`
 //! (`wasi:io/poll` on an hour-long clock pollable), `nap` (sleeps 5 ms, then
@@ -95,11 +97,14 @@ impl Function for Misbehave {
                 let device = edgefn_sdk::modbus_write_registers(&big, 0, &[1])
                     .err()
                     .map(|e| e.to_string());
+                let line = edgefn_sdk::gpio_set(&big, true)
+                    .err()
+                    .map(|e| e.to_string());
                 log(Level::Info, &big);
                 publish(
                     "allowed/huge",
                     format!(
-                        "payload: {payload:?}; topic: {topic:?}; key: {key:?}; device: {device:?}"
+                        "payload: {payload:?}; topic: {topic:?}; key: {key:?}; device: {device:?}; line: {line:?}"
                     ),
                 )?;
             }
@@ -128,6 +133,12 @@ impl Function for Misbehave {
                 }
                 let report = written.map_or_else(|e| e.to_string(), |()| "ok".into());
                 publish("allowed/modbus", report)?;
+            }
+            "gpio-set" => {
+                let line = config("line").unwrap_or_else(|| "relay".into());
+                let report = edgefn_sdk::gpio_set(&line, true)
+                    .map_or_else(|e| e.to_string(), |()| "ok".into());
+                publish("allowed/gpio", report)?;
             }
             "serial-echo" => {
                 let port = config("port").unwrap_or_else(|| "motor".into());

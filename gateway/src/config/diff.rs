@@ -249,6 +249,14 @@ pub fn missing_targets(running: &ValidConfig, new: &ValidConfig) -> Vec<String> 
                 ));
             }
         }
+        for line in &f.gpio {
+            if !running.sources.iter().any(|s| s.common().name == line) {
+                problems.push(format!(
+                    "functions.{}: GPIO output `{line}` is not running (sources are added at a restart)",
+                    f.name
+                ));
+            }
+        }
     }
     problems
 }

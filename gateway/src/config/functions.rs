@@ -27,6 +27,7 @@ pub(super) fn functions(
     sink_names: &BTreeSet<String>,
     serial_names: &BTreeSet<String>,
     modbus_names: &BTreeSet<String>,
+    gpio_names: &BTreeSet<String>,
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Vec<FunctionSpec> {
     let mut functions = Vec::new();
@@ -49,6 +50,14 @@ pub(super) fn functions(
             }
         }
         let modbus = modbus_grants(p, &key, &f.modbus, modbus_names);
+        for (j, line) in f.gpio.iter().enumerate() {
+            if !gpio_names.contains(line) {
+                p.add(
+                    format!("{key}.gpio[{j}]"),
+                    format!("no GPIO output named `{line}` is configured under [[sources]]"),
+                );
+            }
+        }
         if let Some(mut spec) = function(
             p,
             &key,
@@ -173,6 +182,7 @@ fn function(
         sinks: f.sinks.iter().cloned().collect(),
         serial_ports: f.serial_ports.iter().cloned().collect(),
         modbus: BTreeMap::new(),
+        gpio: f.gpio.iter().cloned().collect(),
         config: f.config.clone(),
         limits: Limits::from(l),
         instance: f.instance,

@@ -481,6 +481,11 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         .filter(|s| matches!(s, SourceSpec::Modbus(_)))
         .map(|s| s.common().name.to_owned())
         .collect();
+    let gpio_names: BTreeSet<String> = sources
+        .iter()
+        .filter(|s| matches!(s, SourceSpec::GpioOutput(_)))
+        .map(|s| s.common().name.to_owned())
+        .collect();
 
     let runtime = runtime_spec(&mut p, &config);
     let functions = functions(
@@ -489,6 +494,7 @@ fn validate(path: &Path, config: Config) -> Result<ValidConfig, ConfigErrors> {
         &sink_names,
         &serial_names,
         &modbus_names,
+        &gpio_names,
         &resolve,
     );
     check_reach(&mut p, &config, &sinks, &functions);

@@ -27,8 +27,10 @@ pub(super) fn sources(
             continue;
         };
         let common = spec.common();
-        if let Err(e) = validate_topic_name(common.topic) {
-            p.add(format!("{key}.topic"), format!("`{}`: {e}", common.topic));
+        if let Some(topic) = common.topic
+            && let Err(e) = validate_topic_name(topic)
+        {
+            p.add(format!("{key}.topic"), format!("`{topic}`: {e}"));
         }
         if let Some(m) = common.mirror_topic
             && let Err(e) = validate_topic_name(m)

@@ -155,6 +155,8 @@ pub struct FunctionSpec {
     pub serial_ports: BTreeSet<String>,
     /// Modbus sources it may write to, with the addresses allowed.
     pub modbus: BTreeMap<String, RangeInclusive<u16>>,
+    /// GPIO outputs it may set.
+    pub gpio: BTreeSet<String>,
     /// Its `config(key)` values.
     pub config: BTreeMap<String, String>,
     /// Its limits.

@@ -16,9 +16,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::edgefn::function::host::Host;
 use crate::bindings::edgefn::function::types::{self, CallError, Level, Qos};
-use crate::bindings::edgefn::function::{kv, modbus, serial};
+use crate::bindings::edgefn::function::{gpio, kv, modbus, serial};
 use crate::config::Limits;
-use crate::output::{Forward, ModbusValues, ModbusWrite, Outputs, Publish, SerialWrite};
+use crate::output::{Forward, GpioWrite, ModbusValues, ModbusWrite, Outputs, Publish, SerialWrite};
 use crate::runtime::logs::{LogBudget, LogRate};
 use crate::runtime::state::{KvRefusal, KvTxn};
 use crate::runtime::wasi::{self, Capture, Deadline};
@@ -39,6 +39,8 @@ pub struct Capabilities {
     pub serial_ports: BTreeSet<String>,
     /// Modbus sources it may write to, with the addresses allowed.
     pub modbus: BTreeMap<String, std::ops::RangeInclusive<u16>>,
+    /// GPIO outputs it may set.
+    pub gpio: BTreeSet<String>,
     /// `config(key)` values.
     pub config: BTreeMap<String, String>,
     /// publish + forward calls per invocation.
@@ -327,6 +329,21 @@ impl modbus::Host for HostState {
     ) -> Result<(), CallError> {
         let n = values.len();
         self.modbus_write(device, address, n, 1968, ModbusValues::Coils(values))
+    }
+}
+
+impl gpio::Host for HostState {
+    fn set(&mut self, line: String, value: bool) -> Result<(), CallError> {
+        if !self.caps.gpio.contains(&line) {
+            return Err(self.deny(format!(
+                "setting GPIO line {} is not allowed (allowed: {})",
+                shown(&line),
+                list(self.caps.gpio.iter().map(String::as_str))
+            )));
+        }
+        self.charge(1)?;
+        self.outputs.gpio_writes.push(GpioWrite { line, value });
+        Ok(())
     }
 }
 

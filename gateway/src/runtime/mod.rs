@@ -313,6 +313,7 @@ impl Runtime {
                 sinks: spec.sinks.clone(),
                 serial_ports: spec.serial_ports.clone(),
                 modbus: spec.modbus.clone(),
+                gpio: spec.gpio.clone(),
                 config: spec.config.clone(),
                 max_calls: spec.limits.max_calls,
                 max_payload_bytes: spec.limits.max_payload_bytes,

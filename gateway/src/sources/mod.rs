@@ -9,12 +9,14 @@
 //!
 //! Kinds: [`serial`] (framed serial ports, with write-back), [`i2c`]
 //! (polled embedded-hal sensor drivers), [`timer`] (ticks at an interval
-//! or at cron times), [`modbus`] (polled registers over TCP or RS-485)
-//! and [`gpio`] (edges of a GPIO input line). The [`mqtt`] source, the local
+//! or at cron times), [`modbus`] (polled registers over TCP or RS-485),
+//! [`gpio`] (edges of a GPIO input line) and [`gpio_output`] (a GPIO output
+//! line functions set; it produces no events). The [`mqtt`] source, the local
 //! broker subscribed to the functions' triggers, is not a `[[sources]]`
 //! entry: every gateway has exactly one.
 
 pub mod gpio;
+pub mod gpio_output;
 pub mod i2c;
 pub mod modbus;
 pub mod mqtt;
@@ -33,6 +35,7 @@ source_kinds! {
     Timer(timer::Kind),
     Modbus(modbus::Kind),
     Gpio(gpio::Kind),
+    GpioOutput(gpio_output::Kind),
 }
 
 use std::future::Future;

@@ -48,8 +48,9 @@ pub trait SourcePlugin {
 pub struct Common<'a> {
     /// Unique name.
     pub name: &'a str,
-    /// The topic of its events.
-    pub topic: &'a str,
+    /// The topic of its events; `None` for a kind that produces none (a
+    /// GPIO output).
+    pub topic: Option<&'a str>,
     /// The local MQTT topic its events are mirrored on, if any.
     pub mirror_topic: Option<&'a str>,
     /// Whether functions may write to it (`serial_ports`).

@@ -28,6 +28,10 @@ pub struct FunctionConfig {
     /// addresses 100 to 109); anything else is denied.
     #[serde(default)]
     pub modbus: Vec<String>,
+    /// GPIO outputs (`kind = "gpio_output"` sources, by name) the function
+    /// may set with `gpio.set`; anything else is denied.
+    #[serde(default)]
+    pub gpio: Vec<String>,
     /// Free-form settings the function reads with `config(key)`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,

@@ -155,7 +155,7 @@ pub(super) fn validate(c: &GpioSourceConfig, scope: &mut Scope<'_, '_>) -> Optio
 }
 
 /// `gpiochip0` → `/dev/gpiochip0`; a path stays as it is.
-fn chip_path(chip: &str, scope: &mut Scope<'_, '_>) -> Option<PathBuf> {
+pub(crate) fn chip_path(chip: &str, scope: &mut Scope<'_, '_>) -> Option<PathBuf> {
     if chip.starts_with('/') {
         return Some(PathBuf::from(chip));
     }

@@ -90,6 +90,17 @@ pub enum GpioError {
         #[source]
         source: gpiocdev::Error,
     },
+    /// The kernel refused the request of an output (`gpio_output`).
+    #[error("line: cannot request line {offset} of {} as an output", chip.display())]
+    RequestOutput {
+        /// The chip's path.
+        chip: PathBuf,
+        /// The line's offset.
+        offset: u32,
+        /// Why.
+        #[source]
+        source: gpiocdev::Error,
+    },
 }
 
 /// The Linux GPIO character device (`/dev/gpiochipN`).
@@ -147,7 +158,7 @@ impl Lines for Cdev {
 }
 
 /// The chip and offset of `line`.
-fn locate(chip: Option<&Path>, line: &LineId) -> Result<(PathBuf, u32), GpioError> {
+pub(crate) fn locate(chip: Option<&Path>, line: &LineId) -> Result<(PathBuf, u32), GpioError> {
     let path = match (chip, line) {
         (Some(path), _) => path,
         (None, LineId::Offset(_)) => Path::new("/dev/gpiochip0"),

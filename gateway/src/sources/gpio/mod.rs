@@ -49,7 +49,7 @@ impl SourcePlugin for Kind {
     fn common(spec: &GpioSpec) -> Common<'_> {
         Common {
             name: &spec.name,
-            topic: &spec.topic,
+            topic: Some(&spec.topic),
             mirror_topic: spec.mirror_topic.as_deref(),
             writable: false,
             port: None,
@@ -222,11 +222,11 @@ fn payload(line: &LineId, edge: Edge) -> String {
 
 /// `build`'s error: the reason names the key; the cause is the kernel's
 /// answer, if any.
-fn source_error(name: &str, e: GpioError) -> SourceError {
+pub(crate) fn source_error(name: &str, e: GpioError) -> SourceError {
     let cause: Option<Box<dyn std::error::Error + Send + Sync>> = match &e {
-        GpioError::Chip { source, .. } | GpioError::Request { source, .. } => {
-            Some(Box::new(source.clone()))
-        }
+        GpioError::Chip { source, .. }
+        | GpioError::Request { source, .. }
+        | GpioError::RequestOutput { source, .. } => Some(Box::new(source.clone())),
         GpioError::NoOffset { .. } | GpioError::NoName { .. } => None,
     };
     SourceError {

@@ -74,7 +74,7 @@ impl SourcePlugin for Kind {
     fn common(spec: &I2cSpec) -> Common<'_> {
         Common {
             name: &spec.name,
-            topic: &spec.topic,
+            topic: Some(&spec.topic),
             mirror_topic: spec.mirror_topic.as_deref(),
             writable: false,
             port: None,

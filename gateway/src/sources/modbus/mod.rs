@@ -59,7 +59,7 @@ impl SourcePlugin for Kind {
     fn common(spec: &ModbusSpec) -> Common<'_> {
         Common {
             name: &spec.name,
-            topic: &spec.topic,
+            topic: Some(&spec.topic),
             mirror_topic: spec.mirror_topic.as_deref(),
             writable: false,
             port: match &spec.transport {

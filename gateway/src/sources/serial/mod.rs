@@ -123,7 +123,7 @@ impl SourcePlugin for Kind {
     fn common(spec: &SerialSpec) -> Common<'_> {
         Common {
             name: &spec.name,
-            topic: &spec.topic,
+            topic: Some(&spec.topic),
             mirror_topic: spec.mirror_topic.as_deref(),
             writable: true,
             port: Some(Port {

@@ -71,7 +71,7 @@ impl SourcePlugin for Kind {
     fn common(spec: &TimerSpec) -> Common<'_> {
         Common {
             name: &spec.name,
-            topic: &spec.topic,
+            topic: Some(&spec.topic),
             mirror_topic: None,
             writable: false,
             port: None,

@@ -1,7 +1,8 @@
 //! The GPIO source on a real character device: a `gpio-sim` chip made
 //! through configfs, its line pulled up and down from sysfs. Where the
 //! kernel has no `gpio-sim` (or configfs is not mounted), the test reports
-//! itself as skipped, with the wording of the end-to-end suite.
+//! itself as skipped, with the wording of the end-to-end suite. The GPIO
+//! output is driven on the same kind of chip, its value read back from sysfs.
 
 use std::fs;
 use std::io::Write as _;
@@ -131,4 +132,66 @@ async fn a_gpio_sim_line_pulled_up_is_a_rising_edge() {
         .await
         .expect("stops")
         .expect("no panic");
+}
+
+/// The value a `gpio-sim` line is driven at by its consumer.
+fn driven(chip: &SimChip, offset: u32) -> String {
+    fs::read_to_string(chip.sysfs.join(format!("sim_gpio{offset}")).join("value"))
+        .expect("the simulated line's value")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_gpio_sim_output_starts_at_initial_takes_writes_and_stops_at_safe() {
+    use crate::sources::gpio_output::config::GpioOutputSpec;
+    use crate::sources::gpio_output::{GpioOutput, OutputParts, marker_path};
+
+    if !Path::new(GPIO_SIM).is_dir() {
+        skip("gpio-sim not available (no /sys/kernel/config/gpio-sim)");
+        return;
+    }
+    let chip = SimChip::new().expect("a gpio-sim chip (needs root)");
+    let (ctx, _rx) = context();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let stats = Arc::new(SourceStats::default());
+    let (tx, writes) = mpsc::channel(8);
+    let parts = OutputParts {
+        spec: GpioOutputSpec {
+            name: "relay".into(),
+            chip: Some(chip.dev.clone()),
+            line: LineId::Offset(5),
+            active_low: false,
+            initial: true,
+            safe: false,
+        },
+        stats: stats.clone(),
+        marker: marker_path(dir.path(), "relay"),
+        writes,
+    };
+    let output = GpioOutput::build(parts, &ctx).expect("requested");
+    assert_eq!(driven(&chip, 5), "1", "initial");
+    let task = tokio::spawn(output.serve(ctx.cancel.clone()));
+    tx.send(false).await.expect("queued");
+    let written = async {
+        while stats.written.load(Ordering::Relaxed) < 1 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(WAIT, written).await.expect("written");
+    assert_eq!(driven(&chip, 5), "0");
+    tx.send(true).await.expect("queued");
+    let written = async {
+        while stats.written.load(Ordering::Relaxed) < 2 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(WAIT, written).await.expect("written");
+    assert_eq!(driven(&chip, 5), "1");
+    ctx.cancel.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops")
+        .expect("no panic");
+    assert!(!marker_path(dir.path(), "relay").exists());
 }
