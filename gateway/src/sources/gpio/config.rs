@@ -125,16 +125,7 @@ pub struct GpioSpec {
 
 /// Checks the GPIO keys of `c`.
 pub(super) fn validate(c: &GpioSourceConfig, scope: &mut Scope<'_, '_>) -> Option<GpioSpec> {
-    let chip = match (&c.chip, &c.line) {
-        (Some(chip), _) => Some(chip_path(chip, scope)?),
-        (None, LineId::Offset(_)) => Some(PathBuf::from("/dev/gpiochip0")),
-        (None, LineId::Name(_)) => None,
-    };
-    if let LineId::Name(name) = &c.line
-        && name.trim().is_empty()
-    {
-        scope.add("line", "must be a line number or a non-empty line name");
-    }
+    let chip = chip_and_line(c.chip.as_deref(), &c.line, scope)?;
     if c.debounce_ms > MAX_DEBOUNCE_MS {
         scope.add(
             "debounce_ms",
@@ -152,6 +143,26 @@ pub(super) fn validate(c: &GpioSourceConfig, scope: &mut Scope<'_, '_>) -> Optio
         topic: c.topic.clone(),
         mirror_topic: c.mirror_topic.clone(),
     })
+}
+
+/// The chip of `line` (`None`: a named line, searched on every chip), and
+/// the checks of `chip` and `line` both GPIO kinds share.
+pub(crate) fn chip_and_line(
+    chip: Option<&str>,
+    line: &LineId,
+    scope: &mut Scope<'_, '_>,
+) -> Option<Option<PathBuf>> {
+    let chip = match (chip, line) {
+        (Some(chip), _) => Some(chip_path(chip, scope)?),
+        (None, LineId::Offset(_)) => Some(PathBuf::from("/dev/gpiochip0")),
+        (None, LineId::Name(_)) => None,
+    };
+    if let LineId::Name(name) = line
+        && name.trim().is_empty()
+    {
+        scope.add("line", "must be a line number or a non-empty line name");
+    }
+    Some(chip)
 }
 
 /// `gpiochip0` → `/dev/gpiochip0`; a path stays as it is.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use crate::config::Scope;
-use crate::sources::gpio::config::{LineId, chip_path};
+use crate::sources::gpio::config::{LineId, chip_and_line};
 
 /// `[[sources]]` with `kind = "gpio_output"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -56,16 +56,7 @@ pub struct GpioOutputSpec {
 
 /// Checks the keys of `c`.
 pub(super) fn validate(c: &GpioOutputConfig, scope: &mut Scope<'_, '_>) -> Option<GpioOutputSpec> {
-    let chip = match (&c.chip, &c.line) {
-        (Some(chip), _) => Some(chip_path(chip, scope)?),
-        (None, LineId::Offset(_)) => Some(PathBuf::from("/dev/gpiochip0")),
-        (None, LineId::Name(_)) => None,
-    };
-    if let LineId::Name(name) = &c.line
-        && name.trim().is_empty()
-    {
-        scope.add("line", "must be a line number or a non-empty line name");
-    }
+    let chip = chip_and_line(c.chip.as_deref(), &c.line, scope)?;
     Some(GpioOutputSpec {
         name: c.name.clone(),
         chip,
