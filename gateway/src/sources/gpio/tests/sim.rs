@@ -195,3 +195,53 @@ async fn a_gpio_sim_output_starts_at_initial_takes_writes_and_stops_at_safe() {
         .expect("no panic");
     assert!(!marker_path(dir.path(), "relay").exists());
 }
+
+/// The built `misbehave` test guest (`cargo xtask functions`).
+fn misbehave_guest() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    target.join("wasm32-wasip2/guest/misbehave.wasm")
+}
+
+/// End to end on a `gpio-sim` chip, through a whole gateway: a button's
+/// rising edge runs a function that sets the relay; stopping the gateway
+/// sets the relay's safe value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_sets_an_output_after_an_input_edge() {
+    if !Path::new(GPIO_SIM).is_dir() {
+        skip("gpio-sim not available (no /sys/kernel/config/gpio-sim)");
+        return;
+    }
+    let chip = SimChip::new().expect("a gpio-sim chip (needs root)");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dev = chip.dev.display();
+    let text = format!(
+        "[gateway]\nid = \"gw-gpio-sim\"\ndata_dir = \"data\"\n\n\
+         [broker]\nkind = \"embedded\"\nlisten = \"127.0.0.1:0\"\n\n\
+         [[functions]]\nname = \"press\"\ncomponent = {:?}\ntriggers = [\"buttons/#\"]\n\
+         publish = [\"allowed/#\"]\ngpio = [\"relay\"]\nconfig = {{ mode = \"gpio-set\", line = \"relay\" }}\n\n\
+         [[sources]]\nkind = \"gpio\"\nname = \"button\"\nchip = \"{dev}\"\nline = 3\nedge = \"rising\"\ntopic = \"buttons/door\"\n\n\
+         [[sources]]\nkind = \"gpio_output\"\nname = \"relay\"\nchip = \"{dev}\"\nline = 5\n",
+        misbehave_guest().display().to_string()
+    );
+    let path = dir.path().join("edgefn.toml");
+    fs::write(&path, text).expect("config written");
+    let config = crate::config::load(&path).expect("a valid config");
+    let gw = crate::supervisor::Gateway::start(&config)
+        .await
+        .expect("the gateway starts");
+    assert_eq!(driven(&chip, 5), "0", "initial");
+    chip.pull(3, true).expect("pull up");
+    let set = async {
+        while driven(&chip, 5) != "1" {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, set)
+        .await
+        .expect("the relay is set after the edge");
+    assert!(gw.shutdown(WAIT).await);
+    assert_eq!(driven(&chip, 5), "0", "safe after a clean stop");
+}
