@@ -149,19 +149,23 @@ async fn compile_fills_the_cache_and_precompiles_for_other_targets() {
     let (ok, out, err) = run_cli(&["compile", "-c", &c, "--out-dir", &h], None);
     assert!(ok, "{out}{err}");
     std::fs::write(&config, body(&host_dir.join("threshold.cwasm"))).unwrap();
-    let (ok, out, err) = run_cli(
-        &[
-            "invoke",
-            "-c",
-            &c,
-            "threshold",
-            "--topic",
-            "sensors/a/temperature",
-            "--payload",
-            r#"{"value": 31}"#,
-        ],
-        None,
-    );
+    invoke_threshold(&c);
+}
+
+/// `edgefn invoke` of the function `threshold` in the config file `config`
+/// on a reading over its limit: it must publish the alert.
+fn invoke_threshold(config: &str) {
+    let args = [
+        "invoke",
+        "-c",
+        config,
+        "threshold",
+        "--topic",
+        "sensors/a/temperature",
+        "--payload",
+        r#"{"value": 31}"#,
+    ];
+    let (ok, out, err) = run_cli(&args, None);
     assert!(ok, "{out}{err}");
     assert!(out.contains("publish alerts/a/temperature"), "{out}");
 }
@@ -328,18 +332,5 @@ fn a_function_built_against_an_older_wit_still_runs() {
         ),
     )
     .unwrap();
-    let c = config.display().to_string();
-    let args = [
-        "invoke",
-        "-c",
-        &c,
-        "threshold",
-        "--topic",
-        "sensors/a/temperature",
-        "--payload",
-        r#"{"value": 31}"#,
-    ];
-    let (ok, out, err) = run_cli(&args, None);
-    assert!(ok, "{out}{err}");
-    assert!(out.contains("publish alerts/a/temperature"), "{out}");
+    invoke_threshold(&config.display().to_string());
 }
